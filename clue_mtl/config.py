@@ -1,0 +1,232 @@
+"""Run configuration: dataclasses, YAML files and strict `key=value` overrides.
+
+A typo fails loudly: unknown keys and values of the wrong type raise `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = "data"
+    tasks: list[str] = field(default_factory=lambda: ["ocnli", "ocemotion", "tnews"])
+    dev_fraction: float = 0.1
+    split_seed: int = 42
+    max_length: int = 128
+    max_train_rows: int | None = None   # per task, a stratified sample; None keeps all rows
+    max_dev_rows: int | None = None     # per task, for quick evaluation
+    id_mode: str = "file"               # submission ids: "file" (the test file's ids) or "row"
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "artifacts/e5-small"  # hub name or local folder
+    pooling: str = "mean"                # first | mean | max | mean_max; see model.POOLINGS
+    task_pooling: dict[str, str] = field(default_factory=dict)  # per-task override
+    dropout: float = 0.1
+    head_hidden: int = 0                 # 0: a linear head; >0: one hidden layer of that size
+
+
+@dataclass
+class WeightingConfig:
+    method: str = "equal"
+    params: dict[str, Any] = field(default_factory=dict)  # method hyperparameters
+    lr: float = 0.025                    # its own optimiser, for methods with learned weights
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000                    # optimiser steps
+    batch_size: int = 32                 # rows per step over all tasks, split by `sampling`
+    sampling: str = "power"              # proportional | power | uniform
+    sampling_alpha: float = 0.75         # |D|^alpha for "power" (BAM uses 0.75)
+    lr: float = 5e-5
+    head_lr: float = 1e-3
+    layer_lr_decay: float = 1.0          # <1: lower layers learn more slowly
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    grad_clip: float = 1.0
+    grad_accumulation: int = 1
+    mixed_precision: str = "no"          # no | bf16 | fp16
+    class_weighting: bool = False        # inverse-sqrt-frequency class weights in the loss
+    length_grouping: bool = True
+    eval_every: int = 200
+    early_stopping_patience: int = 0     # evaluations without gain before stopping; 0 never stops
+    log_every: int = 10
+    num_threads: int = 0                 # torch threads on CPU; 0 leaves torch's default
+    seed: int = 42
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Return `value` converted to `annotation` where that is lossless, else raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if annotation is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_check_type(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, value_type = typing.get_args(annotation)
+        return {str(k): _check_type(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool):
+        if type(value) is not annotation:
+            raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f" in {prefix.rstrip('.')}" if prefix else ""
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''}{where}: "
+                          f"{', '.join(prefix + k for k in unknown)}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    config = _build(RunConfig, values, "")
+    validate(config)
+    return config
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-5` -> (["train", "lr"], 3e-05). Values are read as YAML scalars or lists."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads 3e-5 as a string
+    return key.split("."), value
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    values = yaml.safe_load(yaml.safe_dump(values)) or {}  # deep copy
+    for override in overrides:
+        path, value = parse_override(override)
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {part} is not a section")
+        node[path[-1]] = value
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = _float_strings(values)
+    return config_from_dict(apply_overrides(values, list(overrides)))
+
+
+def _float_strings(values: Any) -> Any:
+    """YAML 1.1 reads `3e-5` (no dot) as a string; read such strings as floats."""
+    if isinstance(values, dict):
+        return {k: _float_strings(v) for k, v in values.items()}
+    if isinstance(values, list):
+        return [_float_strings(v) for v in values]
+    if isinstance(values, str) and _looks_like_float(values) and "e" in values.lower():
+        return float(values)
+    return values
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True),
+                          encoding="utf-8")
+
+
+def validate(config: RunConfig) -> None:
+    from .tasks import TASKS
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    unknown = [t for t in config.data.tasks if t not in TASKS]
+    need(not unknown, f"data.tasks: unknown task(s) {unknown}; choose from {list(TASKS)}")
+    need(len(config.data.tasks) > 0, "data.tasks: name at least one task")
+    need(len(set(config.data.tasks)) == len(config.data.tasks), "data.tasks: a task is listed twice")
+    need(0 < config.data.dev_fraction < 1, "data.dev_fraction must lie strictly between 0 and 1")
+    need(config.data.id_mode in ("file", "row"), "data.id_mode must be 'file' or 'row'")
+    need(config.data.max_length >= 8, "data.max_length must be at least 8")
+    need(config.train.sampling in ("proportional", "power", "uniform"),
+         "train.sampling must be proportional, power or uniform")
+    need(config.train.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision must be no, bf16 or fp16")
+    need(config.train.batch_size >= len(config.data.tasks),
+         "train.batch_size must give every task at least one row per step")
+    need(config.train.steps > 0, "train.steps must be positive")
+    need(0 < config.train.layer_lr_decay <= 1, "train.layer_lr_decay must lie in (0, 1]")
+    need(config.train.grad_accumulation >= 1, "train.grad_accumulation must be at least 1")
+    bad_pooling = [t for t in config.model.task_pooling if t not in config.data.tasks]
+    need(not bad_pooling, f"model.task_pooling names tasks not trained: {bad_pooling}")
