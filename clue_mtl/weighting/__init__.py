@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .base import LossWeighting, StepContext
+from .base import GradientWeighting, LossWeighting, StepContext
+from .dtp import DynamicTaskPrioritization
+from .dwa import DynamicWeightAverage
+from .famo import FAMO
+from .gradnorm import GradNorm
+from .mgda import MGDA
+from .pcgrad import PCGrad
 from .static import EqualWeighting, FixedWeighting
+from .uncertainty import UncertaintyWeighting
 
 METHODS: dict[str, type[LossWeighting]] = {
-    cls.name: cls for cls in (EqualWeighting, FixedWeighting)
+    cls.name: cls for cls in (
+        EqualWeighting, FixedWeighting, UncertaintyWeighting, GradNorm, DynamicWeightAverage,
+        DynamicTaskPrioritization, PCGrad, MGDA, FAMO,
+    )
 }
 
 
@@ -23,4 +33,4 @@ def build_weighting(method: str, tasks: Sequence[str], params: dict[str, Any] | 
         raise ValueError(f"weighting {method!r}: bad parameters {params}: {error}") from None
 
 
-__all__ = ["LossWeighting", "StepContext", "METHODS", "build_weighting"]
+__all__ = ["LossWeighting", "GradientWeighting", "StepContext", "METHODS", "build_weighting"]

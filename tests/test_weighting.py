@@ -1,0 +1,386 @@
+"""Loss-weighting strategies: each against its paper's formula by hand, then training and exact resume."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from clue_mtl.weighting import METHODS, StepContext, build_weighting
+from clue_mtl.weighting.gradnorm import GradNorm
+from clue_mtl.weighting.mgda import min_norm_weights
+from clue_mtl.weighting.pcgrad import pcgrad_coefficients
+
+
+def context(shared=(), last=None, step=0, **extra) -> StepContext:
+    shared = list(shared)
+    return StepContext(backward=lambda t: t.backward(), shared_parameters=list(shared),
+                       last_shared_parameters=list(shared if last is None else last), features={}, step=step,
+                       **extra)
+
+
+def leaf_losses(values: dict[str, float]) -> dict[str, torch.Tensor]:
+    return {task: torch.tensor(value, requires_grad=True) for task, value in values.items()}
+
+
+def linear_losses(theta: torch.Tensor, directions: dict[str, tuple], offsets: dict[str, float] | None = None):
+    """L_t = g_t . theta (+ offset): the gradient w.r.t. theta is exactly g_t."""
+    offsets = offsets or {}
+    return {t: torch.tensor(g, dtype=theta.dtype) @ theta + offsets.get(t, 0.0) for t, g in directions.items()}
+
+
+# ------------------------------------------------------------------------------------------------ by hand
+def test_uncertainty_loss_and_gradients_by_hand():
+    # s = (0, 0.5), L = (2, 1):
+    #   total = e^0 * 2 + 0 + e^-0.5 * 1 + 0.5 = 3.1065307
+    #   d/ds_i = 1 - e^-s_i L_i = (1 - 2, 1 - 0.6065307) = (-1, 0.3934693)
+    #   d/dL_i = e^-s_i = (1, 0.6065307)
+    weighting = build_weighting("uncertainty", ["a", "b"])
+    with torch.no_grad():
+        weighting.log_variances.copy_(torch.tensor([0.0, 0.5]))
+    losses = leaf_losses({"a": 2.0, "b": 1.0})
+    total = weighting.backward(losses, context())
+    assert total.item() == pytest.approx(3.1065307, abs=1e-6)
+    assert weighting.log_variances.grad.tolist() == pytest.approx([-1.0, 0.3934693], abs=1e-6)
+    assert [losses["a"].grad.item(), losses["b"].grad.item()] == pytest.approx([1.0, 0.6065307], abs=1e-6)
+    assert list(weighting.task_weights().values()) == pytest.approx([1.0, 0.6065307], abs=1e-6)
+
+
+def test_dwa_on_a_loss_history_by_hand():
+    # window 2, T = 2. Steps 0-3 record (4,2,1), (4,2,1), (2,2,2), (2,2,2); weights 1 until then.
+    # Step 4: recent mean (2,2,2) / previous mean (4,2,1) = r = (0.5, 1, 2);
+    #   w = 3 exp(r/2) / sum exp(r/2) = 3 (e^.25, e^.5, e^1) / 5.6510 = (0.681659, 0.875268, 1.443073).
+    # Step 4 records (1,1,1); the ring now holds steps 1-4. Step 5: recent = mean(steps 3,4) = (1.5,1.5,1.5),
+    #   previous = mean(steps 1,2) = (3, 2, 1.5): r = (0.5, 0.75, 1) -> w = (0.877918, 0.994812, 1.127270).
+    weighting = build_weighting("dwa", ["a", "b", "c"], {"window": 2, "temperature": 2.0})
+    history = [(4, 2, 1), (4, 2, 1), (2, 2, 2), (2, 2, 2), (1, 1, 1), (1, 1, 1)]
+    seen = []
+    for step, values in enumerate(history):
+        losses = leaf_losses(dict(zip("abc", map(float, values))))
+        weighting.backward(losses, context(step=step))
+        seen.append([losses[t].grad.item() for t in "abc"])  # d total / d L_i = w_i
+    assert seen[:4] == [[1.0, 1.0, 1.0]] * 4
+    assert seen[4] == pytest.approx([0.681659, 0.875268, 1.443073], abs=1e-5)
+    assert seen[5] == pytest.approx([0.877918, 0.994812, 1.127270], abs=1e-5)
+    assert weighting.recorded.item() == 6
+
+
+def test_dtp_weights_by_hand():
+    # First step: k = accuracy = (0.5, 0.9); w = -(1-k)^2 log k = (0.25 * 0.693147, 0.01 * 0.105361)
+    #   = (0.173287, 0.00105361).
+    # Second step, accuracies (0.7, 0.5), decay 0.9: k = (0.9*0.5 + 0.1*0.7, 0.9*0.9 + 0.1*0.5) = (0.52, 0.86);
+    #   w = (0.48^2 * 0.653926, 0.14^2 * 0.150823) = (0.150665, 0.00295613).
+    weighting = build_weighting("dtp", ["a", "b"], {"gamma": 2.0, "decay": 0.9})
+    for accuracies, expected in [((0.5, 0.9), (0.173287, 0.00105361)), ((0.7, 0.5), (0.150665, 0.00295613))]:
+        losses = leaf_losses({"a": 1.0, "b": 1.0})
+        weighting.backward(losses, context(accuracies=dict(zip("ab", map(torch.tensor, accuracies)))))
+        assert [losses[t].grad.item() for t in "ab"] == pytest.approx(expected, rel=1e-4)
+    assert weighting.kpi.tolist() == pytest.approx([0.52, 0.86], abs=1e-6)
+
+    # The likelihood KPI is exp(-L): L = ln 2 gives k = 0.5, weight 0.173287, with no accuracies needed.
+    likelihood = build_weighting("dtp", ["a"], {"kpi": "likelihood"})
+    losses = leaf_losses({"a": math.log(2)})
+    likelihood.backward(losses, context())
+    assert losses["a"].grad.item() == pytest.approx(0.173287, rel=1e-4)
+    with pytest.raises(ValueError, match="accuracies"):
+        build_weighting("dtp", ["a"]).backward(leaf_losses({"a": 1.0}), context())
+
+
+def test_pcgrad_projection_by_hand():
+    # g1 = (1,0), g2 = (-1,1), g1.g2 = -1 < 0:
+    #   g1' = g1 - (-1)/|g2|^2 g2 = (1,0) + (-0.5, 0.5) = (0.5, 0.5)
+    #   g2' = g2 - (-1)/|g1|^2 g1 = (-1,1) + (1,0) = (0, 1);  sum = (0.5, 1.5).
+    # The heads keep their own gradients (3 and 5); a gradient already there (accumulation) is added to.
+    theta = nn.Parameter(torch.zeros(2))
+    heads = {"a": nn.Parameter(torch.zeros(())), "b": nn.Parameter(torch.zeros(()))}
+    theta.grad = torch.tensor([10.0, 20.0])
+    losses = linear_losses(theta, {"a": (1.0, 0.0), "b": (-1.0, 1.0)})
+    losses = {"a": losses["a"] + 3 * heads["a"], "b": losses["b"] + 5 * heads["b"]}
+    build_weighting("pcgrad", ["a", "b"]).backward(losses, context([theta]))
+    assert theta.grad.tolist() == pytest.approx([10.5, 21.5])
+    assert (heads["a"].grad.item(), heads["b"].grad.item()) == (3.0, 5.0)
+
+    # Non-conflicting gradients pass unchanged: g1 = (1,0), g2 = (1,1) -> (2, 1).
+    gram = torch.tensor([[1.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    assert pcgrad_coefficients(gram, [[1], [0]]).tolist() == [1.0, 1.0]
+
+
+def test_pcgrad_coefficient_space_matches_the_vector_algorithm():
+    generator = torch.Generator().manual_seed(0)
+    grads = torch.randn(3, 7, generator=generator, dtype=torch.float64)
+    grads[2] = -grads[0] + 0.3 * grads[1]  # make conflicts certain
+    for orders in ([[1, 2], [0, 2], [0, 1]], [[2, 1], [2, 0], [1, 0]]):
+        expected = torch.zeros(7, dtype=torch.float64)
+        for i in range(3):  # the paper's Algorithm 1, on the vectors themselves
+            projected = grads[i].clone()
+            for j in orders[i]:
+                dot = projected @ grads[j]
+                if dot < 0:
+                    projected -= dot / (grads[j] @ grads[j]) * grads[j]
+            expected += projected
+        combined = pcgrad_coefficients(grads @ grads.T, orders) @ grads
+        assert torch.allclose(combined, expected, atol=1e-12)
+
+
+def test_mgda_min_norm_by_hand():
+    def solve(*grads):
+        g = torch.tensor(grads, dtype=torch.float64)
+        return min_norm_weights(g @ g.T).tolist()
+
+    # Orthogonal unit pair: the min-norm point of the segment is its midpoint, alpha = (0.5, 0.5).
+    assert solve((1, 0), (0, 1)) == pytest.approx([0.5, 0.5])
+    # g1 = (1,0), g2 = (1,1): gamma = (G22 - G12) / (G11 + G22 - 2 G12) = (2-1)/(1+2-2) = 1 -> alpha = (1, 0):
+    # g1 is itself the min-norm point (g1 . (g2 - g1) = 0 >= 0).
+    assert solve((1, 0), (1, 1)) == pytest.approx([1.0, 0.0])
+    # Three tasks whose hull holds the origin: (1,0)/3 + (0,1)/3 + (-1,-1)/3 = 0 -> alpha = (1/3, 1/3, 1/3).
+    assert solve((1, 0), (0, 1), (-1, -1)) == pytest.approx([1 / 3] * 3, abs=1e-9)
+    # Three orthonormal vectors: by symmetry alpha = (1/3, 1/3, 1/3), |d|^2 = 1/3.
+    assert solve((1, 0, 0), (0, 1, 0), (0, 0, 1)) == pytest.approx([1 / 3] * 3, abs=1e-9)
+    # A third, long gradient outside the useful face: hull of (1,0), (0,1), (2,2) -> (0.5, 0.5, 0).
+    assert solve((1, 0), (0, 1), (2, 2)) == pytest.approx([0.5, 0.5, 0.0], abs=1e-9)
+    # Equal gradients (singular Gram): any split is optimal; the result is on the simplex.
+    alpha = solve((1, 1), (1, 1), (1, 1))
+    assert sum(alpha) == pytest.approx(1.0) and min(alpha) >= 0
+
+    # Through the strategy: shared gradient alpha-combined, heads unchanged.
+    theta = nn.Parameter(torch.zeros(2))
+    head = nn.Parameter(torch.zeros(()))
+    losses = linear_losses(theta, {"a": (1.0, 0.0), "b": (0.0, 1.0)})
+    losses["a"] = losses["a"] + 4 * head
+    weighting = build_weighting("mgda", ["a", "b"])
+    weighting.backward(losses, context([theta]))
+    assert theta.grad.tolist() == pytest.approx([0.5, 0.5])
+    assert head.grad.item() == 4.0
+    assert list(weighting.task_weights().values()) == pytest.approx([0.5, 0.5])
+
+
+def test_gradnorm_target_and_weight_direction_by_hand():
+    # L0 = (2, 2), now L = (1, 1.8): rates L/L0 = (0.5, 0.9), mean 0.7, r = (0.714286, 1.285714).
+    # Norms at the last layer ||grad L_i|| = (3, 1), w = (1, 1): G = (3, 1), mean 2;
+    # target = 2 r^1.5 = (1.207363, 2.915726): the slower task b gets the larger target.
+    # d/dw sum |w_i n_i - target_i| = sign(G - target) n = (+3, -1): descent raises w_b, lowers w_a.
+    theta = nn.Parameter(torch.zeros(2))
+    weighting = build_weighting("gradnorm", ["a", "b"])
+    directions = {"a": (3.0, 0.0), "b": (0.0, 1.0)}
+    weighting.backward(linear_losses(theta, directions, {"a": 2.0, "b": 2.0}), context([theta]))
+    weighting.weights.grad, theta.grad = None, None
+    weighting.backward(linear_losses(theta, directions, {"a": 1.0, "b": 1.8}), context([theta], step=1))
+    targets = weighting.targets(torch.tensor([3.0, 1.0]), torch.tensor([1.0, 1.8]))
+    assert targets.tolist() == pytest.approx([1.207363, 2.915726], abs=1e-5)
+    assert weighting.weights.grad.tolist() == pytest.approx([3.0, -1.0])
+    assert theta.grad.tolist() == pytest.approx([3.0, 1.0])  # w_a g_a + w_b g_b with w = (1, 1)
+    assert weighting.initial_losses.tolist() == [2.0, 2.0]
+
+
+def test_gradnorm_gives_the_slower_task_the_larger_weight():
+    # Equal gradient norms; loss a falls 1% a step, loss b 10% a step. Over the steps w_a > w_b.
+    theta = nn.Parameter(torch.zeros(2))
+    weighting = GradNorm(["a", "b"], alpha=1.5)
+    optimizer = torch.optim.Adam(weighting.parameters(), lr=0.025)
+    for step in range(30):
+        losses = linear_losses(theta, {"a": (1.0, 0.0), "b": (0.0, 1.0)}, {"a": 0.99 ** step, "b": 0.9 ** step})
+        weighting.backward(losses, context([theta], step=step))
+        optimizer.step()
+        optimizer.zero_grad()
+        theta.grad = None
+    weights = weighting.task_weights()
+    assert weights["a"] > 1.2 > 0.8 > weights["b"]
+    assert sum(weights.values()) == pytest.approx(2.0)
+
+
+def test_gradnorm_brings_gradient_norms_together():
+    # Two regression tasks through one shared layer; task b's loss is 100x task a's. GradNorm lowers w_b
+    # until w_a |grad_W L_a| and w_b |grad_W L_b| meet: their ratio moves from ~100 toward 1.
+    torch.manual_seed(0)
+    shared, heads = nn.Linear(4, 4), nn.ModuleDict({"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+    x, y = torch.randn(64, 4), torch.randn(64, 2)
+    weighting = GradNorm(["a", "b"])
+    model_optimizer = torch.optim.SGD([*shared.parameters(), *heads.parameters()], lr=1e-3)
+    weighting_optimizer = torch.optim.Adam(weighting.parameters(), lr=0.025)
+
+    def log_ratio(losses, step):  # |log(G_b / G_a)|, 0 when the weighted norms are equal
+        norms = weighting.gradient_norms(losses, context(shared.parameters(), step=step))
+        weights = weighting.task_weights()
+        return abs(math.log(weights["b"] * norms[1].item() / (weights["a"] * norms[0].item())))
+
+    ratios = []
+    for step in range(120):
+        hidden = torch.tanh(shared(x))
+        losses = {"a": F.mse_loss(heads["a"](hidden)[:, 0], y[:, 0]),
+                  "b": 100 * F.mse_loss(heads["b"](hidden)[:, 0], y[:, 1])}
+        ratios.append(log_ratio(losses, step))
+        weighting.backward(losses, context(shared.parameters(), step=step))
+        model_optimizer.step(), weighting_optimizer.step()
+        model_optimizer.zero_grad(), weighting_optimizer.zero_grad()
+    # Adam's momentum overshoots once, then the ratio settles near 1 (about 1.5 here, from 187 at the start).
+    assert math.exp(ratios[0]) > 100
+    assert math.exp(sum(ratios[-30:]) / 30) < 2  # geometric mean of the ratio over the last 30 steps
+    assert weighting.task_weights()["a"] > 10 * weighting.task_weights()["b"]
+
+
+def test_famo_one_update_by_hand():
+    # xi = (ln 3, 0): z = (0.75, 0.25).
+    # Step 0, L = (2, 1): w = (z/L) / sum(z/L) = (0.375, 0.25) / 0.625 = (0.6, 0.4); no previous losses -> grad 0.
+    # Step 1, L = (1, 1): w = z = (0.75, 0.25). delta = log L_prev - log L = (ln 2, 0); <z, delta> = 0.519860;
+    #   grad xi = z (delta - <z,delta>) + gamma xi = (0.75*0.173287 + 0.01 ln 3, 0.25*(-0.519860))
+    #           = (0.140951, -0.129965).
+    # Adam's first step moves each coordinate by lr against the gradient's sign: xi = (ln 3 - 0.025, 0.025).
+    weighting = build_weighting("famo", ["a", "b"], {"gamma": 0.01})
+    with torch.no_grad():
+        weighting.logits.copy_(torch.tensor([math.log(3), 0.0]))
+    losses = leaf_losses({"a": 2.0, "b": 1.0})
+    weighting.backward(losses, context())
+    assert [losses[t].grad.item() for t in "ab"] == pytest.approx([0.6, 0.4])
+    assert weighting.logits.grad.tolist() == [0.0, 0.0]
+    weighting.logits.grad = None
+    losses = leaf_losses({"a": 1.0, "b": 1.0})
+    weighting.backward(losses, context(step=1))
+    assert [losses[t].grad.item() for t in "ab"] == pytest.approx([0.75, 0.25])
+    assert weighting.logits.grad.tolist() == pytest.approx([0.140951, -0.129965], abs=1e-6)
+    optimizer = torch.optim.Adam(weighting.parameters(), lr=0.025)
+    optimizer.step()
+    assert weighting.logits.tolist() == pytest.approx([math.log(3) - 0.025, 0.025], abs=1e-6)
+
+
+def test_gradient_methods_average_over_processes_through_reduce_mean():
+    calls = []
+
+    def reduce_mean(tensor):
+        calls.append(tuple(tensor.shape))
+        return tensor
+
+    theta, head = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
+    for method in ("pcgrad", "mgda"):
+        calls.clear()
+        losses = linear_losses(theta, {"a": (1.0, 0.0), "b": (0.0, 1.0)})
+        losses["a"] = losses["a"] + head.sum()
+        weighting = build_weighting(method, ["a", "b"])
+        assert weighting.manual_gradients
+        weighting.backward(losses, context([theta], reduce_mean=reduce_mean, head_parameters=[head]))
+        assert (2, 2) in calls and (3,) in calls  # tasks x shared parameters, then the heads
+    assert not build_weighting("equal", ["a"]).manual_gradients
+
+
+# ------------------------------------------------------------------------------------------------ training
+TASKS = {"t1": 3, "t2": 4, "t3": 2}
+PARAMS = {"dwa": {"window": 2}}
+
+
+class TinyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.heads = nn.ModuleDict({task: nn.Linear(8, labels) for task, labels in TASKS.items()})
+
+    def forward(self, task, x):
+        return self.heads[task](self.encoder(x))
+
+
+def batches(steps: int):
+    generator = torch.Generator().manual_seed(1234)
+    return [{task: (torch.randn(5, 6, generator=generator), torch.randint(labels, (5,), generator=generator))
+             for task, labels in TASKS.items()} for _ in range(steps)]
+
+
+def build(method: str, seed: int):
+    torch.manual_seed(seed)
+    model = TinyModel()
+    weighting = build_weighting(method, list(TASKS), PARAMS.get(method))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    weighting_parameters = list(weighting.parameters())
+    weighting_optimizer = torch.optim.Adam(weighting_parameters, lr=0.025) if weighting_parameters else None
+    return model, weighting, optimizer, weighting_optimizer
+
+
+def train(objects, data, start: int, stop: int) -> list[torch.Tensor]:
+    """The trainer's step, as in clue_mtl.train: weighting.backward, clip, both optimisers, zero-grad."""
+    model, weighting, optimizer, weighting_optimizer = objects
+    totals = []
+    for step in range(start, stop):
+        losses, accuracies = {}, {}
+        for task, (x, y) in data[step].items():
+            logits = model(task, x)
+            losses[task] = F.cross_entropy(logits, y)
+            accuracies[task] = (logits.argmax(-1) == y).float().mean()
+        step_context = StepContext(
+            backward=lambda t: t.backward(), shared_parameters=list(model.encoder.parameters()),
+            last_shared_parameters=list(model.encoder[2].parameters()), features={}, step=step,
+            accuracies=accuracies, head_parameters=list(model.heads.parameters()))
+        totals.append(weighting.backward(losses, step_context))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if weighting_optimizer is not None:
+            weighting_optimizer.step()
+            weighting_optimizer.zero_grad(set_to_none=True)
+    return totals
+
+
+def checkpoint(objects) -> bytes:
+    buffer = io.BytesIO()
+    torch.save([None if o is None else o.state_dict() for o in objects], buffer)
+    return buffer.getvalue()
+
+
+def restore(objects, blob: bytes):
+    states = torch.load(io.BytesIO(blob))
+    for o, state in zip(objects, states):
+        if o is not None:
+            o.load_state_dict(state)
+    return objects
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_trains_without_nan_and_resumes_exactly(method):
+    steps, stop = 8, 4
+    data = batches(steps)
+    straight = build(method, seed=0)
+    totals = train(straight, data, 0, steps)
+    assert all(torch.isfinite(t).all() for t in totals)
+    assert all(math.isfinite(w) for w in straight[1].task_weights().values())
+
+    first = build(method, seed=0)
+    first_totals = train(first, data, 0, stop)
+    blob = checkpoint(first)
+    resumed = restore(build(method, seed=99), blob)  # fresh objects, other initial values
+    resumed_totals = train(resumed, data, stop, steps)
+
+    for a, b in zip(totals, first_totals + resumed_totals):
+        assert torch.equal(a, b)
+    for name, tensor in straight[0].state_dict().items():
+        assert torch.equal(tensor, resumed[0].state_dict()[name]), name
+    straight_state, resumed_state = straight[1].state_dict(), resumed[1].state_dict()
+    assert straight_state.keys() == resumed_state.keys()
+    for name, tensor in straight_state.items():
+        assert torch.equal(tensor, resumed_state[name]), name
+
+
+@pytest.mark.parametrize("method, keys", [
+    ("uncertainty", {"log_variances"}),
+    ("gradnorm", {"weights", "initial_losses", "has_initial"}),
+    ("dwa", {"history", "recorded", "weights"}),
+    ("dtp", {"kpi", "observed", "weights"}),
+    ("famo", {"logits", "min_losses", "previous_losses", "has_previous", "weights"}),
+    ("mgda", {"weights"}),
+])
+def test_all_state_is_in_the_state_dict(method, keys):
+    objects = build(method, seed=0)
+    train(objects, batches(3), 0, 3)
+    state = objects[1].state_dict()
+    assert set(state) == keys
+    fresh = build_weighting(method, list(TASKS), PARAMS.get(method))
+    fresh.load_state_dict(state)
+    assert objects[1].task_weights() == fresh.task_weights()
+
+
+@pytest.mark.parametrize("method, params", [
+    ("dwa", {"window": 0}), ("dwa", {"temperature": 0}), ("dtp", {"kpi": "f1"}), ("famo", {"gamma": -1}),
+    ("gradnorm", {"beta": 1}),
+])
+def test_bad_parameters_fail_loudly(method, params):
+    with pytest.raises(ValueError):
+        build_weighting(method, list(TASKS), params)
