@@ -38,6 +38,7 @@ class ModelConfig:
     task_pooling: dict[str, str] = field(default_factory=dict)  # per-task override
     dropout: float = 0.1
     head_hidden: int = 0                 # 0: a linear head; >0: one hidden layer of that size
+    freeze_word_embeddings: bool = False # keep the (large) token embedding matrix fixed
 
 
 @dataclass

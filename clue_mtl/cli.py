@@ -1,0 +1,231 @@
+"""The `clue-mtl` command line: thin wrappers over the Python API.
+
+Bad input ends with a one-line `error: ...` and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_SHARED_DATA = Path("../shared/data/tianchi")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from .config import ConfigError
+    from .data import DataError
+    from .submission import SubmissionError
+
+    return (UsageError, ConfigError, DataError, SubmissionError, FileNotFoundError)
+
+
+def _key_values(specs: list[str], what: str) -> dict[str, str]:
+    pairs = {}
+    for spec in specs or []:
+        key, sep, value = spec.partition("=")
+        if not sep or not key or not value:
+            raise UsageError(f"{what} {spec!r} is not of the form TASK=PATH")
+        pairs[key.lower()] = value
+    return pairs
+
+
+# ----------------------------------------------------------------------------- data
+def cmd_link_data(args) -> int:
+    target, source = Path(args.data_dir), Path(args.source).resolve()
+    if not source.is_dir():
+        raise UsageError(f"{source} does not exist; download the competition files into {target}/ instead")
+    target.mkdir(parents=True, exist_ok=True)
+    linked = 0
+    for path in sorted(source.iterdir()):
+        link = target / path.name
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to(path)
+            linked += 1
+    print(f"linked {linked} entries of {source} into {target}/")
+    return 0
+
+
+def cmd_check_data(args) -> int:
+    from .data import check_data
+
+    report, problems = check_data(args.data_dir)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 2
+    print("\n".join(report))
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from .baseline import run_baseline
+
+    run_baseline(args.data_dir, out_dir=args.out_dir, dev_fraction=args.dev_fraction, seed=args.seed)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .evaluate import format_report
+    from .submission import gold_from_dir, gold_from_specs, score_submission
+
+    if not args.gold_dir and not args.gold:
+        raise UsageError("name the labelled files with --gold-dir DIR or --gold TASK=PATH")
+    gold = gold_from_dir(args.gold_dir) if args.gold_dir else {}
+    gold.update(gold_from_specs(_key_values(args.gold, "--gold")))
+    result = score_submission(args.submission, gold)
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        print(format_report(result["reports"]))
+    return 0
+
+
+# ----------------------------------------------------------------------------- models
+def cmd_build_encoder(args) -> int:
+    from .encoders import build_e5_small, build_tiny_encoder
+
+    if args.kind == "e5-small":
+        path = build_e5_small(args.out)
+    else:
+        path = build_tiny_encoder(args.out, kind=args.kind.removeprefix("tiny-"))
+    print(f"encoder written to {path}")
+    return 0
+
+
+def _config(args):
+    from .config import load_config
+
+    return load_config(args.config, args.set or [])
+
+
+def cmd_train(args) -> int:
+    from .encoders import ensure_encoder
+    from .train import train
+
+    config = _config(args)
+    ensure_encoder(config.model.encoder)
+    trainer = train(config, args.run_dir, resume=args.resume)
+    if trainer.accelerator.is_main_process:
+        print(f"best dev mean macro-F1 {trainer.state.best_score:.4f} at step {trainer.state.best_step}; "
+              f"run folder {trainer.run_dir}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_run, format_report
+
+    result = evaluate_run(args.run, data_dir=args.data_dir, plots=not args.no_plots)
+    print(format_report(result["reports"]))
+    print(f"report and figures in {Path(args.run) / 'evaluation'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .inference import predict_submission
+
+    test_files = _key_values(args.test, "--test")
+    path = predict_submission(args.run, args.out, split=args.split, data_dir=args.data_dir,
+                              test_files=test_files, id_mode=args.id_mode)
+    print(f"submission written to {path}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """The main job: encoder, training, dev report, test A and B submissions."""
+    from .encoders import ensure_encoder
+    from .evaluate import evaluate_run, format_report
+    from .inference import predict_submission
+    from .submission import read_submission
+    from .train import train
+
+    config = _config(args)
+    ensure_encoder(config.model.encoder)
+    trainer = train(config, args.run_dir, resume=args.resume)
+    run_dir = trainer.run_dir
+    result = evaluate_run(run_dir)
+    print(format_report(result["reports"]))
+    out_dir = Path(args.out_dir)
+    for split in ("a", "b"):
+        path = predict_submission([run_dir], out_dir / f"{config.name}-test-{split}.zip", split=split)
+        rows = sum(len(frame) for frame in read_submission(path).values())
+        print(f"test {split.upper()} submission: {path} ({rows} rows, validated)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clue-mtl", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def data_dir(sub: argparse.ArgumentParser, default: str | None = "data") -> None:
+        sub.add_argument("--data-dir", default=default, help="folder of the competition files (default: %(default)s)")
+
+    def config_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--config", help="YAML config file")
+        sub.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-5")
+        sub.add_argument("--run-dir", help="run folder (default: OUTPUT_DIR/NAME from the config)")
+        sub.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+
+    sub = command("link-data", cmd_link_data, "link the competition files from ../shared/data/tianchi into data/")
+    sub.add_argument("--source", default=str(DEFAULT_SHARED_DATA))
+    data_dir(sub)
+
+    data_dir(command("check-data", cmd_check_data, "validate the competition files; print rows and label counts"))
+
+    sub = command("baseline", cmd_baseline, "TF-IDF + logistic regression: dev macro-F1 and test A/B zips")
+    data_dir(sub)
+    sub.add_argument("--out-dir", default="submissions")
+    sub.add_argument("--dev-fraction", type=float, default=0.1)
+    sub.add_argument("--seed", type=int, default=42)
+
+    sub = command("score", cmd_score, "score a submission zip against labelled files, as the leaderboard does")
+    sub.add_argument("submission")
+    sub.add_argument("--gold-dir", help="folder with labelled files under the training files' names")
+    sub.add_argument("--gold", action="append", metavar="TASK=PATH", help="a labelled file for one task")
+    sub.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sub = command("build-encoder", cmd_build_encoder, "write an offline encoder folder")
+    sub.add_argument("kind", choices=["e5-small", "tiny-bert", "tiny-xlmr"])
+    sub.add_argument("--out", required=True)
+
+    config_options(command("train", cmd_train, "multi-task training"))
+
+    sub = command("evaluate", cmd_evaluate, "dev report of a run: per task, per class, confusion matrices")
+    sub.add_argument("--run", required=True)
+    data_dir(sub, default=None)
+    sub.add_argument("--no-plots", action="store_true")
+
+    sub = command("predict", cmd_predict, "predict test files into a submission zip (several runs: ensemble)")
+    sub.add_argument("--run", action="append", required=True, help="run folder; repeat to average runs")
+    sub.add_argument("--split", choices=["a", "b"], default="a")
+    sub.add_argument("--out", required=True)
+    data_dir(sub, default=None)
+    sub.add_argument("--test", action="append", metavar="TASK=PATH", help="an explicit test file for one task")
+    sub.add_argument("--id-mode", choices=["file", "row"], help="ids from the test file or row positions")
+
+    sub = command("run", cmd_run, "the main job: train, evaluate, write test A and B submissions")
+    config_options(sub)
+    sub.add_argument("--out-dir", default="submissions")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except _known_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,118 @@
+"""Predictions from trained runs: logits over encoded rows, probabilities averaged over runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from transformers import AutoTokenizer
+
+from .batching import encode_frame, inference_batches
+from .config import RunConfig, load_config
+from .model import MultiTaskModel
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, task: str, data, *, pad_id: int, batch_size: int = 64,
+                   accelerator: Accelerator | None = None) -> np.ndarray:
+    """Float32 logits for every row of `data`, in row order.
+
+    Under several processes each takes every n-th length-sorted batch and the pieces are gathered.
+    The unwrapped model runs, since DDP's forward is a collective and ranks may hold different
+    numbers of batches.
+    """
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    pieces = []
+    autocast = accelerator.autocast() if accelerator else torch.autocast(device.type, enabled=False)
+    with autocast:
+        for number, (rows, batch) in enumerate(inference_batches(data, batch_size, pad_id)):
+            if number % world != rank:
+                continue
+            logits, _ = model(task, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            pieces.append((rows, logits.float().cpu().numpy()))
+    if world > 1:
+        pieces = gather_object(pieces)
+    model.train(was_training)
+    num_labels = pieces[0][1].shape[1]
+    out = np.zeros((len(data), num_labels), dtype=np.float32)
+    for rows, logits in pieces:
+        out[rows] = logits
+    return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+class LoadedRun:
+    """A finished run folder: its config, tokenizer and best model."""
+
+    def __init__(self, run_dir: str | Path, device: str | torch.device = "cpu"):
+        self.run_dir = Path(run_dir)
+        if not (self.run_dir / "best" / "model.safetensors").exists():
+            raise FileNotFoundError(f"{self.run_dir} holds no trained model (expected best/model.safetensors)")
+        self.config: RunConfig = load_config(self.run_dir / "config.yaml")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.run_dir / "tokenizer")
+        self.model = MultiTaskModel.load(self.run_dir / "best").to(device).eval()
+        self.labels: dict[str, list[str]] = json.loads((self.run_dir / "labels.json").read_text(encoding="utf-8"))
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.model.tasks
+
+    def probabilities(self, task: str, frame: pd.DataFrame, batch_size: int = 64) -> np.ndarray:
+        data = encode_frame(self.tokenizer, frame, task, max_length=self.config.data.max_length)
+        logits = predict_logits(self.model, task, data, pad_id=self.tokenizer.pad_token_id, batch_size=batch_size)
+        return softmax(logits)
+
+
+def ensemble_probabilities(runs: list[LoadedRun], task: str, frame: pd.DataFrame) -> np.ndarray:
+    """The mean of the runs' class probabilities (runs must share the task's label order)."""
+    first = runs[0].labels[task]
+    for run in runs[1:]:
+        if run.labels[task] != first:
+            raise ValueError(f"{run.run_dir}: {task} labels differ from {runs[0].run_dir}'s")
+    return np.mean([run.probabilities(task, frame) for run in runs], axis=0)
+
+
+def predict_submission(run_dirs: list[str | Path], out: str | Path, *, split: str = "a",
+                       data_dir: str | Path | None = None, test_files: dict[str, str | Path] | None = None,
+                       id_mode: str | None = None) -> Path:
+    """Predict every task's test file with one run or an ensemble of runs and write the zip.
+
+    Test files come from `test_files` (task -> path) or else from `data_dir` (default: the first
+    run's data folder) under the competition's names for `split`.
+    """
+    from .data import load_split, read_task_file
+    from .submission import write_submission
+
+    runs = [LoadedRun(run_dir) for run_dir in run_dirs]
+    tasks = runs[0].tasks
+    for run in runs[1:]:
+        if run.tasks != tasks:
+            raise ValueError(f"{run.run_dir} predicts {run.tasks}, {runs[0].run_dir} predicts {tasks}")
+    data_dir = data_dir or runs[0].config.data.data_dir
+    test_files = test_files or {}
+    predictions, frames = {}, {}
+    for task in tasks:
+        if task in test_files:
+            frames[task] = read_task_file(test_files[task], task, labelled=False)
+        else:
+            frames[task] = load_split(data_dir, task, split)
+        probabilities = ensemble_probabilities(runs, task, frames[task])
+        labels = runs[0].labels[task]
+        predictions[task] = [labels[i] for i in probabilities.argmax(-1)]
+    return write_submission(predictions, frames, out, id_mode=id_mode or runs[0].config.data.id_mode,
+                            allow_partial=len(tasks) < 3)

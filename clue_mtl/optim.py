@@ -1,0 +1,34 @@
+"""AdamW parameter groups: no decay for biases and norms, layer-wise learning-rate decay, head rates."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .encoders import encoder_layers
+
+
+def parameter_groups(model: nn.Module, *, lr: float, head_lr: float, weight_decay: float,
+                     layer_lr_decay: float = 1.0) -> list[dict]:
+    """Groups for a `MultiTaskModel`.
+
+    Encoder layer i of n (the embeddings are layer 0) learns at lr * layer_lr_decay ** (n - i), as
+    in BAM! and ELECTRA; parameters above the last layer learn at lr; the heads at head_lr. Vectors
+    (biases, LayerNorm weights) take no weight decay.
+    """
+    layers = encoder_layers(model.encoder)
+    depth = len(layers) - 1
+    scale_of: dict[int, float] = {}
+    for i, layer in enumerate(layers):
+        for parameter in layer.parameters():
+            scale_of[id(parameter)] = layer_lr_decay ** (depth - i)
+
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        rate = head_lr if name.startswith("heads.") else lr * scale_of.get(id(parameter), 1.0)
+        groups.setdefault((rate, parameter.ndim >= 2), []).append(parameter)
+    return [
+        {"params": params, "lr": rate, "weight_decay": weight_decay if decays else 0.0}
+        for (rate, decays), params in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1]))
+    ]

@@ -1,0 +1,346 @@
+"""The multi-task training recipe, through Accelerate.
+
+Features: one shared encoder and a head per task; every step carries a batch of every task
+(sizes by a sampling rule); a pluggable loss-weighting strategy with its own optimiser; AdamW with
+decay/no-decay groups and layer-wise learning-rate decay; warmup and linear decay; gradient
+clipping and accumulation; bf16/fp16; evaluation every N steps by mean macro-F1 with the best
+checkpoint kept and early stopping; exact resume (`resume=True`).
+
+Trade-offs: the encoder runs once per task per step (less padding, separate graphs for per-task
+gradients) rather than once over a mixed batch; the batch stream is indexed by step, so resuming
+needs no data-loader state.
+
+Run folder:
+    config.yaml      the resolved config
+    split.json       the dev ids per task
+    labels.json      each task's labels in head order
+    metrics.jsonl    one JSON object per logged step or evaluation
+    tokenizer/       the encoder's tokenizer
+    best/            the best model by dev mean macro-F1 (model.safetensors, model.json)
+    checkpoint/      the latest full training state, for --resume
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from .batching import EncodedTask, MultiTaskBatches, encode_frame, task_batch_sizes, tokenizer_fingerprint
+from .config import RunConfig, save_config
+from .data import load_split, save_split, stratified_split
+from .encoders import encoder_layers, load_encoder
+from .evaluate import leaderboard_score
+from .inference import predict_logits
+from .model import MultiTaskModel, build_model
+from .optim import parameter_groups
+from .tasks import get_task
+from .weighting import StepContext, build_weighting
+
+CACHE_DIR = Path("artifacts/cache")
+
+
+@dataclass
+class TrainerState:
+    step: int = 0                    # optimiser steps completed
+    best_score: float = -1.0
+    best_step: int = -1
+    evaluations_without_gain: int = 0
+    history: list[dict] = field(default_factory=list)  # evaluation results
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def sample_rows(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+    """At most `limit` rows, stratified by label, in a deterministic order."""
+    if limit is None or len(frame) <= limit:
+        return frame
+    _, sample = stratified_split(frame, limit / len(frame), seed)
+    return sample
+
+
+def class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
+    """Inverse square-root frequency, normalised to mean 1 (a mild push toward macro-F1)."""
+    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
+    weights = 1.0 / np.sqrt(np.maximum(counts, 1.0))
+    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
+
+
+def fresh_accelerator(**kwargs) -> Accelerator:
+    """An Accelerator for this run.
+
+    Without a GPU it asks for the CPU explicitly, which is what makes Accelerate form a gloo
+    process group when several CPU processes are launched. In a single process (a notebook, a
+    test) the global state of an earlier run is reset first, so one session can switch precision.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=not torch.accelerator.is_available(), **kwargs)
+
+
+class Trainer:
+    """Build with a config and a run folder, then call `train()`."""
+
+    def __init__(self, config: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False,
+                 accelerator: Accelerator | None = None, show_progress: bool = True):
+        self.config = config
+        self.run_dir = Path(run_dir or Path(config.output_dir) / config.name)
+        self.resume = resume
+        self.show_progress = show_progress
+        train = config.train
+        if train.num_threads > 0:
+            torch.set_num_threads(train.num_threads)
+        self.accelerator = accelerator or fresh_accelerator(
+            mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.grad_accumulation,
+            step_scheduler_with_optimizer=False,
+        )
+        set_seed(train.seed)
+        self.state = TrainerState()
+        self._checkpoint_step = -1
+        self._setup_data()
+        self._setup_model()
+
+    # ----------------------------------------------------------------------------- setup
+    def _setup_data(self) -> None:
+        cfg, accelerator = self.config, self.accelerator
+        encoder, self.tokenizer = load_encoder(cfg.model.encoder)
+        self._encoder = encoder
+        fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.train_data: dict[str, EncodedTask] = {}
+        self.dev_data: dict[str, EncodedTask] = {}
+        self.dev_frames: dict[str, pd.DataFrame] = {}
+        for task in cfg.data.tasks:
+            frame = load_split(cfg.data.data_dir, task, "train")
+            train_frame, dev_frame = stratified_split(frame, cfg.data.dev_fraction, cfg.data.split_seed)
+            train_frame = sample_rows(train_frame, cfg.data.max_train_rows, cfg.data.split_seed)
+            dev_frame = sample_rows(dev_frame, cfg.data.max_dev_rows, cfg.data.split_seed)
+            self.dev_frames[task] = dev_frame
+            kwargs = dict(max_length=cfg.data.max_length, cache_dir=CACHE_DIR, fingerprint=fingerprint)
+            self.train_data[task] = encode_frame(self.tokenizer, train_frame, task, **kwargs)
+            self.dev_data[task] = encode_frame(self.tokenizer, dev_frame, task, **kwargs)
+
+        sizes = {task: len(data) for task, data in self.train_data.items()}
+        self.batch_sizes = task_batch_sizes(sizes, cfg.train.batch_size, cfg.train.sampling, cfg.train.sampling_alpha)
+        pad_to = 8 if cfg.train.mixed_precision != "no" and accelerator.device.type == "cuda" else None
+        self.batches = MultiTaskBatches(
+            self.train_data, self.batch_sizes, seed=cfg.train.seed, pad_id=self.tokenizer.pad_token_id,
+            length_grouping=cfg.train.length_grouping, pad_to_multiple_of=pad_to,
+            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+        )
+
+    def _setup_model(self) -> None:
+        cfg, accelerator = self.config, self.accelerator
+        model = build_model(self._encoder, cfg.data.tasks, pooling=cfg.model.pooling,
+                            task_pooling=cfg.model.task_pooling, dropout=cfg.model.dropout,
+                            head_hidden=cfg.model.head_hidden)
+        del self._encoder
+        if cfg.model.freeze_word_embeddings:
+            model.encoder.get_input_embeddings().weight.requires_grad_(False)
+        optimizer = torch.optim.AdamW(parameter_groups(
+            model, lr=cfg.train.lr, head_lr=cfg.train.head_lr, weight_decay=cfg.train.weight_decay,
+            layer_lr_decay=cfg.train.layer_lr_decay))
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, math.ceil(cfg.train.warmup_ratio * cfg.train.steps), cfg.train.steps)
+        self.weighting = build_weighting(cfg.weighting.method, cfg.data.tasks, cfg.weighting.params)
+        self.weighting.to(accelerator.device)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        # Not prepared by Accelerate: strategies set these gradients by hand, unscaled and
+        # identical on every rank, so no loss-scale division and no second scaler update apply.
+        weighting_parameters = list(self.weighting.parameters())
+        self.weighting_optimizer = (torch.optim.Adam(weighting_parameters, lr=cfg.weighting.lr)
+                                    if weighting_parameters else None)
+        accelerator.register_for_checkpointing(self.weighting)
+        if self.weighting_optimizer is not None:
+            accelerator.register_for_checkpointing(self.weighting_optimizer)
+        self.class_weights = {
+            task: class_weights(data.labels, get_task(task).num_labels).to(accelerator.device)
+            if cfg.train.class_weighting else None
+            for task, data in self.train_data.items()
+        }
+
+    @property
+    def unwrapped(self) -> MultiTaskModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    # ----------------------------------------------------------------------------- training
+    def train(self, until_step: int | None = None) -> TrainerState:
+        """Train to `config.train.steps`, or stop at `until_step` with a checkpoint to resume from."""
+        accelerator, cfg = self.accelerator, self.config
+        last_step = min(until_step or cfg.train.steps, cfg.train.steps)
+        if self.resume:
+            self.load_checkpoint()
+        elif accelerator.is_main_process:
+            self._write_run_files()
+        accelerator.wait_for_everyone()
+
+        progress = tqdm(total=cfg.train.steps, initial=self.state.step, desc="train", dynamic_ncols=True,
+                        disable=not (self.show_progress and accelerator.is_main_process))
+        last_layer = list(encoder_layers(self.unwrapped.encoder)[-1].parameters())
+        shared = [p for p in self.unwrapped.encoder.parameters() if p.requires_grad]
+        heads = [p for p in self.unwrapped.heads.parameters() if p.requires_grad]
+        started, steps_at_start = time.perf_counter(), self.state.step
+        while self.state.step < last_step:
+            losses, total = self._optimizer_step(shared, last_layer, heads)
+            self.state.step += 1
+            progress.update(1)
+            if self.state.step % cfg.train.log_every == 0 or self.state.step == cfg.train.steps:
+                record = self._log_step(losses, total, started, steps_at_start)
+                progress.set_postfix({task: f"{record['loss'][task]:.3f}" for task in cfg.data.tasks})
+            if self.state.step % cfg.train.eval_every == 0 or self.state.step == cfg.train.steps:
+                if self._evaluate_and_checkpoint(progress):
+                    break
+        progress.close()
+        if self.state.step < cfg.train.steps and self._checkpoint_step != self.state.step:
+            self.save_checkpoint()
+        accelerator.wait_for_everyone()
+        return self.state
+
+    def _optimizer_step(self, shared, last_layer, heads) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        cfg, accelerator = self.config, self.accelerator
+        self.model.train()
+        accumulation = cfg.train.grad_accumulation
+        for micro in range(accumulation):
+            batches = self.batches[self.state.step * accumulation + micro]
+            with accelerator.accumulate(self.model), self._gradient_sync_context():
+                losses, features, accuracies = {}, {}, {}
+                for task, batch in batches.items():
+                    batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+                    logits, pooled = self.model(task, batch["input_ids"], batch["attention_mask"])
+                    losses[task] = F.cross_entropy(logits.float(), batch["labels"], weight=self.class_weights[task])
+                    features[task] = pooled
+                    accuracies[task] = (logits.detach().argmax(-1) == batch["labels"]).float().mean()
+                context = StepContext(
+                    backward=accelerator.backward, shared_parameters=shared, last_shared_parameters=last_layer,
+                    features=features, step=self.state.step, accuracies=accuracies, head_parameters=heads,
+                    reduce_mean=lambda tensor: accelerator.reduce(tensor, "mean"),
+                )
+                total = self.weighting.backward(losses, context)
+                if accelerator.sync_gradients and cfg.train.grad_clip > 0:
+                    accelerator.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    self.scheduler.step()
+                    if self.weighting_optimizer is not None:
+                        self.weighting_optimizer.step()
+                        self.weighting_optimizer.zero_grad(set_to_none=True)
+        return {task: loss.detach() for task, loss in losses.items()}, total
+
+    def _gradient_sync_context(self):
+        """Gradient-level methods average per-task gradients themselves: DDP must not sync too."""
+        if self.weighting.manual_gradients:
+            return self.accelerator.no_sync(self.model)
+        return contextlib.nullcontext()
+
+    def _log_step(self, losses, total, started: float, steps_at_start: int) -> dict:
+        losses = {task: self.accelerator.reduce(loss, "mean").item() for task, loss in losses.items()}
+        elapsed = time.perf_counter() - started
+        record = {
+            "kind": "train", "step": self.state.step, "loss": losses, "total_loss": float(total),
+            "weights": self.weighting.task_weights(), "lr": self.scheduler.get_last_lr()[0],
+            "steps_per_second": (self.state.step - steps_at_start) / max(elapsed, 1e-9),
+            "epochs": self.batches.epochs_seen(self.state.step),
+        }
+        self._append_metrics(record)
+        return record
+
+    # ----------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict:
+        """Dev macro-F1 per task and their mean (all processes take part; every one gets the result)."""
+        from .evaluate import task_report
+
+        reports = {}
+        for task, data in self.dev_data.items():
+            logits = predict_logits(self.model, task, data, pad_id=self.tokenizer.pad_token_id,
+                                    accelerator=self.accelerator)
+            labels = get_task(task).labels
+            gold = [labels[i] for i in data.labels]
+            predicted = [labels[i] for i in logits.argmax(-1)]
+            reports[task] = task_report(get_task(task), gold, predicted)
+        return {"reports": reports, "mean_macro_f1": leaderboard_score(reports)}
+
+    def _evaluate_and_checkpoint(self, progress) -> bool:
+        """Evaluate, keep the best model, save the resumable state; True when early stopping fires."""
+        cfg, accelerator = self.config, self.accelerator
+        result = self.evaluate()
+        score = result["mean_macro_f1"]
+        improved = score > self.state.best_score
+        if improved:
+            self.state.best_score, self.state.best_step = score, self.state.step
+            self.state.evaluations_without_gain = 0
+        else:
+            self.state.evaluations_without_gain += 1
+        entry = {"kind": "eval", "step": self.state.step, "mean_macro_f1": score,
+                 "macro_f1": {t: r["macro_f1"] for t, r in result["reports"].items()}}
+        self.state.history.append(entry)
+        self._append_metrics(entry)
+        if accelerator.is_main_process:
+            per_task = ", ".join(f"{t} {v:.4f}" for t, v in entry["macro_f1"].items())
+            progress.write(f"step {self.state.step}: dev mean macro-F1 {score:.4f} ({per_task})"
+                           + (" best" if improved else ""))
+        if improved and accelerator.is_main_process:
+            self.unwrapped.save(self.run_dir / "best")
+        self.save_checkpoint()
+        patience = cfg.train.early_stopping_patience
+        return patience > 0 and self.state.evaluations_without_gain >= patience
+
+    # ----------------------------------------------------------------------------- run files
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.run_dir / "config.yaml")
+        save_split({task: data.ids for task, data in self.dev_data.items()}, self.run_dir / "split.json")
+        labels = {task: list(get_task(task).labels) for task in self.config.data.tasks}
+        (self.run_dir / "labels.json").write_text(json.dumps(labels, indent=2), encoding="utf-8")
+        self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
+        (self.run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
+
+    def _append_metrics(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as file:
+                file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def save_checkpoint(self) -> None:
+        directory = self.run_dir / "checkpoint"
+        self._checkpoint_step = self.state.step
+        self.accelerator.save_state(str(directory))
+        if self.accelerator.is_main_process:
+            (directory / "trainer_state.json").write_text(json.dumps(self.state.to_dict(), indent=2))
+        self.accelerator.wait_for_everyone()
+
+    def load_checkpoint(self) -> None:
+        directory = self.run_dir / "checkpoint"
+        if not (directory / "trainer_state.json").exists():
+            raise FileNotFoundError(f"nothing to resume: {directory} holds no checkpoint")
+        self.accelerator.load_state(str(directory))
+        self.state = TrainerState(**json.loads((directory / "trainer_state.json").read_text()))
+        self._truncate_metrics_after(self.state.step)
+
+    def _truncate_metrics_after(self, step: int) -> None:
+        """Drop metrics an interrupted run logged after its last checkpoint."""
+        path = self.run_dir / "metrics.jsonl"
+        if self.accelerator.is_main_process and path.exists():
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines()
+                     if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def train(config: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False,
+          show_progress: bool = True) -> Trainer:
+    trainer = Trainer(config, run_dir, resume=resume, show_progress=show_progress)
+    trainer.train()
+    return trainer

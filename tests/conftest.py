@@ -1,0 +1,41 @@
+"""Shared fixtures: the competition data beside the repo, tiny encoders, tiny run configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from clue_mtl.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data" / "tianchi"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (SHARED_DATA / "OCNLI_train1128.csv").exists():
+        pytest.skip(f"competition data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    from clue_mtl.encoders import build_tiny_encoder
+
+    return build_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"), kind="bert", seed=0)
+
+
+@pytest.fixture
+def tiny_config(data_dir, tiny_bert, tmp_path):
+    """A run config that trains the tiny encoder for a few steps on small slices of the real data."""
+
+    def make(*overrides: str):
+        return load_config(overrides=[
+            f"data.data_dir={data_dir}", f"model.encoder={tiny_bert}", f"output_dir={tmp_path / 'runs'}",
+            "data.max_train_rows=48", "data.max_dev_rows=24", "data.max_length=32",
+            "train.steps=6", "train.batch_size=9", "train.eval_every=3", "train.log_every=1",
+            "train.lr=1e-3", "train.warmup_ratio=0.2", *overrides,
+        ])
+
+    return make

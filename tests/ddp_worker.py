@@ -1,0 +1,33 @@
+"""Run by test_train under torch.distributed.run: train a few steps and record a weight checksum."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from clue_mtl.config import load_config
+from clue_mtl.train import Trainer
+
+
+def checksum(model: torch.nn.Module) -> str:
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main(config_path: str, out_dir: str) -> None:
+    trainer = Trainer(load_config(config_path), Path(out_dir) / "run", show_progress=False)
+    initial = checksum(trainer.unwrapped)
+    trainer.train()
+    record = {"world_size": trainer.accelerator.num_processes, "initial_checksum": initial,
+              "checksum": checksum(trainer.unwrapped)}
+    rank = trainer.accelerator.process_index
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,60 @@
+import pytest
+
+from clue_mtl.config import ConfigError, load_config, save_config
+
+
+def test_defaults_validate():
+    config = load_config()
+    assert config.data.tasks == ["ocnli", "ocemotion", "tnews"]
+    assert config.weighting.method == "equal"
+
+
+def test_overrides_convert_and_nest():
+    config = load_config(overrides=["train.lr=3e-5", "data.tasks=[ocnli]", "data.max_train_rows=100",
+                                    "weighting.params={weights: {ocnli: 2}}", "train.head_lr=1"])
+    assert config.train.lr == pytest.approx(3e-5)
+    assert config.train.head_lr == 1.0 and isinstance(config.train.head_lr, float)
+    assert config.data.tasks == ["ocnli"]
+    assert config.data.max_train_rows == 100
+    assert config.weighting.params == {"weights": {"ocnli": 2}}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown key in train: train.lrr"),
+    ("trian.lr=1", "unknown key: trian"),
+    ("train.steps=1.5", "train.steps: expected int"),
+    ("train.steps=many", "train.steps: expected int"),
+    ("data.tasks=ocnli", "data.tasks: expected a list"),
+    ("data.tasks=[cmnli]", "unknown task"),
+    ("train.mixed_precision=fp8", "mixed_precision"),
+    ("data.dev_fraction=1.5", "dev_fraction"),
+    ("train.length_grouping=1", "expected bool"),
+    ("novalue", "key=value"),
+])
+def test_bad_overrides_fail_loudly(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_yaml_round_trip_and_scientific_notation(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 2e-5\n  steps: 7\nmodel:\n  pooling: first\n")
+    config = load_config(path)
+    assert config.train.lr == pytest.approx(2e-5) and config.train.steps == 7
+    save_config(config, tmp_path / "again.yaml")
+    assert load_config(tmp_path / "again.yaml") == config
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    assert configs, "no configs shipped"
+    for path in configs:
+        if "pretrain" not in path.name:
+            load_config(path)

@@ -1,0 +1,103 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clue_mtl.train import Trainer, train
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_writes_a_complete_run_folder(tiny_config):
+    trainer = train(tiny_config(), show_progress=False)
+    run = trainer.run_dir
+    for name in ("config.yaml", "split.json", "labels.json", "metrics.jsonl", "tokenizer/tokenizer_config.json",
+                 "best/model.safetensors", "best/model.json", "checkpoint/trainer_state.json"):
+        assert (run / name).exists(), name
+    metrics = read_metrics(run)
+    train_records = [m for m in metrics if m["kind"] == "train"]
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    assert [m["step"] for m in train_records] == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in evals] == [3, 6]
+    assert all(set(m["loss"]) == {"ocnli", "ocemotion", "tnews"} for m in train_records)
+    assert all(math.isfinite(v) for m in train_records for v in m["loss"].values())
+    assert trainer.state.best_score == max(e["mean_macro_f1"] for e in evals)
+    split = json.loads((run / "split.json").read_text())
+    assert {task: len(ids) for task, ids in split.items()} == {"ocnli": 24, "ocemotion": 24, "tnews": 24}
+
+
+def test_loss_falls_on_a_repeated_batch(tiny_config):
+    """With a high rate and no dropout, the tiny model must fit what it sees."""
+    trainer = Trainer(tiny_config("train.steps=40", "data.max_train_rows=9", "model.dropout=0.0",
+                                  "train.eval_every=1000", "train.lr=3e-3", "train.head_lr=3e-3",
+                                  "train.warmup_ratio=0.0", "train.length_grouping=false"), show_progress=False)
+    trainer.train()
+    losses = [sum(m["loss"].values()) for m in read_metrics(trainer.run_dir) if m["kind"] == "train"]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_resume_reaches_the_uninterrupted_result(tiny_config, tmp_path):
+    config = tiny_config("train.eval_every=2", "model.dropout=0.1")
+    straight = Trainer(config, tmp_path / "straight", show_progress=False)
+    straight.train()
+
+    first = Trainer(config, tmp_path / "resumed", show_progress=False)
+    first.train(until_step=3)  # an interruption between two evaluations
+    assert json.loads((tmp_path / "resumed/checkpoint/trainer_state.json").read_text())["step"] == 3
+    second = Trainer(config, tmp_path / "resumed", resume=True, show_progress=False)
+    second.train()
+
+    expected = load_file(tmp_path / "straight/checkpoint/model.safetensors")
+    got = load_file(tmp_path / "resumed/checkpoint/model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    def without_speed(run_dir):
+        return [{k: v for k, v in m.items() if k != "steps_per_second"} for m in read_metrics(run_dir)]
+
+    assert without_speed(tmp_path / "straight") == without_speed(tmp_path / "resumed")
+
+
+def test_resume_without_checkpoint_fails_clearly(tiny_config, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        Trainer(tiny_config(), tmp_path / "empty", resume=True, show_progress=False).train()
+
+
+def test_early_stopping_stops(tiny_config):
+    trainer = Trainer(tiny_config("train.steps=30", "train.eval_every=1", "train.early_stopping_patience=2",
+                                  "train.lr=0.0", "train.head_lr=0.0"), show_progress=False)
+    trainer.train()
+    assert trainer.state.step == 3  # the first evaluation sets the best; two more without gain stop
+
+
+def test_bf16_on_cpu_trains(tiny_config):
+    trainer = train(tiny_config("train.mixed_precision=bf16", "train.steps=2", "train.eval_every=2"),
+                    show_progress=False)
+    losses = [m["loss"] for m in read_metrics(trainer.run_dir) if m["kind"] == "train"]
+    assert all(math.isfinite(v) for row in losses for v in row.values())
+
+
+def test_two_cpu_processes_hold_identical_weights(tiny_config, tmp_path):
+    """DDP over gloo on two CPU processes: after a few steps both ranks hold the same weights."""
+    config = tiny_config("train.steps=3", "train.eval_every=3", "train.batch_size=12")
+    from clue_mtl.config import save_config
+
+    save_config(config, tmp_path / "config.yaml")
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
+         str(worker), str(tmp_path / "config.yaml"), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert ranks[0]["checksum"] != ranks[0]["initial_checksum"]
