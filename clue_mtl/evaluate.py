@@ -118,3 +118,79 @@ def plot_confusion(task: Task | str, gold: Sequence[Any], pred: Sequence[Any], p
     finally:
         plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- runs
+def evaluate_run(run_dir: str | Path, *, data_dir: str | Path | None = None, plots: bool = True) -> dict:
+    """Score a run's best model on its saved dev split; write `evaluation/` in the run folder.
+
+    Writes `evaluation/report.json`, `evaluation/report.txt`, one confusion-matrix PNG per task
+    and `evaluation/training.png` (losses, task weights and dev macro-F1 over steps).
+    """
+    import json
+
+    from .data import load_split, load_split_ids
+    from .inference import LoadedRun
+
+    run = LoadedRun(run_dir)
+    dev_ids = load_split_ids(run.run_dir / "split.json")
+    out_dir = run.run_dir / "evaluation"
+    out_dir.mkdir(exist_ok=True)
+    reports = {}
+    for task in run.tasks:
+        frame = load_split(data_dir or run.config.data.data_dir, task, "train")
+        dev = frame.set_index("id", drop=False).loc[dev_ids[task]].reset_index(drop=True)
+        labels = run.labels[task]
+        predicted = [labels[i] for i in run.probabilities(task, dev).argmax(-1)]
+        reports[task] = task_report(task, dev["label"].tolist(), predicted)
+        if plots:
+            plot_confusion(task, dev["label"].tolist(), predicted, out_dir / f"confusion_{task}.png")
+    result = {"reports": reports, "mean_macro_f1": leaderboard_score(reports)}
+    (out_dir / "report.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out_dir / "report.txt").write_text(format_report(reports) + "\n", encoding="utf-8")
+    if plots and (run.run_dir / "metrics.jsonl").exists():
+        plot_training(run.run_dir / "metrics.jsonl", out_dir / "training.png")
+    return result
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_training(metrics_path: str | Path, path: str | Path) -> Path:
+    """Three panels over steps: per-task training loss, per-task loss weight, dev macro-F1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    try:
+        if train:
+            steps = [r["step"] for r in train]
+            for task in train[0]["loss"]:
+                axes[0].plot(steps, [r["loss"][task] for r in train], label=task)
+                axes[1].plot(steps, [r["weights"][task] for r in train], label=task)
+        axes[0].set(title="training loss", xlabel="step")
+        axes[1].set(title="task loss weight", xlabel="step")
+        if evals:
+            steps = [r["step"] for r in evals]
+            for task in evals[0]["macro_f1"]:
+                axes[2].plot(steps, [r["macro_f1"][task] for r in evals], marker="o", label=task)
+            axes[2].plot(steps, [r["mean_macro_f1"] for r in evals], marker="s", color="black", label="mean")
+        axes[2].set(title="dev macro-F1", xlabel="step")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path

@@ -123,13 +123,13 @@ class Trainer:
         fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.train_data: dict[str, EncodedTask] = {}
         self.dev_data: dict[str, EncodedTask] = {}
-        self.dev_frames: dict[str, pd.DataFrame] = {}
+        self.dev_ids: dict[str, list[str]] = {}
         for task in cfg.data.tasks:
             frame = load_split(cfg.data.data_dir, task, "train")
             train_frame, dev_frame = stratified_split(frame, cfg.data.dev_fraction, cfg.data.split_seed)
+            self.dev_ids[task] = dev_frame["id"].tolist()  # the whole split, saved for `evaluate`
             train_frame = sample_rows(train_frame, cfg.data.max_train_rows, cfg.data.split_seed)
             dev_frame = sample_rows(dev_frame, cfg.data.max_dev_rows, cfg.data.split_seed)
-            self.dev_frames[task] = dev_frame
             kwargs = dict(max_length=cfg.data.max_length, cache_dir=CACHE_DIR, fingerprint=fingerprint)
             self.train_data[task] = encode_frame(self.tokenizer, train_frame, task, **kwargs)
             self.dev_data[task] = encode_frame(self.tokenizer, dev_frame, task, **kwargs)
@@ -303,7 +303,7 @@ class Trainer:
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.config, self.run_dir / "config.yaml")
-        save_split({task: data.ids for task, data in self.dev_data.items()}, self.run_dir / "split.json")
+        save_split(self.dev_ids, self.run_dir / "split.json")
         labels = {task: list(get_task(task).labels) for task in self.config.data.tasks}
         (self.run_dir / "labels.json").write_text(json.dumps(labels, indent=2), encoding="utf-8")
         self.tokenizer.save_pretrained(self.run_dir / "tokenizer")

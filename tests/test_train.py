@@ -31,7 +31,7 @@ def test_training_writes_a_complete_run_folder(tiny_config):
     assert all(math.isfinite(v) for m in train_records for v in m["loss"].values())
     assert trainer.state.best_score == max(e["mean_macro_f1"] for e in evals)
     split = json.loads((run / "split.json").read_text())
-    assert {task: len(ids) for task, ids in split.items()} == {"ocnli": 24, "ocemotion": 24, "tnews": 24}
+    assert {task: len(ids) for task, ids in split.items()} == {"ocnli": 2158, "ocemotion": 3173, "tnews": 5336}
 
 
 def test_loss_falls_on_a_repeated_batch(tiny_config):
