@@ -1,0 +1,296 @@
+"""Knowledge distillation: teachers' soft labels, the student's loss, BAM teacher annealing.
+
+Soft labels are the class probabilities of one or more trained runs (teachers) over every row of
+every task's training file, averaged over the runs that have the task. They live in one
+safetensors file: a float32 matrix per task (rows in training-file order, columns in the task's
+label order) and, in the file's metadata under `clue_mtl.soft_labels`, a JSON object with the ids
+and labels of each task and, per teacher, its run folder, resolved config and best dev scores.
+
+The student's loss mixes the two targets:
+
+    loss = mix * soft + (1 - mix) * cross_entropy(logits, gold)
+
+- kind "kl":      soft = T^2 * KL(q_T || softmax(logits / T)), averaged over rows
+- kind "soft_ce": soft = T^2 * -sum_c q_T[c] * log_softmax(logits / T)[c]  (= the KL plus the
+                  teacher's entropy, a constant: the same gradients, a loss that never reaches 0)
+
+where q_T = softmax(log(q) / T) is the teacher's distribution q at temperature T (the teacher's
+softmax(z / T) recovered from its probabilities, since log softmax(z) = z - const). Hinton et al.
+(2015) scale the soft term by T^2 so its gradients keep their size as T changes. Class weights
+apply to the hard term only.
+
+BAM (Clark et al., 2019, "Born-Again Multi-Task Networks") anneals from the teacher to the gold
+label: the target is lambda * gold + (1 - lambda) * teacher with lambda rising linearly from 0 to 1
+over training, i.e. a teacher weight `mix = annealed_mix(step, total)` falling from 1 to 0. With
+kind "soft_ce", T = 1 and no class weights, `distillation_loss(mix=m)` equals the cross-entropy
+against `annealed_target` at the same point (cross-entropy is linear in its target).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from .tasks import TASK_NAMES, get_task
+
+METADATA_KEY = "clue_mtl.soft_labels"
+FORMAT_VERSION = 1
+SUM_TOLERANCE = 1e-4
+
+
+class SoftLabelError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft labels: writing and reading
+
+
+@dataclass
+class SoftLabels:
+    """Per task: the training rows' ids and their teacher probabilities; the teachers' records."""
+
+    ids: dict[str, list[str]]
+    probs: dict[str, np.ndarray]            # task -> float32 (rows, num_labels), rows as in `ids`
+    teachers: list[dict] = field(default_factory=list)
+    path: str = ""
+    _index: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.probs)
+
+    def for_ids(self, task: str, ids: Iterable) -> np.ndarray:
+        """The probability rows of `ids` (e.g. a training frame's id column), in that order."""
+        if task not in self.probs:
+            raise SoftLabelError(f"{self.path or 'soft labels'}: no soft labels for {task}; "
+                                 f"they cover {', '.join(self.tasks) or 'no task'}")
+        if task not in self._index:
+            self._index[task] = {id_: row for row, id_ in enumerate(self.ids[task])}
+        index = self._index[task]
+        ids = [str(id_) for id_ in ids]
+        missing = [id_ for id_ in ids if id_ not in index]
+        if missing:
+            raise SoftLabelError(f"{self.path or 'soft labels'}: {task} has no soft label for id {missing[0]!r} "
+                                 f"({len(missing)} of {len(ids)} ids missing; were they made from another "
+                                 f"training file?)")
+        return self.probs[task][[index[id_] for id_ in ids]]
+
+    def check_split(self, dev_fraction: float, split_seed: int) -> None:
+        """Raise unless every teacher held out the same dev rows as a student with this split.
+
+        A teacher trained on the student's dev rows carries their labels into the soft labels of
+        neighbouring training rows, which makes the student's dev score optimistic.
+        """
+        different = []
+        for teacher in self.teachers:
+            data = (teacher.get("config") or {}).get("data", {})
+            if (data.get("dev_fraction"), data.get("split_seed")) != (dev_fraction, split_seed):
+                different.append(f"{teacher['run_dir']} (dev_fraction {data.get('dev_fraction')}, "
+                                 f"split_seed {data.get('split_seed')})")
+        if different:
+            raise SoftLabelError(f"teachers split the data differently from dev_fraction {dev_fraction}, "
+                                 f"split_seed {split_seed}: {'; '.join(different)}")
+
+
+def write_soft_labels(run_dirs: Sequence[str | Path], out_path: str | Path, data_dir: str | Path | None = None,
+                      *, tasks: Sequence[str] | None = None, max_rows: int | None = None,
+                      batch_size: int = 256, device: str | torch.device | None = None) -> Path:
+    """Average the runs' class probabilities over every row of each task's training file; save them.
+
+    A task is covered by the runs that predict it (single- and multi-task runs may be mixed).
+    `data_dir` defaults to the first run's. `tasks` restricts the tasks; `max_rows` keeps only the
+    first rows of each file (for tests: soft labels for training must cover the whole file).
+    """
+    from .data import load_split
+    from .inference import LoadedRun
+
+    if not run_dirs:
+        raise SoftLabelError("write_soft_labels needs at least one run folder")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    frames: dict = {}
+    teachers = []
+    for run_dir in run_dirs:
+        run = LoadedRun(run_dir, device=device)
+        data_dir = data_dir or run.config.data.data_dir
+        covered = [task for task in run.tasks if tasks is None or task in tasks]
+        for task in covered:
+            if run.labels[task] != list(get_task(task).labels):
+                raise SoftLabelError(f"{run.run_dir}: {task} labels {run.labels[task]} are not in the "
+                                     f"task's order {list(get_task(task).labels)}")
+            if task not in frames:
+                frame = load_split(data_dir, task, "train")
+                frames[task] = frame if max_rows is None else frame.head(max_rows)
+            probs = run.probabilities(task, frames[task], batch_size=batch_size).astype(np.float64)
+            sums[task] = sums.get(task, 0.0) + probs
+            counts[task] = counts.get(task, 0) + 1
+        if covered:
+            teachers.append(_teacher_record(run.run_dir, covered))
+        del run
+    missing = [task for task in (tasks or []) if task not in sums]
+    if missing:
+        raise SoftLabelError(f"no run predicts {', '.join(missing)}")
+
+    ordered = [task for task in TASK_NAMES if task in sums]
+    tensors = {task: torch.from_numpy((sums[task] / counts[task]).astype(np.float32)) for task in ordered}
+    meta = {
+        "format": FORMAT_VERSION,
+        "data_dir": str(data_dir),
+        "tasks": {task: {"ids": frames[task]["id"].astype(str).tolist(), "labels": list(get_task(task).labels),
+                         "teachers": counts[task]} for task in ordered},
+        "teachers": teachers,
+    }
+    from safetensors.torch import save_file
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out_path.with_name(out_path.name + ".tmp")
+    save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(meta, ensure_ascii=False)})
+    os.replace(temporary, out_path)
+    return out_path
+
+
+def _teacher_record(run_dir: Path, tasks: list[str]) -> dict:
+    """The run folder, its resolved config, its best dev evaluation, and its sources if averaged."""
+    record = {
+        "run_dir": str(Path(run_dir).resolve()),
+        "tasks": tasks,
+        "config": yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")),
+        "best": best_evaluation(run_dir),
+    }
+    averaged = run_dir / "averaged_from.json"
+    if averaged.exists():
+        record["averaged_from"] = json.loads(averaged.read_text(encoding="utf-8"))
+    return record
+
+
+def best_evaluation(run_dir: str | Path) -> dict | None:
+    """The run's first evaluation with the highest dev mean macro-F1 (the one `best/` holds), or None."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    best = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("kind") == "eval" and (best is None or record["mean_macro_f1"] > best["mean_macro_f1"]):
+            best = record
+    if best is None:
+        return None
+    return {"step": best["step"], "mean_macro_f1": best["mean_macro_f1"], "macro_f1": best.get("macro_f1", {})}
+
+
+def read_soft_labels(path: str | Path) -> SoftLabels:
+    """Load and check a soft-label file: shapes match ids and label counts, rows sum to one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise SoftLabelError(f"{path}: soft-label file not found")
+    with safe_open(str(path), framework="numpy") as file:
+        raw = (file.metadata() or {}).get(METADATA_KEY)
+        if raw is None:
+            raise SoftLabelError(f"{path}: not a soft-label file (no {METADATA_KEY} metadata)")
+        meta = json.loads(raw)
+        probs = {task: file.get_tensor(task) for task in file.keys()}
+    if meta.get("format") != FORMAT_VERSION:
+        raise SoftLabelError(f"{path}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+    problems = []
+    if set(probs) != set(meta["tasks"]):
+        problems.append(f"matrices for {sorted(probs)} but ids for {sorted(meta['tasks'])}")
+    ids = {}
+    for task, entry in meta["tasks"].items():
+        if task not in probs:
+            continue
+        spec = get_task(task)
+        matrix = probs[task]
+        ids[task] = [str(id_) for id_ in entry["ids"]]
+        if entry.get("labels") != list(spec.labels):
+            problems.append(f"{task}: labels {entry.get('labels')} differ from the task's {list(spec.labels)}")
+        if matrix.dtype != np.float32 or matrix.shape != (len(ids[task]), spec.num_labels):
+            problems.append(f"{task}: expected float32 of shape ({len(ids[task])}, {spec.num_labels}), "
+                            f"found {matrix.dtype} {matrix.shape}")
+            continue
+        if len(set(ids[task])) != len(ids[task]):
+            problems.append(f"{task}: duplicate ids")
+        if not np.isfinite(matrix).all() or (matrix < 0).any():
+            problems.append(f"{task}: negative or non-finite probabilities")
+        error = np.abs(matrix.astype(np.float64).sum(axis=1) - 1.0)
+        if len(error) and error.max() > SUM_TOLERANCE:
+            row = int(error.argmax())
+            problems.append(f"{task}: row {row} (id {ids[task][row]!r}) sums to {matrix[row].sum():.6f}, not 1")
+    if problems:
+        raise SoftLabelError(f"{path}: " + "; ".join(problems))
+    ordered = [task for task in TASK_NAMES if task in ids]
+    return SoftLabels(ids={t: ids[t] for t in ordered}, probs={t: probs[t] for t in ordered},
+                      teachers=meta.get("teachers", []), path=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# The student's loss
+
+
+def tempered(teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The teacher's distribution at temperature T: softmax(log(p) / T), i.e. p^(1/T) renormalised."""
+    if temperature == 1.0:
+        return teacher_probs
+    return torch.softmax(torch.log(teacher_probs.clamp_min(1e-12)) / temperature, dim=-1)
+
+
+def distillation_loss(logits: torch.Tensor, gold: torch.Tensor, teacher_probs: torch.Tensor, *, mix: float,
+                      temperature: float = 1.0, kind: str = "kl",
+                      class_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """mix * soft + (1 - mix) * cross_entropy(logits, gold, weight=class_weight); see the module doc.
+
+    logits (rows, classes), gold (rows,) label indices, teacher_probs (rows, classes) at T = 1.
+    The loss is computed in float32 and averaged over rows.
+    """
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix must lie in [0, 1], not {mix}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, not {temperature}")
+    logits = logits.float()
+    hard = F.cross_entropy(logits, gold, weight=class_weight)
+    if mix == 0.0:
+        return hard
+    target = tempered(teacher_probs.float().to(logits.device), temperature)
+    log_student = F.log_softmax(logits / temperature, dim=-1)
+    if kind == "kl":
+        soft = F.kl_div(log_student, target, reduction="batchmean")
+    elif kind == "soft_ce":
+        soft = -(target * log_student).sum(-1).mean()
+    else:
+        raise ValueError(f"kind must be 'kl' or 'soft_ce', not {kind!r}")
+    return mix * temperature ** 2 * soft + (1.0 - mix) * hard
+
+
+def annealed_mix(step: int, total_steps: int, start: float = 1.0, end: float = 0.0) -> float:
+    """The teacher's weight at `step` of `total_steps`, moving linearly from `start` to `end`.
+
+    BAM: 1 - lambda with lambda = step / total_steps, so the first step learns from the teacher
+    alone and the last almost from the gold labels alone.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, not {total_steps}")
+    progress = min(max(step / total_steps, 0.0), 1.0)
+    return start + (end - start) * progress
+
+
+def annealed_target(gold_onehot: torch.Tensor, teacher_probs: torch.Tensor, step: int, total: int) -> torch.Tensor:
+    """BAM's target lambda * gold + (1 - lambda) * teacher, lambda = step / total (clamped to [0, 1]).
+
+    `gold_onehot` may also be a vector of label indices.
+    """
+    if gold_onehot.dim() == 1:
+        gold_onehot = F.one_hot(gold_onehot, teacher_probs.shape[-1])
+    teacher_weight = annealed_mix(step, total)
+    return (1.0 - teacher_weight) * gold_onehot.to(teacher_probs.dtype) + teacher_weight * teacher_probs
