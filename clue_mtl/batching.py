@@ -31,6 +31,7 @@ class EncodedTask:
     ids: list[str]
     input_ids: list[np.ndarray]
     labels: np.ndarray | None  # label indices, None for unlabelled test rows
+    soft_labels: np.ndarray | None = None  # teachers' class probabilities per row, for distillation
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -169,6 +170,8 @@ class MultiTaskBatches:
             rows = stream.indices(step)[self.process_index::self.num_processes]
             batch = pad_batch([stream.data.input_ids[i] for i in rows], self.pad_id, self.pad_to_multiple_of)
             batch["labels"] = torch.from_numpy(stream.data.labels[rows])
+            if stream.data.soft_labels is not None:
+                batch["teacher_probs"] = torch.from_numpy(stream.data.soft_labels[rows])
             batches[task] = batch
         return batches
 

@@ -20,9 +20,11 @@ class UsageError(Exception):
 def _known_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data import DataError
+    from .averaging import AveragingError
+    from .distill import SoftLabelError
     from .submission import SubmissionError
 
-    return (UsageError, ConfigError, DataError, SubmissionError, FileNotFoundError)
+    return (UsageError, ConfigError, DataError, SubmissionError, SoftLabelError, AveragingError, FileNotFoundError)
 
 
 def _key_values(specs: list[str], what: str) -> dict[str, str]:
@@ -97,6 +99,34 @@ def cmd_build_encoder(args) -> int:
     return 0
 
 
+def cmd_trim_vocab(args) -> int:
+    from .encoders import ensure_encoder
+    from .pretrain import split_texts
+    from .vocab import corpus_texts, trim_vocabulary
+
+    report = trim_vocabulary(ensure_encoder(args.encoder), args.out, corpus_texts(args.data_dir),
+                             held_out=split_texts(args.data_dir, ("a", "b")))
+    print(f"{report}\ntrimmed encoder written to {args.out}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .config import load_pretrain_config
+    from .encoders import ensure_encoder
+    from .pretrain import pretrain
+
+    config = load_pretrain_config(args.config, args.set or [])
+    ensure_encoder(config.model.encoder)
+    pretrainer = pretrain(config, args.run_dir, resume=args.resume)
+    if pretrainer.accelerator.is_main_process:
+        held_out = pretrainer.state.history[-1]
+        encoder = pretrainer.run_dir / "encoder"
+        print(f"held-out masked-LM loss {held_out['loss']:.4f} (step 0: {pretrainer.state.history[0]['loss']:.4f}), "
+              f"accuracy {held_out['accuracy']:.4f}; encoder written to {encoder}; "
+              f"fine-tune it with `clue-mtl train --set model.encoder={encoder}`")
+    return 0
+
+
 def _config(args):
     from .config import load_config
 
@@ -157,6 +187,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_distill_labels(args) -> int:
+    from .distill import write_soft_labels
+
+    path = write_soft_labels(args.run, args.out, args.data_dir)
+    print(f"soft labels of {len(args.run)} teacher run(s) written to {path}")
+    return 0
+
+
+def cmd_average_weights(args) -> int:
+    from .averaging import average_weights
+
+    path = average_weights(args.run, args.out)
+    print(f"averaged run written to {path}; predict with `clue-mtl predict --run {path}`")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clue-mtl", description=__doc__.splitlines()[0])
@@ -200,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     config_options(command("train", cmd_train, "multi-task training"))
 
+    config_options(command("pretrain", cmd_pretrain, "further pre-training: whole-word masked LM on the competition text"))
+
+    sub = command("trim-vocab", cmd_trim_vocab, "keep only the embedding rows the competition text uses")
+    sub.add_argument("--encoder", required=True, help="encoder folder or hub id")
+    sub.add_argument("--out", required=True, help="the trimmed encoder's folder")
+    data_dir(sub)
+
     sub = command("evaluate", cmd_evaluate, "dev report of a run: per task, per class, confusion matrices")
     sub.add_argument("--run", required=True)
     data_dir(sub, default=None)
@@ -213,14 +266,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--test", action="append", metavar="TASK=PATH", help="an explicit test file for one task")
     sub.add_argument("--id-mode", choices=["file", "row"], help="ids from the test file or row positions")
 
+    sub = command("distill-labels", cmd_distill_labels,
+                  "teachers' averaged class probabilities for every training row (for distillation)")
+    sub.add_argument("--run", action="append", required=True, help="teacher run folder; repeat to average")
+    sub.add_argument("--out", required=True, help="soft-label file (safetensors)")
+    data_dir(sub, default=None)
+
+    sub = command("average-weights", cmd_average_weights, "average the best weights of runs that share an architecture")
+    sub.add_argument("--run", action="append", required=True, help="run folder; repeat")
+    sub.add_argument("--out", required=True, help="the new run folder")
+
     sub = command("run", cmd_run, "the main job: train, evaluate, write test A and B submissions")
     config_options(sub)
     sub.add_argument("--out-dir", default="submissions")
     return parser
 
 
+def _quiet_libraries() -> None:
+    """The kit draws its own progress bars; per-file loading bars from transformers are noise."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return args.handler(args)
     except _known_errors() as error:

@@ -68,7 +68,18 @@ class TrainConfig:
     early_stopping_patience: int = 0     # evaluations without gain before stopping; 0 never stops
     log_every: int = 10
     num_threads: int = 0                 # torch threads on CPU; 0 leaves torch's default
+    ema_decay: float = 0.0               # >0: evaluate and save an exponential moving average of the weights
+    fgm_epsilon: float = 0.0             # >0: FGM adversarial training on the word embeddings
     seed: int = 42
+
+
+@dataclass
+class DistillConfig:
+    soft_labels: str | None = None       # a file from `clue-mtl distill-labels`; None trains on gold labels only
+    mode: str = "fixed"                  # fixed: MT-DNN-KD mix; annealed: BAM teacher annealing (teacher -> gold)
+    mix: float = 0.5                     # the teacher's share of the loss in fixed mode
+    temperature: float = 1.0
+    kind: str = "kl"                     # kl | soft_ce
 
 
 @dataclass
@@ -79,6 +90,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
@@ -111,6 +123,9 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         return {str(k): _check_type(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is str and isinstance(value, bool):
+        # YAML 1.1 reads an unquoted `no` as False; for a text setting, the word was meant.
+        return "yes" if value else "no"
     if annotation in (int, float, str, bool):
         if type(value) is not annotation:
             raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
@@ -176,7 +191,8 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+def _read_values(path: str | Path | None, overrides: list[str]) -> dict[str, Any]:
+    """The values of a YAML config file (or none) with `key=value` overrides applied."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -184,7 +200,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             raise ConfigError(f"config file not found: {path}")
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         values = _float_strings(values)
-    return config_from_dict(apply_overrides(values, list(overrides)))
+    return apply_overrides(values, list(overrides))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    return config_from_dict(_read_values(path, list(overrides)))
 
 
 def _float_strings(values: Any) -> Any:
@@ -198,11 +218,11 @@ def _float_strings(values: Any) -> Any:
     return values
 
 
-def config_to_dict(config: RunConfig) -> dict[str, Any]:
+def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def save_config(config: RunConfig, path: str | Path) -> None:
+def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True),
                           encoding="utf-8")
 
@@ -229,5 +249,93 @@ def validate(config: RunConfig) -> None:
     need(config.train.steps > 0, "train.steps must be positive")
     need(0 < config.train.layer_lr_decay <= 1, "train.layer_lr_decay must lie in (0, 1]")
     need(config.train.grad_accumulation >= 1, "train.grad_accumulation must be at least 1")
+    need(0 <= config.train.ema_decay < 1, "train.ema_decay must lie in [0, 1)")
+    need(config.train.fgm_epsilon >= 0, "train.fgm_epsilon must not be negative")
+    need(not (config.train.fgm_epsilon > 0 and config.model.freeze_word_embeddings),
+         "train.fgm_epsilon needs trainable word embeddings (model.freeze_word_embeddings: false)")
+    need(config.distill.mode in ("fixed", "annealed"), "distill.mode must be fixed or annealed")
+    need(config.distill.kind in ("kl", "soft_ce"), "distill.kind must be kl or soft_ce")
+    need(0 <= config.distill.mix <= 1, "distill.mix must lie in [0, 1]")
+    need(config.distill.temperature > 0, "distill.temperature must be positive")
     bad_pooling = [t for t in config.model.task_pooling if t not in config.data.tasks]
     need(not bad_pooling, f"model.task_pooling names tasks not trained: {bad_pooling}")
+
+
+# ----------------------------------------------------------------------------- pre-training
+@dataclass
+class PretrainDataConfig:
+    data_dir: str = "data"
+    max_length: int = 128
+    max_texts: int | None = None         # an evenly spaced sample of the corpus (tests, quick runs)
+    held_out_fraction: float = 0.02      # texts kept out of training to measure masked-LM loss
+    max_held_out: int = 2000
+
+
+@dataclass
+class PretrainModelConfig:
+    encoder: str = "artifacts/e5-small"  # hub name or local folder, with or without an LM head
+    from_scratch: bool = False           # random weights from the encoder's config (and tokenizer)
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. num_hidden_layers; saved
+    dropout: float | None = None         # hidden and attention dropout while pre-training only
+    trim_vocab: bool = False             # first keep only the embedding rows the corpus uses
+
+
+@dataclass
+class MaskingConfig:
+    mlm_probability: float = 0.15        # fraction of tokens predicted, whole jieba words at a time
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+
+
+@dataclass
+class PretrainTrainConfig:
+    steps: int = 1000
+    batch_size: int = 32                 # texts per step and process
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"          # no | bf16 | fp16
+    length_grouping: bool = True
+    eval_every: int = 500
+    eval_batch_size: int = 64
+    log_every: int = 10
+    num_threads: int = 0
+    seed: int = 42
+
+
+@dataclass
+class PretrainConfig:
+    name: str = "pretrain"
+    output_dir: str = "runs"
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
+
+
+def load_pretrain_config(path: str | Path | None = None, overrides: list[str] = ()) -> PretrainConfig:
+    config = _build(PretrainConfig, _read_values(path, list(overrides)), "")
+    validate_pretrain(config)
+    return config
+
+
+def validate_pretrain(config: PretrainConfig) -> None:
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    data, masking, train = config.data, config.masking, config.train
+    need(data.max_length >= 8, "data.max_length must be at least 8")
+    need(data.max_texts is None or data.max_texts >= 2, "data.max_texts must be at least 2")
+    need(0 < data.held_out_fraction < 1, "data.held_out_fraction must lie strictly between 0 and 1")
+    need(data.max_held_out >= 1, "data.max_held_out must be at least 1")
+    need(config.model.dropout is None or 0 <= config.model.dropout < 1, "model.dropout must lie in [0, 1)")
+    need(0 < masking.mlm_probability < 1, "masking.mlm_probability must lie strictly between 0 and 1")
+    need(masking.mask_replace_prob >= 0 and masking.random_replace_prob >= 0
+         and masking.mask_replace_prob + masking.random_replace_prob <= 1,
+         "masking.mask_replace_prob and random_replace_prob must be >= 0 and sum to at most 1")
+    need(train.steps > 0, "train.steps must be positive")
+    need(train.batch_size > 0 and train.eval_batch_size > 0, "train.batch_size and eval_batch_size must be positive")
+    need(train.eval_every > 0 and train.log_every > 0, "train.eval_every and log_every must be positive")
+    need(train.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision must be no, bf16 or fp16")

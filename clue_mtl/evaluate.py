@@ -95,28 +95,23 @@ def format_report(reports: Mapping[str, dict] | Iterable[dict]) -> str:
 
 def plot_confusion(task: Task | str, gold: Sequence[Any], pred: Sequence[Any], path: str | Path) -> Path:
     """Write a PNG confusion matrix, rows normalised to sum to 1, class names on both axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from sklearn.metrics import ConfusionMatrixDisplay
 
     task = _as_task(task)
     gold_labels = _as_labels(task, gold, "gold")
     pred_labels = _as_labels(task, pred, "predicted")
     size = max(4.0, 0.55 * task.num_labels + 2.0)
-    fig, ax = plt.subplots(figsize=(size, size))
-    try:
-        ConfusionMatrixDisplay.from_predictions(
-            gold_labels, pred_labels, labels=list(task.labels), normalize="true",
-            values_format=".2f", cmap="Blues", colorbar=False, ax=ax, xticks_rotation=45)
-        ax.set_title(f"{task.name}: confusion (rows: gold, normalised)")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(size, size))  # no pyplot: leaves a notebook's backend and figures alone
+    ax = fig.subplots()
+    ConfusionMatrixDisplay.from_predictions(
+        gold_labels, pred_labels, labels=list(task.labels), normalize="true",
+        values_format=".2f", cmap="Blues", colorbar=False, ax=ax, xticks_rotation=45)
+    ax.set_title(f"{task.name}: confusion (rows: gold, normalised)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
     return path
 
 
@@ -161,36 +156,31 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_training(metrics_path: str | Path, path: str | Path) -> Path:
     """Three panels over steps: per-task training loss, per-task loss weight, dev macro-F1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     records = read_metrics(metrics_path)
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    try:
-        if train:
-            steps = [r["step"] for r in train]
-            for task in train[0]["loss"]:
-                axes[0].plot(steps, [r["loss"][task] for r in train], label=task)
-                axes[1].plot(steps, [r["weights"][task] for r in train], label=task)
-        axes[0].set(title="training loss", xlabel="step")
-        axes[1].set(title="task loss weight", xlabel="step")
-        if evals:
-            steps = [r["step"] for r in evals]
-            for task in evals[0]["macro_f1"]:
-                axes[2].plot(steps, [r["macro_f1"][task] for r in evals], marker="o", label=task)
-            axes[2].plot(steps, [r["mean_macro_f1"] for r in evals], marker="s", color="black", label="mean")
-        axes[2].set(title="dev macro-F1", xlabel="step")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
+    if train:
+        steps = [r["step"] for r in train]
+        for task in train[0]["loss"]:
+            axes[0].plot(steps, [r["loss"][task] for r in train], label=task)
+            axes[1].plot(steps, [r["weights"][task] for r in train], label=task)
+    axes[0].set(title="training loss", xlabel="step")
+    axes[1].set(title="task loss weight", xlabel="step")
+    if evals:
+        steps = [r["step"] for r in evals]
+        for task in evals[0]["macro_f1"]:
+            axes[2].plot(steps, [r["macro_f1"][task] for r in evals], marker="o", label=task)
+        axes[2].plot(steps, [r["mean_macro_f1"] for r in evals], marker="s", color="black", label="mean")
+    axes[2].set(title="dev macro-F1", xlabel="step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
     return path

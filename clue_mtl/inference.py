@@ -19,7 +19,7 @@ from .model import MultiTaskModel
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, task: str, data, *, pad_id: int, batch_size: int = 64,
-                   accelerator: Accelerator | None = None) -> np.ndarray:
+                   accelerator: Accelerator | None = None, bf16: bool = False) -> np.ndarray:
     """Float32 logits for every row of `data`, in row order.
 
     Under several processes each takes every n-th length-sorted batch and the pieces are gathered.
@@ -33,7 +33,10 @@ def predict_logits(model: torch.nn.Module, task: str, data, *, pad_id: int, batc
     device = accelerator.device if accelerator else next(model.parameters()).device
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     pieces = []
-    autocast = accelerator.autocast() if accelerator else torch.autocast(device.type, enabled=False)
+    if accelerator is not None:
+        autocast = accelerator.autocast()
+    else:
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     with autocast:
         for number, (rows, batch) in enumerate(inference_batches(data, batch_size, pad_id)):
             if number % world != rank:
@@ -74,7 +77,8 @@ class LoadedRun:
 
     def probabilities(self, task: str, frame: pd.DataFrame, batch_size: int = 64) -> np.ndarray:
         data = encode_frame(self.tokenizer, frame, task, max_length=self.config.data.max_length)
-        logits = predict_logits(self.model, task, data, pad_id=self.tokenizer.pad_token_id, batch_size=batch_size)
+        logits = predict_logits(self.model, task, data, pad_id=self.tokenizer.pad_token_id, batch_size=batch_size,
+                                bf16=self.config.train.mixed_precision == "bf16")
         return softmax(logits)
 
 

@@ -42,7 +42,10 @@ from transformers import get_linear_schedule_with_warmup
 
 from .batching import EncodedTask, MultiTaskBatches, encode_frame, task_batch_sizes, tokenizer_fingerprint
 from .config import RunConfig, save_config
+from .adversarial import FGM
 from .data import load_split, save_split, stratified_split
+from .distill import annealed_mix, distillation_loss, read_soft_labels
+from .ema import ExponentialMovingAverage
 from .encoders import encoder_layers, load_encoder
 from .evaluate import leaderboard_score
 from .inference import predict_logits
@@ -121,6 +124,10 @@ class Trainer:
         encoder, self.tokenizer = load_encoder(cfg.model.encoder)
         self._encoder = encoder
         fingerprint = tokenizer_fingerprint(self.tokenizer)
+        soft_labels = None
+        if cfg.distill.soft_labels:
+            soft_labels = read_soft_labels(cfg.distill.soft_labels)
+            soft_labels.check_split(cfg.data.dev_fraction, cfg.data.split_seed)
         self.train_data: dict[str, EncodedTask] = {}
         self.dev_data: dict[str, EncodedTask] = {}
         self.dev_ids: dict[str, list[str]] = {}
@@ -133,6 +140,8 @@ class Trainer:
             kwargs = dict(max_length=cfg.data.max_length, cache_dir=CACHE_DIR, fingerprint=fingerprint)
             self.train_data[task] = encode_frame(self.tokenizer, train_frame, task, **kwargs)
             self.dev_data[task] = encode_frame(self.tokenizer, dev_frame, task, **kwargs)
+            if soft_labels is not None:
+                self.train_data[task].soft_labels = soft_labels.for_ids(task, self.train_data[task].ids)
 
         sizes = {task: len(data) for task, data in self.train_data.items()}
         self.batch_sizes = task_batch_sizes(sizes, cfg.train.batch_size, cfg.train.sampling, cfg.train.sampling_alpha)
@@ -167,6 +176,12 @@ class Trainer:
         accelerator.register_for_checkpointing(self.weighting)
         if self.weighting_optimizer is not None:
             accelerator.register_for_checkpointing(self.weighting_optimizer)
+        self.ema = ExponentialMovingAverage(self.unwrapped, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        if self.ema is not None:
+            accelerator.register_for_checkpointing(self.ema)
+        self.fgm = FGM(self.unwrapped, cfg.train.fgm_epsilon) if cfg.train.fgm_epsilon else None
+        if self.fgm is not None and self.weighting.manual_gradients:
+            raise ValueError(f"FGM does not combine with {cfg.weighting.method!r}, which writes gradients by hand")
         self.class_weights = {
             task: class_weights(data.labels, get_task(task).num_labels).to(accelerator.device)
             if cfg.train.class_weighting else None
@@ -190,13 +205,9 @@ class Trainer:
 
         progress = tqdm(total=cfg.train.steps, initial=self.state.step, desc="train", dynamic_ncols=True,
                         disable=not (self.show_progress and accelerator.is_main_process))
-        last_layer = list(encoder_layers(self.unwrapped.encoder)[-1].parameters())
-        shared = [p for p in self.unwrapped.encoder.parameters() if p.requires_grad]
-        heads = [p for p in self.unwrapped.heads.parameters() if p.requires_grad]
         started, steps_at_start = time.perf_counter(), self.state.step
         while self.state.step < last_step:
-            losses, total = self._optimizer_step(shared, last_layer, heads)
-            self.state.step += 1
+            losses, total = self.train_step()
             progress.update(1)
             if self.state.step % cfg.train.log_every == 0 or self.state.step == cfg.train.steps:
                 record = self._log_step(losses, total, started, steps_at_start)
@@ -210,18 +221,24 @@ class Trainer:
         accelerator.wait_for_everyone()
         return self.state
 
-    def _optimizer_step(self, shared, last_layer, heads) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def train_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimiser step over a batch of every task; returns the per-task and combined losses."""
         cfg, accelerator = self.config, self.accelerator
+        unwrapped = self.unwrapped
+        shared = [p for p in unwrapped.encoder.parameters() if p.requires_grad]
+        heads = [p for p in unwrapped.heads.parameters() if p.requires_grad]
+        last_layer = [p for p in encoder_layers(unwrapped.encoder)[-1].parameters() if p.requires_grad]
         self.model.train()
         accumulation = cfg.train.grad_accumulation
         for micro in range(accumulation):
             batches = self.batches[self.state.step * accumulation + micro]
             with accelerator.accumulate(self.model), self._gradient_sync_context():
+                batches = {task: {k: v.to(accelerator.device) for k, v in batch.items()}
+                           for task, batch in batches.items()}
                 losses, features, accuracies = {}, {}, {}
                 for task, batch in batches.items():
-                    batch = {key: value.to(accelerator.device) for key, value in batch.items()}
                     logits, pooled = self.model(task, batch["input_ids"], batch["attention_mask"])
-                    losses[task] = F.cross_entropy(logits.float(), batch["labels"], weight=self.class_weights[task])
+                    losses[task] = self._task_loss(task, logits, batch)
                     features[task] = pooled
                     accuracies[task] = (logits.detach().argmax(-1) == batch["labels"]).float().mean()
                 context = StepContext(
@@ -230,16 +247,42 @@ class Trainer:
                     reduce_mean=lambda tensor: accelerator.reduce(tensor, "mean"),
                 )
                 total = self.weighting.backward(losses, context)
+                if self.fgm is not None:
+                    self._adversarial_backward(batches)
                 if accelerator.sync_gradients and cfg.train.grad_clip > 0:
                     accelerator.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if accelerator.sync_gradients:
                     self.scheduler.step()
+                    if self.ema is not None and not accelerator.optimizer_step_was_skipped:
+                        self.ema.update()
                     if self.weighting_optimizer is not None:
                         self.weighting_optimizer.step()
                         self.weighting_optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
         return {task: loss.detach() for task, loss in losses.items()}, total
+
+    def _task_loss(self, task: str, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy on the gold label, mixed with the teachers' soft label when distilling."""
+        if "teacher_probs" not in batch:
+            return F.cross_entropy(logits.float(), batch["labels"], weight=self.class_weights[task])
+        distill = self.config.distill
+        mix = distill.mix if distill.mode == "fixed" else annealed_mix(self.state.step, self.config.train.steps)
+        return distillation_loss(logits.float(), batch["labels"], batch["teacher_probs"], mix=mix,
+                                 temperature=distill.temperature, kind=distill.kind,
+                                 class_weight=self.class_weights[task])
+
+    def _adversarial_backward(self, batches: dict[str, dict[str, torch.Tensor]]) -> None:
+        """FGM: perturb the word embeddings along their gradient, add the perturbed losses'
+        gradients (weighted as the strategy weights tasks now), restore the embeddings."""
+        if not self.fgm.attack():
+            return
+        weights = self.weighting.task_weights()
+        adversarial = sum(weights[task] * self._task_loss(task, self.model(task, b["input_ids"], b["attention_mask"])[0], b)
+                          for task, b in batches.items())
+        self.accelerator.backward(adversarial)
+        self.fgm.restore()
 
     def _gradient_sync_context(self):
         """Gradient-level methods average per-task gradients themselves: DDP must not sync too."""
@@ -277,7 +320,8 @@ class Trainer:
     def _evaluate_and_checkpoint(self, progress) -> bool:
         """Evaluate, keep the best model, save the resumable state; True when early stopping fires."""
         cfg, accelerator = self.config, self.accelerator
-        result = self.evaluate()
+        with self._evaluation_weights():
+            result = self.evaluate()
         score = result["mean_macro_f1"]
         improved = score > self.state.best_score
         if improved:
@@ -294,10 +338,15 @@ class Trainer:
             progress.write(f"step {self.state.step}: dev mean macro-F1 {score:.4f} ({per_task})"
                            + (" best" if improved else ""))
         if improved and accelerator.is_main_process:
-            self.unwrapped.save(self.run_dir / "best")
+            with self._evaluation_weights():
+                self.unwrapped.save(self.run_dir / "best")
         self.save_checkpoint()
         patience = cfg.train.early_stopping_patience
         return patience > 0 and self.state.evaluations_without_gain >= patience
+
+    def _evaluation_weights(self):
+        """The EMA weights swapped in, when EMA is on; the raw weights stay in the checkpoint."""
+        return self.ema.apply_to(self.unwrapped) if self.ema is not None else contextlib.nullcontext()
 
     # ----------------------------------------------------------------------------- run files
     def _write_run_files(self) -> None:

@@ -24,7 +24,7 @@ def main(config_path: str, out_dir: str) -> None:
     initial = checksum(trainer.unwrapped)
     trainer.train()
     record = {"world_size": trainer.accelerator.num_processes, "initial_checksum": initial,
-              "checksum": checksum(trainer.unwrapped)}
+              "checksum": checksum(trainer.unwrapped), "task_weights": trainer.weighting.task_weights()}
     rank = trainer.accelerator.process_index
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
 

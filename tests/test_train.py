@@ -84,16 +84,19 @@ def test_bf16_on_cpu_trains(tiny_config):
     assert all(math.isfinite(v) for row in losses for v in row.values())
 
 
-def test_two_cpu_processes_hold_identical_weights(tiny_config, tmp_path):
-    """DDP over gloo on two CPU processes: after a few steps both ranks hold the same weights."""
-    config = tiny_config("train.steps=3", "train.eval_every=3", "train.batch_size=12")
+@pytest.mark.parametrize("method", ["equal", "uncertainty", "pcgrad"])
+def test_two_cpu_processes_hold_identical_weights(tiny_config, tmp_path, method):
+    """DDP over gloo on two CPU processes: after a few steps both ranks hold the same model and
+    task weights (a loss-level method, a learned one, and one that writes gradients by hand)."""
+    config = tiny_config("train.steps=3", "train.eval_every=3", "train.batch_size=12", f"weighting.method={method}")
     from clue_mtl.config import save_config
 
     save_config(config, tmp_path / "config.yaml")
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = str(29613 + ["equal", "uncertainty", "pcgrad"].index(method))
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
          str(worker), str(tmp_path / "config.yaml"), str(tmp_path / "out")],
         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -101,3 +104,51 @@ def test_two_cpu_processes_hold_identical_weights(tiny_config, tmp_path):
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert ranks[0]["checksum"] != ranks[0]["initial_checksum"]
+    assert ranks[0]["task_weights"] == ranks[1]["task_weights"]
+    if method == "uncertainty":
+        assert ranks[0]["task_weights"] != {"ocnli": 1.0, "ocemotion": 1.0, "tnews": 1.0}
+
+
+@pytest.mark.parametrize("method", ["fixed", "uncertainty", "gradnorm", "dwa", "dtp", "pcgrad", "mgda", "famo"])
+def test_every_weighting_method_trains_and_logs_its_weights(tiny_config, method):
+    params = {"dwa": ["weighting.params={window: 2}"], "fixed": ["weighting.params={weights: {ocnli: 2.0}}"]}
+    trainer = train(tiny_config(f"weighting.method={method}", "train.steps=5", "train.eval_every=5",
+                                "train.mixed_precision=bf16", *params.get(method, [])), show_progress=False)
+    records = [m for m in read_metrics(trainer.run_dir) if m["kind"] == "train"]
+    assert len(records) == 5
+    for record in records:
+        assert all(math.isfinite(v) for v in record["loss"].values())
+        assert set(record["weights"]) == {"ocnli", "ocemotion", "tnews"}
+        assert all(math.isfinite(w) for w in record["weights"].values())
+
+
+def test_distilled_student_with_ema_and_fgm(tiny_config, data_dir, tmp_path):
+    """A teacher's soft labels drive an annealed student trained with EMA and FGM, end to end."""
+    from clue_mtl.cli import main
+    from clue_mtl.distill import read_soft_labels
+    from clue_mtl.tasks import TASKS
+
+    small = tmp_path / "small-data"  # the first 200 rows of each training file: soft labels must cover them all
+    small.mkdir()
+    for task in TASKS.values():
+        lines = (data_dir / task.train_file).read_bytes().splitlines(keepends=True)[:200]
+        (small / task.train_file).write_bytes(b"".join(lines))
+    teacher = train(tiny_config(f"data.data_dir={small}", "name=teacher", "data.max_train_rows=null"),
+                    show_progress=False)
+    soft = tmp_path / "soft.safetensors"
+    assert main(["distill-labels", "--run", str(teacher.run_dir), "--out", str(soft)]) == 0
+    assert {task: len(read_soft_labels(soft).ids[task]) for task in TASKS} == {t: 200 for t in TASKS}
+
+    student = train(tiny_config(f"data.data_dir={small}", "name=student", "data.max_train_rows=null",
+                                f"distill.soft_labels={soft}", "distill.mode=annealed",
+                                "train.ema_decay=0.9", "train.fgm_epsilon=0.5", "train.eval_every=6"),
+                    show_progress=False)
+    records = [m for m in read_metrics(student.run_dir) if m["kind"] == "train"]
+    assert len(records) == 6 and all(math.isfinite(v) for m in records for v in m["loss"].values())
+    assert student.ema.updates == 6
+    # the one evaluation (step 6) is the best; the saved model holds the EMA weights, not the raw ones
+    best = load_file(student.run_dir / "best/model.safetensors")
+    key = "heads.tnews.classifier.1.weight"
+    assert not torch.equal(best[key], student.unwrapped.state_dict()[key])
+    with student.ema.apply_to(student.unwrapped):
+        assert torch.equal(best[key], student.unwrapped.state_dict()[key])

@@ -1,0 +1,100 @@
+"""Helpers shared by the benchmark scripts: machine description and result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_results(name: str, figures: dict, markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    record = {
+        "name": name, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "figures": figures,
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    print(markdown)
+
+
+def run_child(args: list[str]) -> dict:
+    """Run this interpreter on `args` in a fresh process; it prints one JSON line last."""
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(f"{args} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to_max: bool = False,
+                        quality_steps: int = 0) -> dict:
+    """Build a Trainer, run `warmup` steps, then time `steps` optimiser steps (in this process).
+
+    With `quality_steps`, keep training to that step and add the dev scores.
+    """
+    import tempfile
+
+    import torch
+
+    from clue_mtl.config import load_config
+    from clue_mtl.train import Trainer
+
+    config = load_config(overrides=[*overrides, f"train.steps={max(warmup + steps, quality_steps)}"])
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, run_dir, show_progress=False)
+        if pad_to_max:
+            trainer.batches.pad_to_multiple_of = config.data.max_length
+        rows_per_step = sum(trainer.batch_sizes.values())
+        for _ in range(warmup):
+            trainer.train_step()
+        tokens = 0
+        started = time.perf_counter()
+        for _ in range(steps):
+            tokens += sum(int(b["input_ids"].numel()) for b in trainer.batches[trainer.state.step].values())
+            trainer.train_step()
+        seconds = time.perf_counter() - started
+        result = {
+            "steps": steps, "rows_per_step": rows_per_step, "seconds": seconds,
+            "samples_per_second": rows_per_step * steps / seconds, "step_seconds": seconds / steps,
+            "padded_tokens_per_step": tokens / steps, "peak_rss_mb": peak_rss_mb(),
+            "torch_threads": torch.get_num_threads(),
+        }
+        if quality_steps:
+            while trainer.state.step < quality_steps:
+                trainer.train_step()
+            scores = trainer.evaluate()
+            result["quality_steps"] = quality_steps
+            result["dev_mean_macro_f1"] = scores["mean_macro_f1"]
+            result["dev_macro_f1"] = {t: r["macro_f1"] for t, r in scores["reports"].items()}
+    return result
