@@ -9,6 +9,7 @@ uninterrupted run would have seen, and process r of w takes rows r, r+w, ... of 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -80,7 +81,7 @@ def encode_frame(tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, task: 
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         offsets = np.concatenate([[0], np.cumsum([len(row) for row in input_ids])])
-        temporary = cache_file.with_suffix(".tmp.npz")
+        temporary = cache_file.with_suffix(f".{os.getpid()}.tmp.npz")  # processes may race to write
         np.savez(temporary, flat=np.concatenate(input_ids), offsets=offsets)
         temporary.replace(cache_file)
     return EncodedTask(task, ids, input_ids, labels)

@@ -140,7 +140,7 @@ class Trainer:
             kwargs = dict(max_length=cfg.data.max_length, cache_dir=CACHE_DIR, fingerprint=fingerprint)
             self.train_data[task] = encode_frame(self.tokenizer, train_frame, task, **kwargs)
             self.dev_data[task] = encode_frame(self.tokenizer, dev_frame, task, **kwargs)
-            if soft_labels is not None:
+            if soft_labels is not None and task in soft_labels.tasks:  # other tasks learn from gold alone
                 self.train_data[task].soft_labels = soft_labels.for_ids(task, self.train_data[task].ids)
 
         sizes = {task: len(data) for task, data in self.train_data.items()}
