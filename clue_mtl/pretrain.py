@@ -49,6 +49,7 @@ from transformers import get_linear_schedule_with_warmup
 from .batching import EncodedTask, TaskStream, tokenizer_fingerprint
 from .config import ConfigError, PretrainConfig, save_config
 from .masking import WholeWordMaskCollator
+from .recipe import RunRecipe
 from .train import fresh_accelerator
 from .vocab import corpus_texts, trim_vocabulary
 
@@ -59,6 +60,8 @@ HEAD_ARCHITECTURES = ("ForMaskedLM", "ForPreTraining")  # checkpoint classes tha
 
 
 # ----------------------------------------------------------------------------- corpus
+
+
 def sample_texts(texts: list[str], limit: int | None) -> list[str]:
     """At most `limit` texts, evenly spaced over the corpus (so every task and split appears)."""
     if limit is None or len(texts) <= limit:
@@ -131,6 +134,8 @@ def fixed_masked_batches(collator: WholeWordMaskCollator, features: list[dict], 
 
 
 # ----------------------------------------------------------------------------- model
+
+
 def load_masked_lm(source: str, *, from_scratch: bool = False, config_overrides: dict | None = None,
                    dropout: float | None = None) -> tuple[nn.Module, bool, dict[str, float]]:
     """`(model, new_head, saved_dropout)`: an `AutoModelForMaskedLM` in float32 from `source`.
@@ -206,6 +211,8 @@ class MaskedLMObjective(nn.Module):
 
 
 # ----------------------------------------------------------------------------- batches
+
+
 class MaskedBatches:
     """The masked batch of every step, as this process's share of the global batch: rows from
     `batching.TaskStream` (a pure function of seed and step), masks seeded by (seed, step, process)."""
@@ -238,8 +245,10 @@ class PretrainState:
         return self.__dict__.copy()
 
 
-class Pretrainer:
+class Pretrainer(RunRecipe):
     """Build with a config and a run folder, then call `train()`; the result is `run_dir/encoder`."""
+
+    state_class = PretrainState
 
     def __init__(self, config: PretrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
                  accelerator: Accelerator | None = None, show_progress: bool = True,
@@ -256,7 +265,6 @@ class Pretrainer:
             mixed_precision=train.mixed_precision, step_scheduler_with_optimizer=False)
         set_seed(train.seed)
         self.state = PretrainState()
-        self._checkpoint_step = -1
         self._setup_data()
         self._setup_model()
 
@@ -419,11 +427,6 @@ class Pretrainer:
         save_config(self.config, self.run_dir / "config.yaml")
         (self.run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
 
-    def _append_metrics(self, record: dict) -> None:
-        if self.accelerator.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as file:
-                file.write(json.dumps(record, ensure_ascii=False) + "\n")
-
     def save_encoder(self) -> Path:
         """`run_dir/encoder`: the masked-LM model (dropout as in the source config) and tokenizer."""
         directory = self.run_dir / "encoder"
@@ -443,30 +446,6 @@ class Pretrainer:
             (directory / "pretraining.json").write_text(json.dumps(provenance, indent=2) + "\n")
         self.accelerator.wait_for_everyone()
         return directory
-
-    def save_checkpoint(self) -> None:
-        directory = self.run_dir / "checkpoint"
-        self._checkpoint_step = self.state.step
-        self.accelerator.save_state(str(directory))
-        if self.accelerator.is_main_process:
-            (directory / "trainer_state.json").write_text(json.dumps(self.state.to_dict(), indent=2))
-        self.accelerator.wait_for_everyone()
-
-    def load_checkpoint(self) -> None:
-        directory = self.run_dir / "checkpoint"
-        if not (directory / "trainer_state.json").exists():
-            raise FileNotFoundError(f"nothing to resume: {directory} holds no checkpoint")
-        self.accelerator.load_state(str(directory))
-        self.state = PretrainState(**json.loads((directory / "trainer_state.json").read_text()))
-        self._truncate_metrics_after(self.state.step)
-
-    def _truncate_metrics_after(self, step: int) -> None:
-        """Drop metrics an interrupted run logged after its last checkpoint."""
-        path = self.run_dir / "metrics.jsonl"
-        if self.accelerator.is_main_process and path.exists():
-            lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-                     if line and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def pretrain(config: PretrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,

@@ -40,9 +40,9 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from .adversarial import FGM
 from .batching import EncodedTask, MultiTaskBatches, encode_frame, task_batch_sizes, tokenizer_fingerprint
 from .config import RunConfig, save_config
-from .adversarial import FGM
 from .data import load_split, save_split, stratified_split
 from .distill import annealed_mix, distillation_loss, read_soft_labels
 from .ema import ExponentialMovingAverage
@@ -51,6 +51,7 @@ from .evaluate import leaderboard_score
 from .inference import predict_logits
 from .model import MultiTaskModel, build_model
 from .optim import parameter_groups
+from .recipe import RunRecipe
 from .tasks import get_task
 from .weighting import StepContext, build_weighting
 
@@ -96,8 +97,10 @@ def fresh_accelerator(**kwargs) -> Accelerator:
     return Accelerator(cpu=not torch.accelerator.is_available(), **kwargs)
 
 
-class Trainer:
+class Trainer(RunRecipe):
     """Build with a config and a run folder, then call `train()`."""
+
+    state_class = TrainerState
 
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False,
                  accelerator: Accelerator | None = None, show_progress: bool = True):
@@ -114,7 +117,6 @@ class Trainer:
         )
         set_seed(train.seed)
         self.state = TrainerState()
-        self._checkpoint_step = -1
         self._setup_data()
         self._setup_model()
 
@@ -357,35 +359,6 @@ class Trainer:
         (self.run_dir / "labels.json").write_text(json.dumps(labels, indent=2), encoding="utf-8")
         self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
         (self.run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
-
-    def _append_metrics(self, record: dict) -> None:
-        if self.accelerator.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as file:
-                file.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    def save_checkpoint(self) -> None:
-        directory = self.run_dir / "checkpoint"
-        self._checkpoint_step = self.state.step
-        self.accelerator.save_state(str(directory))
-        if self.accelerator.is_main_process:
-            (directory / "trainer_state.json").write_text(json.dumps(self.state.to_dict(), indent=2))
-        self.accelerator.wait_for_everyone()
-
-    def load_checkpoint(self) -> None:
-        directory = self.run_dir / "checkpoint"
-        if not (directory / "trainer_state.json").exists():
-            raise FileNotFoundError(f"nothing to resume: {directory} holds no checkpoint")
-        self.accelerator.load_state(str(directory))
-        self.state = TrainerState(**json.loads((directory / "trainer_state.json").read_text()))
-        self._truncate_metrics_after(self.state.step)
-
-    def _truncate_metrics_after(self, step: int) -> None:
-        """Drop metrics an interrupted run logged after its last checkpoint."""
-        path = self.run_dir / "metrics.jsonl"
-        if self.accelerator.is_main_process and path.exists():
-            lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-                     if line and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def train(config: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False,
