@@ -101,11 +101,10 @@ def cmd_build_encoder(args) -> int:
 
 def cmd_trim_vocab(args) -> int:
     from .encoders import ensure_encoder
-    from .pretrain import split_texts
     from .vocab import corpus_texts, trim_vocabulary
 
     report = trim_vocabulary(ensure_encoder(args.encoder), args.out, corpus_texts(args.data_dir),
-                             held_out=split_texts(args.data_dir, ("a", "b")))
+                             held_out=corpus_texts(args.data_dir, ("a", "b")))
     print(f"{report}\ntrimmed encoder written to {args.out}")
     return 0
 

@@ -69,21 +69,6 @@ def sample_texts(texts: list[str], limit: int | None) -> list[str]:
     return [texts[i * len(texts) // limit] for i in range(limit)]
 
 
-def split_texts(data_dir: str | Path, splits: tuple[str, ...]) -> list[str]:
-    """The normalised texts of some splits ("train", "a", "b") of every task, once each."""
-    from .data import load_split
-    from .tasks import TASK_NAMES
-
-    texts: dict[str, None] = {}
-    for task in TASK_NAMES:
-        for split in splits:
-            frame = load_split(data_dir, task, split)
-            columns = [frame["text_a"]] + ([frame["text_b"]] if frame["text_b"].notna().all() else [])
-            for row in zip(*columns):
-                texts.update(dict.fromkeys(row))
-    return list(texts)
-
-
 def held_out_split(texts: list[str], fraction: float, limit: int) -> tuple[list[str], list[str]]:
     """(training, held-out) texts, each in corpus order. The held-out texts are the
     `min(limit, round(fraction * n))` (at least 1) with the smallest hash: the choice depends on

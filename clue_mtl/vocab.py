@@ -50,17 +50,18 @@ class TrimReport:
         return text
 
 
-def corpus_texts(data_dir: str | Path) -> list[str]:
-    """Every normalised text of the three tasks' training, test A and test B files, once each.
+def corpus_texts(data_dir: str | Path, splits: Sequence[str] = ("train", "a", "b")) -> list[str]:
+    """Every normalised text of the three tasks' training, test A and test B files (or of the
+    named `splits`), once each.
 
-    Order: tasks in registry order, splits train, a, b, rows in file order, text_a before text_b.
+    Order: tasks in registry order, splits as given, rows in file order, text_a before text_b.
     """
-    from .data import SPLITS, load_split
+    from .data import load_split
     from .tasks import TASK_NAMES
 
     texts: dict[str, None] = {}
     for task in TASK_NAMES:
-        for split in SPLITS:
+        for split in splits:
             frame = load_split(data_dir, task, split)
             columns = [frame["text_a"]] + ([frame["text_b"]] if frame["text_b"].notna().all() else [])
             for row in zip(*columns):
