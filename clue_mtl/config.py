@@ -249,6 +249,12 @@ def validate(config: RunConfig) -> None:
     need(config.train.steps > 0, "train.steps must be positive")
     need(0 < config.train.layer_lr_decay <= 1, "train.layer_lr_decay must lie in (0, 1]")
     need(config.train.grad_accumulation >= 1, "train.grad_accumulation must be at least 1")
+    need(config.train.eval_every > 0 and config.train.log_every > 0, "train.eval_every and train.log_every must be positive")
+    for name in ("max_train_rows", "max_dev_rows"):
+        limit = getattr(config.data, name)
+        need(limit is None or limit > 0, f"data.{name} must be positive (or null for all rows)")
+    need(0 <= config.model.dropout < 1, "model.dropout must lie in [0, 1)")
+    _validate_choices(config)
     need(0 <= config.train.ema_decay < 1, "train.ema_decay must lie in [0, 1)")
     need(config.train.fgm_epsilon >= 0, "train.fgm_epsilon must not be negative")
     need(not (config.train.fgm_epsilon > 0 and config.model.freeze_word_embeddings),
@@ -339,3 +345,21 @@ def validate_pretrain(config: PretrainConfig) -> None:
     need(train.batch_size > 0 and train.eval_batch_size > 0, "train.batch_size and eval_batch_size must be positive")
     need(train.eval_every > 0 and train.log_every > 0, "train.eval_every and log_every must be positive")
     need(train.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision must be no, bf16 or fp16")
+
+
+def _validate_choices(config: RunConfig) -> None:
+    """Names chosen from the kit's registries: poolings and weighting methods with their parameters."""
+    from .model import POOLINGS
+    from .weighting import build_weighting
+
+    for where, pooling in [("model.pooling", config.model.pooling)] + [
+            (f"model.task_pooling.{t}", p) for t, p in config.model.task_pooling.items()]:
+        if pooling not in POOLINGS:
+            raise ConfigError(f"{where}: unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
+    try:
+        weighting = build_weighting(config.weighting.method, config.data.tasks, config.weighting.params)
+    except ValueError as error:
+        raise ConfigError(f"weighting: {error}") from None
+    if config.train.fgm_epsilon > 0 and weighting.manual_gradients:
+        raise ConfigError(f"train.fgm_epsilon does not combine with weighting.method {config.weighting.method!r}, "
+                          "which writes gradients by hand")

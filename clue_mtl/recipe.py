@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -31,15 +32,24 @@ class RunRecipe:
                 file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def save_checkpoint(self) -> None:
-        directory = self.run_dir / CHECKPOINT_DIR
+        """Write the state beside the last checkpoint, then swap it in: a run killed mid-save keeps
+        a complete checkpoint (weights and step always match)."""
+        directory, staging = self.run_dir / CHECKPOINT_DIR, self.run_dir / (CHECKPOINT_DIR + ".new")
         self._checkpoint_step = self.state.step
-        self.accelerator.save_state(str(directory))
+        self.accelerator.save_state(str(staging))
         if self.accelerator.is_main_process:
-            (directory / STATE_FILE).write_text(json.dumps(self.state.to_dict(), indent=2))
+            (staging / STATE_FILE).write_text(json.dumps(self.state.to_dict(), indent=2))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            if directory.exists():
+                shutil.rmtree(directory)
+            staging.rename(directory)
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self) -> None:
-        directory = self.run_dir / CHECKPOINT_DIR
+        directory, staging = self.run_dir / CHECKPOINT_DIR, self.run_dir / (CHECKPOINT_DIR + ".new")
+        if not (directory / STATE_FILE).exists() and (staging / STATE_FILE).exists():
+            directory = staging  # killed between the two renames: the new state is complete
         if not (directory / STATE_FILE).exists():
             raise FileNotFoundError(f"nothing to resume: {directory} holds no checkpoint")
         self.accelerator.load_state(str(directory))

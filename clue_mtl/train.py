@@ -42,8 +42,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from .adversarial import FGM
 from .batching import EncodedTask, MultiTaskBatches, encode_frame, task_batch_sizes, tokenizer_fingerprint
-from .config import RunConfig, save_config
-from .data import load_split, save_split, stratified_split
+from .config import RunConfig, save_config, validate
+from .data import DataError, load_split, save_split, stratified_split
 from .distill import annealed_mix, distillation_loss, read_soft_labels
 from .ema import ExponentialMovingAverage
 from .encoders import encoder_layers, load_encoder
@@ -104,6 +104,7 @@ class Trainer(RunRecipe):
 
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False,
                  accelerator: Accelerator | None = None, show_progress: bool = True):
+        validate(config)  # a config built in code gets the checks a loaded one had
         self.config = config
         self.run_dir = Path(run_dir or Path(config.output_dir) / config.name)
         self.resume = resume
@@ -137,6 +138,9 @@ class Trainer(RunRecipe):
             frame = load_split(cfg.data.data_dir, task, "train")
             train_frame, dev_frame = stratified_split(frame, cfg.data.dev_fraction, cfg.data.split_seed)
             self.dev_ids[task] = dev_frame["id"].tolist()  # the whole split, saved for `evaluate`
+            if dev_frame.empty:
+                raise DataError(f"{task}: the dev split is empty ({len(frame)} rows, dev_fraction "
+                                f"{cfg.data.dev_fraction}); raise data.dev_fraction")
             train_frame = sample_rows(train_frame, cfg.data.max_train_rows, cfg.data.split_seed)
             dev_frame = sample_rows(dev_frame, cfg.data.max_dev_rows, cfg.data.split_seed)
             kwargs = dict(max_length=cfg.data.max_length, cache_dir=CACHE_DIR, fingerprint=fingerprint)
@@ -182,8 +186,6 @@ class Trainer(RunRecipe):
         if self.ema is not None:
             accelerator.register_for_checkpointing(self.ema)
         self.fgm = FGM(self.unwrapped, cfg.train.fgm_epsilon) if cfg.train.fgm_epsilon else None
-        if self.fgm is not None and self.weighting.manual_gradients:
-            raise ValueError(f"FGM does not combine with {cfg.weighting.method!r}, which writes gradients by hand")
         self.class_weights = {
             task: class_weights(data.labels, get_task(task).num_labels).to(accelerator.device)
             if cfg.train.class_weighting else None
@@ -260,7 +262,8 @@ class Trainer(RunRecipe):
                     if self.ema is not None and not accelerator.optimizer_step_was_skipped:
                         self.ema.update()
                     if self.weighting_optimizer is not None:
-                        self.weighting_optimizer.step()
+                        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep Adam's state clean
+                            self.weighting_optimizer.step()
                         self.weighting_optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         return {task: loss.detach() for task, loss in losses.items()}, total
@@ -278,12 +281,14 @@ class Trainer(RunRecipe):
     def _adversarial_backward(self, batches: dict[str, dict[str, torch.Tensor]]) -> None:
         """FGM: perturb the word embeddings along their gradient, add the perturbed losses'
         gradients (weighted as the strategy weights tasks now), restore the embeddings."""
-        if not self.fgm.attack():
+        attacked = self.fgm.attack()
+        if not attacked and self.accelerator.num_processes == 1:
             return
+        # Under DDP every rank runs the same forwards (each is a collective), attacked or not.
         weights = self.weighting.task_weights()
         adversarial = sum(weights[task] * self._task_loss(task, self.model(task, b["input_ids"], b["attention_mask"])[0], b)
                           for task, b in batches.items())
-        self.accelerator.backward(adversarial)
+        self.accelerator.backward(adversarial if attacked else adversarial * 0.0)
         self.fgm.restore()
 
     def _gradient_sync_context(self):
@@ -299,7 +304,7 @@ class Trainer(RunRecipe):
             "kind": "train", "step": self.state.step, "loss": losses, "total_loss": float(total),
             "weights": self.weighting.task_weights(), "lr": self.scheduler.get_last_lr()[0],
             "steps_per_second": (self.state.step - steps_at_start) / max(elapsed, 1e-9),
-            "epochs": self.batches.epochs_seen(self.state.step),
+            "epochs": self.batches.epochs_seen(self.state.step * self.config.train.grad_accumulation),
         }
         self._append_metrics(record)
         return record
@@ -348,7 +353,9 @@ class Trainer(RunRecipe):
 
     def _evaluation_weights(self):
         """The EMA weights swapped in, when EMA is on; the raw weights stay in the checkpoint."""
-        return self.ema.apply_to(self.unwrapped) if self.ema is not None else contextlib.nullcontext()
+        if self.ema is None or self.ema.updates == 0:  # fp16 may have skipped every step so far
+            return contextlib.nullcontext()
+        return self.ema.apply_to(self.unwrapped)
 
     # ----------------------------------------------------------------------------- run files
     def _write_run_files(self) -> None:

@@ -80,3 +80,12 @@ def test_score_the_example_submission_against_its_own_labels(data_dir, tmp_path,
     assert all(report["accuracy"] == 1.0 for report in result["reports"].values())
     assert result["reports"]["ocnli"]["macro_f1"] == pytest.approx(1.0)  # all three classes are predicted
     assert result["mean"] == pytest.approx(sum(r["macro_f1"] for r in result["reports"].values()) / 3)
+
+
+def test_main_job_with_one_task_writes_partial_zips(tiny_config, tmp_path):
+    config_path = tmp_path / "one.yaml"
+    save_config(tiny_config("data.tasks=[tnews]", "name=tnews-only"), config_path)
+    assert main(["run", "--config", str(config_path), "--out-dir", str(tmp_path / "subs")]) == 0
+    for split in ("a", "b"):
+        with zipfile.ZipFile(tmp_path / "subs" / f"tnews-only-test-{split}.zip") as archive:
+            assert archive.namelist() == ["tnews_predict.json"]

@@ -30,6 +30,12 @@ def test_overrides_convert_and_nest():
     ("data.dev_fraction=1.5", "dev_fraction"),
     ("train.length_grouping=1", "expected bool"),
     ("novalue", "key=value"),
+    ("train.eval_every=0", "eval_every"),
+    ("data.max_dev_rows=0", "max_dev_rows"),
+    ("model.dropout=2", "dropout"),
+    ("model.pooling=cls", "unknown pooling"),
+    ("weighting.method=softmax", "unknown weighting method"),
+    ("weighting.params={alpha: 1}", "bad parameters"),
 ])
 def test_bad_overrides_fail_loudly(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -58,3 +64,8 @@ def test_shipped_configs_are_valid():
     for path in configs:
         if "pretrain" not in path.name:
             load_config(path)
+
+
+def test_fgm_refuses_gradient_level_weighting():
+    with pytest.raises(ConfigError, match="writes gradients by hand"):
+        load_config(overrides=["train.fgm_epsilon=1.0", "weighting.method=pcgrad"])

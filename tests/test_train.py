@@ -152,3 +152,14 @@ def test_distilled_student_with_ema_and_fgm(tiny_config, data_dir, tmp_path):
     assert not torch.equal(best[key], student.unwrapped.state_dict()[key])
     with student.ema.apply_to(student.unwrapped):
         assert torch.equal(best[key], student.unwrapped.state_dict()[key])
+
+
+def test_resume_from_a_checkpoint_swap_cut_short(tiny_config, tmp_path):
+    """Killed between removing the old checkpoint and renaming the new one: resume takes the new one."""
+    config = tiny_config()
+    Trainer(config, tmp_path / "run", show_progress=False).train(until_step=4)
+    (tmp_path / "run/checkpoint").rename(tmp_path / "run/checkpoint.new")
+    resumed = Trainer(config, tmp_path / "run", resume=True, show_progress=False)
+    resumed.train()
+    assert resumed.state.step == 6
+    assert [m["step"] for m in read_metrics(tmp_path / "run") if m["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
