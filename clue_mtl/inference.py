@@ -62,8 +62,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class LoadedRun:
     """A finished run folder: its config, tokenizer and best model."""
 
-    def __init__(self, run_dir: str | Path, device: str | torch.device = "cpu"):
+    def __init__(self, run_dir: str | Path, device: str | torch.device | None = None):
         self.run_dir = Path(run_dir)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if not (self.run_dir / "best" / "model.safetensors").exists():
             raise FileNotFoundError(f"{self.run_dir} holds no trained model (expected best/model.safetensors)")
         self.config: RunConfig = load_config(self.run_dir / "config.yaml")
