@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +42,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from .batching import EncodedTask, TaskStream, tokenizer_fingerprint
@@ -234,6 +232,7 @@ class Pretrainer(RunRecipe):
     """Build with a config and a run folder, then call `train()`; the result is `run_dir/encoder`."""
 
     state_class = PretrainState
+    progress_name = "pretrain"
 
     def __init__(self, config: PretrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
                  accelerator: Accelerator | None = None, show_progress: bool = True,
@@ -318,38 +317,19 @@ class Pretrainer(RunRecipe):
         return self.accelerator.unwrap_model(self.model).model
 
     # ----------------------------------------------------------------------------- training
-    def train(self, until_step: int | None = None) -> PretrainState:
-        """Train to `config.train.steps` and save the encoder, or stop at `until_step` with a checkpoint."""
-        accelerator, cfg = self.accelerator, self.config
-        last_step = min(until_step or cfg.train.steps, cfg.train.steps)
-        if self.resume:
-            self.load_checkpoint()
-        elif accelerator.is_main_process:
-            self._write_run_files()
-        accelerator.wait_for_everyone()
-
-        progress = tqdm(total=cfg.train.steps, initial=self.state.step, desc="pretrain", dynamic_ncols=True,
-                        disable=not (self.show_progress and accelerator.is_main_process))
+    def _before_training(self, progress) -> None:
         if not self.state.history:  # the starting point, for comparison
             self._evaluate(progress)
-        started, steps_at_start = time.perf_counter(), self.state.step
-        while self.state.step < last_step:
-            loss, correct, tokens = self._optimizer_step()
-            self.state.step += 1
-            self.state.window = [w + float(v) for w, v in zip(self.state.window, (loss, correct, tokens))]
-            progress.update(1)
-            if self.state.step % cfg.train.log_every == 0 or self.state.step == cfg.train.steps:
-                record = self._log_step(started, steps_at_start)
-                progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
-            if self.state.step % cfg.train.eval_every == 0 or self.state.step == cfg.train.steps:
-                self._evaluate_and_checkpoint(progress)
-        progress.close()
-        if self.state.step < cfg.train.steps and self._checkpoint_step != self.state.step:
-            self.save_checkpoint()
-        if self.state.step == cfg.train.steps:
+
+    def _after_training(self) -> None:
+        if self.state.step == self.config.train.steps:
             self.save_encoder()
-        accelerator.wait_for_everyone()
-        return self.state
+
+    def train_step(self) -> None:
+        """One optimiser step of masked-LM training; sums for the log accumulate in the state."""
+        loss, correct, tokens = self._optimizer_step()
+        self.state.step += 1
+        self.state.window = [w + float(v) for w, v in zip(self.state.window, (loss, correct, tokens))]
 
     def _optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg, accelerator = self.config, self.accelerator
@@ -364,19 +344,18 @@ class Pretrainer(RunRecipe):
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum.detach(), correct, tokens
 
-    def _log_step(self, started: float, steps_at_start: int) -> dict:
+    def _log_step(self, step_output, steps_per_second: float) -> dict[str, str]:
+        """Append the loss and accuracy since the last log to the metrics log; return the postfix."""
         loss, correct, tokens = self.accelerator.reduce(
             torch.tensor(self.state.window, dtype=torch.float64, device=self.accelerator.device), "sum").tolist()
         self.state.window = [0.0, 0.0, 0.0]
-        elapsed = time.perf_counter() - started
         record = {
             "kind": "train", "step": self.state.step, "loss": loss / max(tokens, 1.0),
             "accuracy": correct / max(tokens, 1.0), "lr": self.scheduler.get_last_lr()[0],
-            "steps_per_second": (self.state.step - steps_at_start) / max(elapsed, 1e-9),
-            "epochs": self.batches.epochs_seen(self.state.step),
+            "steps_per_second": steps_per_second, "epochs": self.batches.epochs_seen(self.state.step),
         }
         self._append_metrics(record)
-        return record
+        return {"loss": f"{record['loss']:.3f}", "acc": f"{record['accuracy']:.3f}"}
 
     # ----------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -402,9 +381,10 @@ class Pretrainer(RunRecipe):
                            f"accuracy {entry['accuracy']:.4f}")
         return entry
 
-    def _evaluate_and_checkpoint(self, progress) -> None:
+    def _evaluate_and_checkpoint(self, progress) -> bool:
         self._evaluate(progress)
         self.save_checkpoint()
+        return False  # no early stopping for pre-training
 
     # ----------------------------------------------------------------------------- run files
     def _write_run_files(self) -> None:

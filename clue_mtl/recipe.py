@@ -1,12 +1,14 @@
-"""What the training recipes share: the run folder's metrics log and the resumable checkpoint."""
+"""What the training recipes share: the step loop, the metrics log and the resumable checkpoint."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.json"
@@ -16,15 +18,54 @@ METRICS_FILE = "metrics.jsonl"
 class RunRecipe:
     """A base for recipes (`train.Trainer`, `pretrain.Pretrainer`).
 
-    Subclasses set `run_dir`, `accelerator`, `state` (a dataclass with `step` and `to_dict()`)
-    and `state_class`. The checkpoint is Accelerate's full state (models, optimisers, schedulers,
+    Subclasses set `config` (with `train.steps`, `log_every`, `eval_every`), `run_dir`,
+    `accelerator`, `resume`, `show_progress`, `state` (a dataclass with `step` and `to_dict()`)
+    and `state_class`, and implement `train_step`, `_log_step`, `_evaluate_and_checkpoint` and
+    `_write_run_files`. The checkpoint is Accelerate's full state (models, optimisers, schedulers,
     RNGs and registered objects) plus the recipe state as JSON.
     """
 
     run_dir: Path
     accelerator: Accelerator
     state_class: type
+    progress_name: str = "train"
     _checkpoint_step: int = -1
+
+    def train(self, until_step: int | None = None):
+        """Train to `config.train.steps`, or stop at `until_step` with a checkpoint to resume from."""
+        accelerator, cfg = self.accelerator, self.config.train
+        last_step = min(until_step or cfg.steps, cfg.steps)
+        if self.resume:
+            self.load_checkpoint()
+        elif accelerator.is_main_process:
+            self._write_run_files()
+        accelerator.wait_for_everyone()
+
+        progress = tqdm(total=cfg.steps, initial=self.state.step, desc=self.progress_name, dynamic_ncols=True,
+                        disable=not (self.show_progress and accelerator.is_main_process))
+        self._before_training(progress)
+        started, steps_at_start = time.perf_counter(), self.state.step
+        while self.state.step < last_step:
+            output = self.train_step()
+            progress.update(1)
+            finished = self.state.step == cfg.steps
+            if self.state.step % cfg.log_every == 0 or finished:
+                speed = (self.state.step - steps_at_start) / max(time.perf_counter() - started, 1e-9)
+                progress.set_postfix(self._log_step(output, speed))
+            if (self.state.step % cfg.eval_every == 0 or finished) and self._evaluate_and_checkpoint(progress):
+                break  # early stopping
+        progress.close()
+        if self.state.step < cfg.steps and self._checkpoint_step != self.state.step:
+            self.save_checkpoint()
+        self._after_training()
+        accelerator.wait_for_everyone()
+        return self.state
+
+    def _before_training(self, progress) -> None:
+        """A hook before the first step of this call (e.g. a baseline evaluation)."""
+
+    def _after_training(self) -> None:
+        """A hook after the loop (e.g. exporting the trained model)."""
 
     def _append_metrics(self, record: dict) -> None:
         if self.accelerator.is_main_process:

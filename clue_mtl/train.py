@@ -26,7 +26,6 @@ import contextlib
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from .adversarial import FGM
@@ -197,34 +195,6 @@ class Trainer(RunRecipe):
         return self.accelerator.unwrap_model(self.model)
 
     # ----------------------------------------------------------------------------- training
-    def train(self, until_step: int | None = None) -> TrainerState:
-        """Train to `config.train.steps`, or stop at `until_step` with a checkpoint to resume from."""
-        accelerator, cfg = self.accelerator, self.config
-        last_step = min(until_step or cfg.train.steps, cfg.train.steps)
-        if self.resume:
-            self.load_checkpoint()
-        elif accelerator.is_main_process:
-            self._write_run_files()
-        accelerator.wait_for_everyone()
-
-        progress = tqdm(total=cfg.train.steps, initial=self.state.step, desc="train", dynamic_ncols=True,
-                        disable=not (self.show_progress and accelerator.is_main_process))
-        started, steps_at_start = time.perf_counter(), self.state.step
-        while self.state.step < last_step:
-            losses, total = self.train_step()
-            progress.update(1)
-            if self.state.step % cfg.train.log_every == 0 or self.state.step == cfg.train.steps:
-                record = self._log_step(losses, total, started, steps_at_start)
-                progress.set_postfix({task: f"{record['loss'][task]:.3f}" for task in cfg.data.tasks})
-            if self.state.step % cfg.train.eval_every == 0 or self.state.step == cfg.train.steps:
-                if self._evaluate_and_checkpoint(progress):
-                    break
-        progress.close()
-        if self.state.step < cfg.train.steps and self._checkpoint_step != self.state.step:
-            self.save_checkpoint()
-        accelerator.wait_for_everyone()
-        return self.state
-
     def train_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One optimiser step over a batch of every task; returns the per-task and combined losses."""
         cfg, accelerator = self.config, self.accelerator
@@ -297,17 +267,18 @@ class Trainer(RunRecipe):
             return self.accelerator.no_sync(self.model)
         return contextlib.nullcontext()
 
-    def _log_step(self, losses, total, started: float, steps_at_start: int) -> dict:
+    def _log_step(self, step_output, steps_per_second: float) -> dict[str, str]:
+        """Append the step's losses, weights and rate to the metrics log; return the progress postfix."""
+        losses, total = step_output
         losses = {task: self.accelerator.reduce(loss, "mean").item() for task, loss in losses.items()}
-        elapsed = time.perf_counter() - started
         record = {
             "kind": "train", "step": self.state.step, "loss": losses, "total_loss": float(total),
             "weights": self.weighting.task_weights(), "lr": self.scheduler.get_last_lr()[0],
-            "steps_per_second": (self.state.step - steps_at_start) / max(elapsed, 1e-9),
+            "steps_per_second": steps_per_second,
             "epochs": self.batches.epochs_seen(self.state.step * self.config.train.grad_accumulation),
         }
         self._append_metrics(record)
-        return record
+        return {task: f"{loss:.3f}" for task, loss in losses.items()}
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
