@@ -11,7 +11,8 @@ def test_defaults_validate():
 
 def test_overrides_convert_and_nest():
     config = load_config(overrides=["train.lr=3e-5", "data.tasks=[ocnli]", "data.max_train_rows=100",
-                                    "weighting.params={weights: {ocnli: 2}}", "train.head_lr=1"])
+                                    "weighting.method=fixed", "weighting.params={weights: {ocnli: 2}}",
+                                    "train.head_lr=1"])
     assert config.train.lr == pytest.approx(3e-5)
     assert config.train.head_lr == 1.0 and isinstance(config.train.head_lr, float)
     assert config.data.tasks == ["ocnli"]
