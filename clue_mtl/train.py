@@ -219,6 +219,7 @@ class Trainer(RunRecipe):
                     backward=accelerator.backward, shared_parameters=shared, last_shared_parameters=last_layer,
                     features=features, step=self.state.step, accuracies=accuracies, head_parameters=heads,
                     reduce_mean=lambda tensor: accelerator.reduce(tensor, "mean"),
+                    micro_batch=micro, micro_batches=accumulation,
                 )
                 total = self.weighting.backward(losses, context)
                 if self.fgm is not None:

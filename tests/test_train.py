@@ -122,6 +122,20 @@ def test_every_weighting_method_trains_and_logs_its_weights(tiny_config, method)
         assert all(math.isfinite(w) for w in record["weights"].values())
 
 
+@pytest.mark.parametrize("method", ["dwa", "famo"])
+def test_step_histories_advance_once_per_optimiser_step_under_accumulation(tiny_config, method):
+    trainer = train(tiny_config(f"weighting.method={method}", "train.steps=3", "train.eval_every=3",
+                                "train.grad_accumulation=2", "weighting.params={window: 1}" if method == "dwa" else
+                                "weighting.params={gamma: 0.01}"), show_progress=False)
+    weighting = trainer.weighting
+    if method == "dwa":
+        assert weighting.recorded.item() == 3
+    else:
+        assert weighting.has_previous.item()
+        assert weighting.logits.detach().abs().sum() > 0  # stepped from the second optimiser step on
+    assert weighting.pending.abs().sum().item() == 0
+
+
 def test_distilled_student_with_ema_and_fgm(tiny_config, data_dir, tmp_path):
     """A teacher's soft labels drive an annealed student trained with EMA and FGM, end to end."""
     from clue_mtl.cli import main

@@ -246,6 +246,43 @@ def test_famo_one_update_by_hand():
     assert weighting.logits.tolist() == pytest.approx([math.log(3) - 0.025, 0.025], abs=1e-6)
 
 
+def test_dwa_records_one_row_per_optimiser_step_under_accumulation():
+    # Two micro-batches per step: the step's row is their mean; the weights stay those of the history.
+    weighting = build_weighting("dwa", ["a", "b"], {"window": 1, "temperature": 1.0})
+    for step, micro_losses in enumerate([[(4, 2), (2, 2)], [(1, 2), (3, 2)], [(1, 1), (1, 1)]]):
+        for micro, values in enumerate(micro_losses):
+            losses = leaf_losses(dict(zip("ab", map(float, values))))
+            weighting.backward(losses, context(step=step, micro_batch=micro, micro_batches=2))
+    assert weighting.recorded.item() == 3
+    # rows: step 0 (3, 2), step 1 (2, 2), step 2 (1, 1); ring of 2 holds steps 1 and 2.
+    assert sorted(weighting.history.tolist()) == [[1.0, 1.0], [2.0, 2.0]]
+    # the weights used in step 2 come from steps 0 and 1: r = (2/3, 1), w = 2 softmax(r)
+    r = torch.tensor([2 / 3, 1.0])
+    assert list(weighting.task_weights().values()) == pytest.approx((2 * torch.softmax(r, 0)).tolist(), abs=1e-6)
+    assert weighting.pending.tolist() == [0.0, 0.0]
+    assert "pending" not in weighting.state_dict()
+
+
+def test_famo_updates_its_logits_once_per_optimiser_step_under_accumulation():
+    # Step 0: micro-batches L = (2, 1), (4, 1): mean (3, 1), no previous losses, logits' gradient 0.
+    # Step 1: micro-batches L = (1, 1), (2, 1): each weighted by its own losses; one gradient from
+    #   previous (3, 1) and mean (1.5, 1), as a single batch with those losses would give.
+    weighting = build_weighting("famo", ["a", "b"], {"gamma": 0.0})
+    steps = [[(2.0, 1.0), (4.0, 1.0)], [(1.0, 1.0), (2.0, 1.0)]]
+    for step, micro_losses in enumerate(steps):
+        for micro, values in enumerate(micro_losses):
+            losses = leaf_losses(dict(zip("ab", values)))
+            weighting.backward(losses, context(step=step, micro_batch=micro, micro_batches=2))
+            z = torch.tensor([0.5, 0.5])
+            expected = (z / torch.tensor(values)) / (z / torch.tensor(values)).sum()
+            assert [losses[t].grad.item() for t in "ab"] == pytest.approx(expected.tolist())
+            if step == 0 or micro == 0:
+                assert weighting.logits.grad is None or weighting.logits.grad.tolist() == [0.0, 0.0]
+    expected = weighting.logit_gradient(torch.tensor([3.0, 1.0]), torch.tensor([1.5, 1.0]))
+    assert weighting.logits.grad.tolist() == pytest.approx(expected.tolist(), abs=1e-7)
+    assert weighting.previous_losses.tolist() == [1.5, 1.0]
+
+
 def test_gradient_methods_average_over_processes_through_reduce_mean():
     calls = []
 

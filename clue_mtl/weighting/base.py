@@ -44,6 +44,9 @@ class StepContext:
     head_parameters: the trainable parameters outside the shared encoder (the task heads).
         Gradient-level strategies average their gradients over processes, since DDP does not;
         may be left empty on one process.
+    micro_batch, micro_batches: this call's position among the optimiser step's micro-batches
+        (gradient accumulation). Strategies with a per-step history (DWA, FAMO) record the step's
+        mean loss once, at its last micro-batch.
     """
 
     backward: Callable[[torch.Tensor], None]
@@ -54,6 +57,12 @@ class StepContext:
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor
     accuracies: dict[str, torch.Tensor] = field(default_factory=dict)
     head_parameters: Sequence[nn.Parameter] = ()
+    micro_batch: int = 0
+    micro_batches: int = 1
+
+    @property
+    def last_micro_batch(self) -> bool:
+        return self.micro_batch == self.micro_batches - 1
 
 
 class LossWeighting(nn.Module):

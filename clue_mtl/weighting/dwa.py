@@ -20,8 +20,8 @@ class DynamicWeightAverage(LossWeighting):
 
     The loss history is a ring buffer of 2 * window rows in a registered buffer (it checkpoints);
     rows are losses averaged over processes, so the weights are the same on every rank. Everything
-    stays on the device: no host synchronisation per step. One row is recorded per `backward`
-    call (per micro-batch under gradient accumulation).
+    stays on the device: no host synchronisation per step. One row is recorded per optimiser
+    step: under gradient accumulation, the mean of its micro-batches' losses.
 
     Params: window (steps per window, default 50), temperature (T, default 2).
     """
@@ -39,6 +39,8 @@ class DynamicWeightAverage(LossWeighting):
         self.register_buffer("history", torch.zeros(2 * self.window, len(self.tasks)))
         self.register_buffer("recorded", torch.zeros((), dtype=torch.long))
         self.register_buffer("weights", torch.ones(len(self.tasks)))
+        # the step's micro-batch losses so far; empty at every checkpoint (taken between steps)
+        self.register_buffer("pending", torch.zeros(len(self.tasks)), persistent=False)
 
     def current_weights(self) -> torch.Tensor:
         """The weights from the recorded history (float32, on the buffers' device)."""
@@ -56,9 +58,12 @@ class DynamicWeightAverage(LossWeighting):
         context.backward(total)
         with torch.no_grad():
             self.weights.copy_(weights)
-            row = (self.recorded % (2 * self.window)).reshape(1)
-            self.history.index_copy_(0, row, self.reduced_losses(losses, context).unsqueeze(0))
-            self.recorded.add_(1)
+            self.pending.add_(self.reduced_losses(losses, context) / context.micro_batches)
+            if context.last_micro_batch:
+                row = (self.recorded % (2 * self.window)).reshape(1)
+                self.history.index_copy_(0, row, self.pending.unsqueeze(0))
+                self.recorded.add_(1)
+                self.pending.zero_()
         return total.detach()
 
     def task_weights(self) -> dict[str, float]:

@@ -25,7 +25,9 @@ class FAMO(LossWeighting):
     "after" with a second forward pass of the same batch after the model step; to keep one
     forward per step, "before" is the previous step's losses and "after" this step's (a different
     batch, so noisier; the logits lag the model by one step). The first step has no previous
-    losses and gives the logits a zero gradient. The previous losses are kept in a buffer.
+    losses and gives the logits a zero gradient. The previous losses are kept in a buffer. Under
+    gradient accumulation each micro-batch is weighted by its own losses, and the logits get
+    one gradient per optimiser step, from the mean of its micro-batches' losses.
     The logits' gradient is set by hand (float32, unscaled, identical on every rank); the
     trainer's weighting optimiser (Adam, lr 0.025 as in the paper) steps them.
 
@@ -49,6 +51,8 @@ class FAMO(LossWeighting):
         self.register_buffer("previous_losses", torch.ones(len(self.tasks)))
         self.register_buffer("has_previous", torch.zeros((), dtype=torch.bool))
         self.register_buffer("weights", torch.full((len(self.tasks),), 1.0 / len(self.tasks)))
+        # the step's micro-batch losses so far; empty at every checkpoint (taken between steps)
+        self.register_buffer("pending", torch.zeros(len(self.tasks)), persistent=False)
 
     def shifted(self, losses: torch.Tensor) -> torch.Tensor:
         return losses - self.min_losses + self.epsilon
@@ -63,13 +67,16 @@ class FAMO(LossWeighting):
     def backward(self, losses: dict[str, torch.Tensor], context: StepContext) -> torch.Tensor:
         current = self.reduced_losses(losses, context)
         with torch.no_grad():
-            grad = self.logit_gradient(self.previous_losses, current)
-            accumulate_grad(self.logits, torch.where(self.has_previous, grad, torch.zeros_like(grad)))
             z = torch.softmax(self.logits.detach(), dim=0)
             scaled = z / self.shifted(current)
             self.weights.copy_(scaled / scaled.sum())
-            self.previous_losses.copy_(current)
-            self.has_previous.fill_(True)
+            self.pending.add_(current / context.micro_batches)
+            if context.last_micro_batch:
+                grad = self.logit_gradient(self.previous_losses, self.pending)
+                accumulate_grad(self.logits, torch.where(self.has_previous, grad, torch.zeros_like(grad)))
+                self.previous_losses.copy_(self.pending)
+                self.has_previous.fill_(True)
+                self.pending.zero_()
         total = (self.weights * self.stacked(losses)).sum()
         context.backward(total)
         return total.detach()
