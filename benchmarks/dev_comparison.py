@@ -1,0 +1,221 @@
+"""Dev macro-F1 of training variants at one fixed budget (configs/compare.yaml), over seeds.
+
+Studies:
+    weighting  every loss-weighting method                                        (issue 4)
+    pretrain   e5-small with and without further pre-training on the competition  (issue 5)
+    toolbox    single-task teachers, multi-task, distilled students (fixed mix and
+               BAM annealing), EMA, FGM, a probability ensemble, averaged weights (issue 6)
+
+A variant is a few `--set` overrides of configs/compare.yaml. Each (variant, seed) trains in its own
+process (`clue-mtl train`) into runs/compare/<variant>-s<seed> and is scored at its last step on
+the same 2,000 dev rows per task. A finished run is reused, not retrained, so studies share runs
+(the `equal` runs are the multi-task baseline of all three) and a study can be run in parts.
+Results accumulate in benchmarks/results/compare_<study>.json and .md.
+
+    python benchmarks/dev_comparison.py weighting --seeds 1 2
+    python benchmarks/dev_comparison.py toolbox --seeds 1 2 --variants equal ema
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, write_results  # noqa: E402
+
+CONFIG = "configs/compare.yaml"
+RUNS = ROOT / "runs" / "compare"
+TRIMMED = "artifacts/e5-small-trimmed"
+PRETRAINED = "runs/pretrain-e5-small/encoder"
+SOFT_LABELS = RUNS / "soft-labels-teachers.safetensors"
+TASKS = ("ocnli", "ocemotion", "tnews")
+TEACHERS = [f"teacher-{task}" for task in TASKS]
+
+METHODS = ["equal", "uncertainty", "gradnorm", "dwa", "dtp", "pcgrad", "mgda", "famo"]
+VARIANTS: dict[str, list[str]] = {
+    **{method: [f"weighting.method={method}"] for method in METHODS},
+    "pretrained": [f"model.encoder={PRETRAINED}"],
+    **{f"teacher-{task}": [f"data.tasks=[{task}]"] for task in TASKS},
+    "student-fixed": [f"distill.soft_labels={SOFT_LABELS.relative_to(ROOT)}", "distill.mode=fixed", "distill.mix=0.5"],
+    "student-annealed": [f"distill.soft_labels={SOFT_LABELS.relative_to(ROOT)}", "distill.mode=annealed"],
+    "ema": ["train.ema_decay=0.99"],
+    "fgm": ["train.fgm_epsilon=1.0"],
+}
+DERIVED = {"ensemble-equal": "probabilities of the `equal` seeds averaged",
+           "averaged-equal": "weights of the `equal` seeds averaged (`clue-mtl average-weights`)"}
+STUDIES = {
+    "weighting": METHODS,
+    "pretrain": ["equal", "pretrained"],
+    "toolbox": [*TEACHERS, "equal", "student-fixed", "student-annealed", "ema", "fgm", "ensemble-equal",
+                "averaged-equal"],
+}
+
+
+def run_dir(variant: str, seed: int) -> Path:
+    return RUNS / f"{variant}-s{seed}"
+
+
+def final_eval(directory: Path) -> dict | None:
+    path = directory / "metrics.jsonl"
+    if not path.exists():
+        return None
+    evals = [json.loads(line) for line in path.read_text().splitlines() if '"kind": "eval"' in line]
+    return evals[-1] if evals else None
+
+
+def train_variant(variant: str, seed: int, threads: int) -> dict:
+    """Train one (variant, seed) unless it is finished; its final dev scores and wall time."""
+    directory = run_dir(variant, seed)
+    timing = directory / "wall_seconds.json"
+    if not (timing.exists() and final_eval(directory)):
+        overrides = [*VARIANTS[variant], f"train.seed={seed}", f"train.num_threads={threads}"]
+        command = [sys.executable, "-m", "clue_mtl", "train", "--config", CONFIG, "--run-dir", str(directory)]
+        for override in overrides:
+            command += ["--set", override]
+        started = time.perf_counter()
+        subprocess.run(command, cwd=ROOT, check=True)
+        timing.write_text(json.dumps({"seconds": time.perf_counter() - started, "threads": threads}))
+    scores = final_eval(directory)
+    return {"mean": scores["mean_macro_f1"], "macro_f1": scores["macro_f1"], "step": scores["step"],
+            **json.loads(timing.read_text()), "how": " ".join(["python", *sys.argv]),
+            "weights": weight_trajectory(directory)}
+
+
+def weight_trajectory(directory: Path, every: int = 20) -> dict:
+    """Each task's loss weight and training loss every `every` steps, for the notebook's pictures."""
+    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()
+               if '"kind": "train"' in line]
+    records = [r for r in records if r["step"] % every == 0]
+    return {"step": [r["step"] for r in records],
+            "weights": {t: [round(r["weights"][t], 4) for r in records] for t in records[0]["weights"]},
+            "loss": {t: [round(r["loss"][t], 4) for r in records] for t in records[0]["loss"]}}
+
+
+def dev_frames(config_path: str) -> dict:
+    """The dev rows every run of the comparison is scored on (as `Trainer` samples them)."""
+    from clue_mtl.config import load_config
+    from clue_mtl.data import load_split, stratified_split
+    from clue_mtl.train import sample_rows
+
+    config = load_config(ROOT / config_path)
+    frames = {}
+    for task in TASKS:
+        _, dev = stratified_split(load_split(ROOT / config.data.data_dir, task, "train"), config.data.dev_fraction,
+                                  config.data.split_seed)
+        frames[task] = sample_rows(dev, config.data.max_dev_rows, config.data.split_seed)
+    return frames
+
+
+def score_ensemble(directories: list[Path]) -> dict:
+    from clue_mtl.evaluate import leaderboard_score, task_report
+    from clue_mtl.inference import LoadedRun, ensemble_probabilities
+
+    runs = [LoadedRun(directory) for directory in directories]
+    reports = {}
+    for task, frame in dev_frames(CONFIG).items():
+        predicted = [runs[0].labels[task][i] for i in ensemble_probabilities(runs, task, frame).argmax(-1)]
+        reports[task] = task_report(task, frame["label"].tolist(), predicted)
+    return {"mean": leaderboard_score(reports), "macro_f1": {t: r["macro_f1"] for t, r in reports.items()}}
+
+
+def derived_variant(variant: str, seeds: list[int]) -> dict:
+    members = [run_dir("equal", seed) for seed in seeds]
+    if variant == "ensemble-equal":
+        return score_ensemble(members)
+    from clue_mtl.averaging import average_weights
+
+    averaged = RUNS / variant
+    if not (averaged / "best").exists():
+        average_weights(members, averaged)
+    return score_ensemble([averaged])
+
+
+def ensure_inputs(variants: list[str], seeds: list[int], threads: int, results: dict) -> None:
+    """The trimmed encoder, and the teachers' soft labels before any student."""
+    from clue_mtl.encoders import ensure_encoder
+
+    if not (ROOT / TRIMMED / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "clue_mtl", "trim-vocab", "--encoder", str(ensure_encoder(ROOT / "artifacts/e5-small")),
+                        "--out", TRIMMED], cwd=ROOT, check=True)
+    if any(v.startswith("student") for v in variants) and not SOFT_LABELS.exists():
+        for teacher in TEACHERS:
+            results.setdefault(teacher, {})[str(seeds[0])] = train_variant(teacher, seeds[0], threads)
+        command = [sys.executable, "-m", "clue_mtl", "distill-labels", "--out", str(SOFT_LABELS)]
+        for teacher in TEACHERS:
+            command += ["--run", str(run_dir(teacher, seeds[0]))]
+        started = time.perf_counter()
+        subprocess.run(command, cwd=ROOT, check=True)
+        results["_soft_labels_seconds"] = time.perf_counter() - started
+
+
+def summarise(study: str, results: dict) -> str:
+    from clue_mtl.config import load_config
+
+    train = load_config(ROOT / CONFIG).train
+    lines = [f"# Dev comparison: {study} ({CONFIG}: e5-small, trimmed vocabulary, {train.steps} steps x "
+             f"{train.batch_size} rows, bf16, CPU)", "",
+             "Macro-F1 on 2,000 stratified dev rows per task, at the last step; mean over seeds, "
+             "per-seed means in brackets.", "",
+             "| variant | OCNLI | OCEMOTION | TNEWS | mean | per seed | minutes per run |",
+             "|---|---|---|---|---|---|---|"]
+    for variant in STUDIES[study]:
+        runs = results.get(variant)
+        if not runs:
+            continue
+        runs = list(runs.values())
+        f1 = {t: statistics.mean(r["macro_f1"][t] for r in runs if t in r["macro_f1"]) if
+              any(t in r["macro_f1"] for r in runs) else None for t in TASKS}
+        cells = [f"{f1[t]:.4f}" if f1[t] is not None else "" for t in TASKS]
+        seeds = ", ".join(f"{r['mean']:.4f}" for r in runs)
+        minutes = "" if "seconds" not in runs[0] else f"{statistics.mean(r['seconds'] for r in runs) / 60:.1f}"
+        mean = statistics.mean(r["mean"] for r in runs)
+        label = variant if variant not in DERIVED else f"{variant} ({DERIVED[variant]})"
+        lines.append(f"| {label} | {' | '.join(cells)} | **{mean:.4f}** | {seeds} | {minutes} |")
+    lines += ["", "A single-task teacher's mean is its one task's macro-F1."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", choices=sorted(STUDIES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--variants", nargs="+", help="a subset of the study's variants, in this order")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    args = parser.parse_args()
+
+    variants = args.variants or STUDIES[args.study]
+    unknown = sorted(set(variants) - set(STUDIES[args.study]))
+    if unknown:
+        parser.error(f"not variants of {args.study}: {', '.join(unknown)}")
+    results: dict = {}
+    ensure_inputs(variants, args.seeds, args.threads, results)
+    for variant in variants:
+        if variant in DERIVED:
+            results[variant] = {"all": derived_variant(variant, args.seeds)}
+        else:
+            for seed in args.seeds:
+                results.setdefault(variant, {})[str(seed)] = train_variant(variant, seed, args.threads)
+                print(f"{variant} seed {seed}: dev mean {results[variant][str(seed)]['mean']:.4f}", flush=True)
+        save(args.study, results)
+
+
+def save(study: str, results: dict) -> None:
+    """Merge this invocation's results into the study's file (another invocation may share it)."""
+    path = RESULTS / f"compare_{study}.json"
+    merged = json.loads(path.read_text())["figures"] if path.exists() else {}
+    for variant, runs in results.items():
+        if isinstance(runs, dict):
+            merged.setdefault(variant, {}).update(runs)
+        else:
+            merged[variant] = runs
+    write_results(f"compare_{study}", merged, summarise(study, merged))
+
+
+if __name__ == "__main__":
+    main()
