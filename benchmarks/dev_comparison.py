@@ -86,10 +86,11 @@ def train_variant(variant: str, seed: int, threads: int) -> dict:
             command += ["--set", override]
         started = time.perf_counter()
         subprocess.run(command, cwd=ROOT, check=True)
-        timing.write_text(json.dumps({"seconds": time.perf_counter() - started, "threads": threads}))
+        timing.write_text(json.dumps({"seconds": time.perf_counter() - started, "threads": threads,
+                                      "how": " ".join(["python", *sys.argv])}))
     scores = final_eval(directory)
     return {"mean": scores["mean_macro_f1"], "macro_f1": scores["macro_f1"], "step": scores["step"],
-            **json.loads(timing.read_text()), "how": " ".join(["python", *sys.argv]),
+            "how": " ".join(["python", *sys.argv]), **json.loads(timing.read_text()),  # the trained run's own
             "weights": weight_trajectory(directory)}
 
 
