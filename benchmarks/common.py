@@ -51,6 +51,33 @@ def run_child(args: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def alternate_children(script: str, flag: str, names, extra: list[str], repeats: int,
+                       describe) -> dict[str, list[dict]]:
+    """Run `script flag NAME *extra` in a fresh process per name, `repeats` times, names taking
+    turns so every one sees the same machine load; each child's JSON result, by name.
+    `describe(result)` is the progress line's figure."""
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        for name in names:
+            runs[name].append(run_child([script, flag, name, *extra]))
+            print(f"repeat {repeat + 1}: {name}: {describe(runs[name][-1])}", flush=True)
+    return runs
+
+
+TRIMMED_ENCODER = ROOT / "artifacts" / "e5-small-trimmed"
+
+
+def ensure_trimmed_encoder() -> Path:
+    """e5-small with its vocabulary trimmed to the corpus (`clue-mtl trim-vocab`), built once."""
+    from clue_mtl.encoders import ensure_encoder
+
+    full = ensure_encoder(ROOT / "artifacts" / "e5-small")
+    if not (TRIMMED_ENCODER / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "clue_mtl", "trim-vocab", "--encoder", str(full),
+                        "--out", str(TRIMMED_ENCODER)], cwd=ROOT, check=True)
+    return TRIMMED_ENCODER
+
+
 def peak_rss_mb() -> float:
     import resource
 

@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, run_child, time_training_steps, write_results  # noqa: E402
+from common import ROOT, alternate_children, run_child, time_training_steps, write_results  # noqa: E402
 
 BASE = [
     f"data.data_dir={ROOT / 'data'}", f"model.encoder={ROOT / 'artifacts/e5-small'}", "data.max_length=128", "train.batch_size=24",
@@ -91,12 +90,8 @@ def main() -> None:
         lines = (RESULTS / "train_throughput.md").read_text().split("\n## Dev macro-F1")[0].rstrip().splitlines()
         add_quality(args, figures, lines)
         return
-    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
-    for repeat in range(args.repeats):
-        for name in VARIANTS:
-            child = [__file__, "--variant", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            runs[name].append(run_child(child))
-            print(f"repeat {repeat + 1}: {name}: {runs[name][-1]['samples_per_second']:.1f} samples/s", flush=True)
+    runs = alternate_children(__file__, "--variant", VARIANTS, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
+                              args.repeats, lambda result: f"{result['samples_per_second']:.1f} samples/s")
     figures = {}
     for name, results in runs.items():
         figures[name] = {

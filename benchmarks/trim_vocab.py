@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, run_child, time_training_steps, write_results  # noqa: E402
+from common import ROOT, TRIMMED_ENCODER, alternate_children, ensure_trimmed_encoder, time_training_steps, write_results  # noqa: E402
 
-FULL, TRIMMED = ROOT / "artifacts/e5-small", ROOT / "artifacts/e5-small-trimmed"
+FULL, TRIMMED = ROOT / "artifacts/e5-small", TRIMMED_ENCODER
 VARIANTS = {
     "full vocabulary, embeddings trained": (FULL, False),
     "full vocabulary, embeddings fixed (quickstart)": (FULL, True),
@@ -51,20 +51,9 @@ def main() -> None:
         print(json.dumps(measure(args.variant, args.steps, args.warmup)))
         return
 
-    import subprocess
-
-    from clue_mtl.encoders import ensure_encoder
-
-    ensure_encoder(FULL)
-    if not (TRIMMED / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "clue_mtl", "trim-vocab", "--encoder", str(FULL), "--out", str(TRIMMED)],
-                       cwd=ROOT, check=True)
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for repeat in range(args.repeats):
-        for variant in VARIANTS:
-            child = [__file__, "--variant", variant, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            runs[variant].append(run_child(child))
-            print(f"repeat {repeat + 1}: {variant}: {runs[variant][-1]['samples_per_second']:.1f} samples/s", flush=True)
+    ensure_trimmed_encoder()
+    runs = alternate_children(__file__, "--variant", VARIANTS, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
+                              args.repeats, lambda result: f"{result['samples_per_second']:.1f} samples/s")
     figures = {}
     for variant, results in runs.items():
         figures[variant] = {

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, run_child, time_training_steps, write_results  # noqa: E402
+from common import ROOT, alternate_children, time_training_steps, write_results  # noqa: E402
 
 METHODS = ["equal", "uncertainty", "dwa", "dtp", "gradnorm", "pcgrad", "mgda", "famo"]
 GOALS = {"uncertainty": 0.05, "dwa": 0.05, "dtp": 0.05, "gradnorm": 0.30}
@@ -43,12 +43,9 @@ def main() -> None:
     from clue_mtl.encoders import ensure_encoder
 
     ensure_encoder(ROOT / "artifacts/e5-small")
-    runs: dict[str, list[float]] = {m: [] for m in METHODS}
-    for repeat in range(args.repeats):
-        for method in METHODS:
-            child = [__file__, "--method", method, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-            runs[method].append(run_child(child)["step_seconds"])
-            print(f"repeat {repeat + 1}: {method}: {runs[method][-1]:.3f} s/step", flush=True)
+    children = alternate_children(__file__, "--method", METHODS, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
+                                  args.repeats, lambda result: f"{result['step_seconds']:.3f} s/step")
+    runs = {m: [result["step_seconds"] for result in results] for m, results in children.items()}
     step = {m: statistics.median(v) for m, v in runs.items()}
     figures = {m: {"step_seconds": step[m], "step_seconds_runs": runs[m], "overhead": step[m] / step["equal"] - 1}
                for m in METHODS}
