@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, write_results  # noqa: E402
+from common import RESULTS, ROOT, ensure_trimmed_encoder, write_results  # noqa: E402
 
 CONFIG = "configs/compare.yaml"
 RUNS = ROOT / "runs" / "compare"
-TRIMMED = "artifacts/e5-small-trimmed"
 PRETRAINED = "runs/pretrain-e5-small/encoder"
 SOFT_LABELS = RUNS / "soft-labels-teachers.safetensors"
 TASKS = ("ocnli", "ocemotion", "tnews")
@@ -105,18 +104,12 @@ def weight_trajectory(directory: Path, every: int = 20) -> dict:
 
 
 def dev_frames(config_path: str) -> dict:
-    """The dev rows every run of the comparison is scored on (as `Trainer` samples them)."""
+    """The dev rows every run of the comparison is scored on (`Trainer` samples them the same way)."""
     from clue_mtl.config import load_config
-    from clue_mtl.data import load_split, stratified_split
-    from clue_mtl.train import sample_rows
+    from clue_mtl.train import task_frames
 
-    config = load_config(ROOT / config_path)
-    frames = {}
-    for task in TASKS:
-        _, dev = stratified_split(load_split(ROOT / config.data.data_dir, task, "train"), config.data.dev_fraction,
-                                  config.data.split_seed)
-        frames[task] = sample_rows(dev, config.data.max_dev_rows, config.data.split_seed)
-    return frames
+    config = load_config(ROOT / config_path, [f"data.data_dir={ROOT / 'data'}"])
+    return {task: task_frames(config.data, task).dev for task in TASKS}
 
 
 def score_ensemble(directories: list[Path]) -> dict:
@@ -145,11 +138,7 @@ def derived_variant(variant: str, seeds: list[int]) -> dict:
 
 def ensure_inputs(variants: list[str], seeds: list[int], threads: int, results: dict) -> None:
     """The trimmed encoder, and the teachers' soft labels before any student."""
-    from clue_mtl.encoders import ensure_encoder
-
-    if not (ROOT / TRIMMED / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "clue_mtl", "trim-vocab", "--encoder", str(ensure_encoder(ROOT / "artifacts/e5-small")),
-                        "--out", TRIMMED], cwd=ROOT, check=True)
+    ensure_trimmed_encoder()
     if any(v.startswith("student") for v in variants) and not SOFT_LABELS.exists():
         for teacher in TEACHERS:
             results.setdefault(teacher, {})[str(seeds[0])] = train_variant(teacher, seeds[0], threads)

@@ -28,6 +28,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -40,7 +41,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .adversarial import FGM
 from .batching import EncodedTask, MultiTaskBatches, encode_frame, task_batch_sizes, tokenizer_fingerprint
-from .config import RunConfig, save_config, validate
+from .config import DataConfig, RunConfig, save_config, validate
 from .data import DataError, load_split, save_split, stratified_split
 from .distill import annealed_mix, distillation_loss, read_soft_labels
 from .ema import ExponentialMovingAverage
@@ -74,6 +75,23 @@ def sample_rows(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFra
         return frame
     _, sample = stratified_split(frame, limit / len(frame), seed)
     return sample
+
+
+class TaskFrames(NamedTuple):
+    train: pd.DataFrame      # the training rows a run trains on (`max_train_rows` sampled)
+    dev: pd.DataFrame        # the dev rows it evaluates on during training (`max_dev_rows` sampled)
+    dev_ids: list[str]       # the whole dev split's ids, saved for `evaluate`
+
+
+def task_frames(data: DataConfig, task: str) -> TaskFrames:
+    """Split a task's training file into training and dev rows as every run does."""
+    frame = load_split(data.data_dir, task, "train")
+    train_frame, dev_frame = stratified_split(frame, data.dev_fraction, data.split_seed)
+    if dev_frame.empty:
+        raise DataError(f"{task}: the dev split is empty ({len(frame)} rows, dev_fraction "
+                        f"{data.dev_fraction}); raise data.dev_fraction")
+    return TaskFrames(sample_rows(train_frame, data.max_train_rows, data.split_seed),
+                      sample_rows(dev_frame, data.max_dev_rows, data.split_seed), dev_frame["id"].tolist())
 
 
 def class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
@@ -133,14 +151,7 @@ class Trainer(RunRecipe):
         self.dev_data: dict[str, EncodedTask] = {}
         self.dev_ids: dict[str, list[str]] = {}
         for task in cfg.data.tasks:
-            frame = load_split(cfg.data.data_dir, task, "train")
-            train_frame, dev_frame = stratified_split(frame, cfg.data.dev_fraction, cfg.data.split_seed)
-            self.dev_ids[task] = dev_frame["id"].tolist()  # the whole split, saved for `evaluate`
-            if dev_frame.empty:
-                raise DataError(f"{task}: the dev split is empty ({len(frame)} rows, dev_fraction "
-                                f"{cfg.data.dev_fraction}); raise data.dev_fraction")
-            train_frame = sample_rows(train_frame, cfg.data.max_train_rows, cfg.data.split_seed)
-            dev_frame = sample_rows(dev_frame, cfg.data.max_dev_rows, cfg.data.split_seed)
+            train_frame, dev_frame, self.dev_ids[task] = task_frames(cfg.data, task)
             kwargs = dict(max_length=cfg.data.max_length, cache_dir=CACHE_DIR, fingerprint=fingerprint)
             self.train_data[task] = encode_frame(self.tokenizer, train_frame, task, **kwargs)
             self.dev_data[task] = encode_frame(self.tokenizer, dev_frame, task, **kwargs)
