@@ -21,14 +21,11 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import AveragingError
 from .model import MODEL_FILE, MODEL_META_FILE
 
 RUN_FILES = ("config.yaml", "split.json", "labels.json")
 IGNORED_ENCODER_KEYS = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"}
-
-
-class AveragingError(ValueError):
-    pass
 
 
 def _architecture(meta: dict) -> dict:

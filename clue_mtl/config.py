@@ -1,11 +1,18 @@
 """Run configuration: dataclasses, YAML files and strict `key=value` overrides.
 
 A typo fails loudly: unknown keys and values of the wrong type raise `ConfigError` naming the key.
+Every number must be finite and in its range. YAML is read by `read_yaml`, bounded before anything
+expands: at most `MAX_YAML_BYTES`, no aliases (a few hundred bytes of nested aliases expand to
+gigabytes), nesting at most `MAX_YAML_DEPTH` deep, keys that are plain strings and given once.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
+import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,9 +21,90 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    pass
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_SEED = 2**32 - 1                    # numpy's global seed (Accelerate's set_seed) takes 32 bits
+MAX_BATCH = 1 << 16                     # rows per step, micro-batches per step: sanity bounds
+MAX_LENGTH = 1 << 16                    # tokens per row
+# Settings that change nothing a run computes: a run may resume with other values of these.
+RESUMABLE_KEYS = ("name", "output_dir", "train.num_threads")
+
+
+# ----------------------------------------------------------------------------- bounded YAML
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases, deep nesting, non-string and repeated keys."""
+
+    where = "config"
+    depth = 0
+
+    def _fail(self, mark, message: str):
+        raise ConfigError(f"{self.where}:{mark.line + 1}: {message}")
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            self._fail(event.start_mark, f"YAML aliases (*{event.anchor}) are not allowed in a config; "
+                                         "write the value out")
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                self._fail(self.peek_event().start_mark, f"nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag != "tag:yaml.org,2002:str":
+                self._fail(key_node.start_mark, f"key {key_node.value!r} is not a name (YAML reads it as "
+                                                f"{key_node.tag.rsplit(':', 1)[-1]}); quote it")
+            if key_node.value in seen:
+                self._fail(key_node.start_mark, f"key {key_node.value!r} is given twice")
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """A YAML document read safely and boundedly; errors are `ConfigError`s naming `where` and the line."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_YAML_BYTES:,} bytes; not a config")
+    loader = _BoundedLoader(text)
+    loader.where = where
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}{line}: not valid YAML ({error.problem or error.context})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: not valid YAML ({str(error).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file read as `parse_yaml` does, after checking it is a readable UTF-8 file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" if not path.exists() else f"{path}: not a file")
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(MAX_YAML_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_YAML_BYTES:,} bytes; not a config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 (byte 0x{raw[error.start]:02x})") from None
+    return parse_yaml(text, str(path))
 
 
 @dataclass
@@ -110,7 +198,7 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
                 errors.append(error)
         raise errors[0]
     if annotation is Any:
-        return value
+        return _checked_any(value, key)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -120,9 +208,12 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         _, value_type = typing.get_args(annotation)
-        return {str(k): _check_type(v, value_type, f"{key}.{k}") for k, v in value.items()}
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        bad_keys = [k for k in value if not isinstance(k, str)]
+        if bad_keys:
+            raise ConfigError(f"{key}: key {bad_keys[0]!r} is not a name; quote it")
+        return {k: _check_type(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _finite(value, key)
     if annotation is str and isinstance(value, bool):
         # YAML 1.1 reads an unquoted `no` as False; for a text setting, the word was meant.
         return "yes" if value else "no"
@@ -133,11 +224,39 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {annotation}")
 
 
+def _finite(value: int | float, key: str) -> float:
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r:.40}")
+    return number
+
+
+def _checked_any(value: Any, key: str) -> Any:
+    """A free-form value (method parameters, config overrides): finite numbers, names as keys."""
+    if isinstance(value, float):
+        _finite(value, key)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{key}: key {k!r} is not a name; quote it")
+            _checked_any(v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _checked_any(v, f"{key}[{i}]")
+    return value
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    bad_keys = [k for k in values if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: key {bad_keys[0]!r} is not a name; quote it")
     unknown = sorted(set(values) - names)
     if unknown:
         where = f" in {prefix.rstrip('.')}" if prefix else ""
@@ -164,7 +283,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} is not of the form key=value")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = parse_yaml(raw, f"override {text!r:.80}") if raw.strip() else ""
     if isinstance(value, str) and _looks_like_float(value):
         value = float(value)  # YAML 1.1 reads 3e-5 as a string
     return key.split("."), value
@@ -179,7 +298,7 @@ def _looks_like_float(text: str) -> bool:
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    values = yaml.safe_load(yaml.safe_dump(values)) or {}  # deep copy
+    values = copy.deepcopy(values) if values else {}
     for override in overrides:
         path, value = parse_override(override)
         node = values
@@ -195,10 +314,12 @@ def _read_values(path: str | Path | None, overrides: list[str]) -> dict[str, Any
     """The values of a YAML config file (or none) with `key=value` overrides applied."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = read_yaml(path)
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data:, model:, train: ...) at the top, "
+                              f"got a {type(values).__name__}")
         values = _float_strings(values)
     return apply_overrides(values, list(overrides))
 
@@ -227,6 +348,30 @@ def save_config(config: Any, path: str | Path) -> None:
                           encoding="utf-8")
 
 
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(values, dict) or not values:
+        return {prefix.rstrip("."): values}
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def config_fingerprint(values: dict[str, Any]) -> str:
+    """A digest of what a config makes a run compute (`RESUMABLE_KEYS` left out)."""
+    flat = {k: v for k, v in _flatten(values).items() if k not in RESUMABLE_KEYS}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: saved -> current` for every setting (outside `RESUMABLE_KEYS`) the two configs differ in."""
+    old, new = _flatten(saved), _flatten(current)
+    missing = object()
+    return [f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
+            for key in sorted(set(old) | set(new))
+            if key not in RESUMABLE_KEYS and old.get(key, missing) != new.get(key, missing)]
+
+
 def validate(config: RunConfig) -> None:
     from .tasks import TASKS
 
@@ -234,6 +379,7 @@ def validate(config: RunConfig) -> None:
         if not condition:
             raise ConfigError(message)
 
+    _check_finite(config)
     unknown = [t for t in config.data.tasks if t not in TASKS]
     need(not unknown, f"data.tasks: unknown task(s) {unknown}; choose from {list(TASKS)}")
     need(len(config.data.tasks) > 0, "data.tasks: name at least one task")
@@ -254,7 +400,16 @@ def validate(config: RunConfig) -> None:
         limit = getattr(config.data, name)
         need(limit is None or limit > 0, f"data.{name} must be positive (or null for all rows)")
     need(0 <= config.model.dropout < 1, "model.dropout must lie in [0, 1)")
-    _validate_choices(config)
+    need(config.model.head_hidden >= 0, "model.head_hidden must not be negative")
+    _validate_numbers(config.train, need)
+    need(config.train.batch_size <= MAX_BATCH, f"train.batch_size must be at most {MAX_BATCH:,}")
+    need(config.train.grad_accumulation <= MAX_BATCH, f"train.grad_accumulation must be at most {MAX_BATCH:,}")
+    need(config.train.head_lr >= 0, "train.head_lr must not be negative")
+    need(config.train.sampling_alpha >= 0, "train.sampling_alpha must not be negative")
+    need(config.train.early_stopping_patience >= 0, "train.early_stopping_patience must not be negative")
+    need(0 <= config.data.split_seed <= MAX_SEED, f"data.split_seed must lie in [0, {MAX_SEED}]")
+    need(config.data.max_length <= MAX_LENGTH, f"data.max_length must be at most {MAX_LENGTH:,}")
+    need(config.weighting.lr >= 0, "weighting.lr must not be negative")
     need(0 <= config.train.ema_decay < 1, "train.ema_decay must lie in [0, 1)")
     need(config.train.fgm_epsilon >= 0, "train.fgm_epsilon must not be negative")
     need(not (config.train.fgm_epsilon > 0 and config.model.freeze_word_embeddings),
@@ -265,6 +420,27 @@ def validate(config: RunConfig) -> None:
     need(config.distill.temperature > 0, "distill.temperature must be positive")
     bad_pooling = [t for t in config.model.task_pooling if t not in config.data.tasks]
     need(not bad_pooling, f"model.task_pooling names tasks not trained: {bad_pooling}")
+    _validate_choices(config)  # last: it imports the models and weighting methods (torch)
+
+
+def _check_finite(config: Any, prefix: str = "") -> None:
+    """Every number of a config finite, also where the config was built in code rather than read."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{item.name}.")
+        elif isinstance(value, (float, dict, list)):
+            _checked_any(value, prefix + item.name)
+
+
+def _validate_numbers(train: Any, need) -> None:
+    """The ranges the two recipes' `train` sections share (finiteness is checked when reading)."""
+    need(train.lr >= 0, "train.lr must not be negative")
+    need(train.weight_decay >= 0, "train.weight_decay must not be negative")
+    need(0 <= train.warmup_ratio <= 1, "train.warmup_ratio must lie in [0, 1]")
+    need(train.grad_clip >= 0, "train.grad_clip must not be negative (0 turns clipping off)")
+    need(train.num_threads >= 0, "train.num_threads must not be negative (0 keeps torch's default)")
+    need(0 <= train.seed <= MAX_SEED, f"train.seed must lie in [0, {MAX_SEED}]")
 
 
 # ----------------------------------------------------------------------------- pre-training
@@ -331,6 +507,7 @@ def validate_pretrain(config: PretrainConfig) -> None:
         if not condition:
             raise ConfigError(message)
 
+    _check_finite(config)
     data, masking, train = config.data, config.masking, config.train
     need(data.max_length >= 8, "data.max_length must be at least 8")
     need(data.max_texts is None or data.max_texts >= 2, "data.max_texts must be at least 2")
@@ -345,6 +522,10 @@ def validate_pretrain(config: PretrainConfig) -> None:
     need(train.batch_size > 0 and train.eval_batch_size > 0, "train.batch_size and eval_batch_size must be positive")
     need(train.eval_every > 0 and train.log_every > 0, "train.eval_every and log_every must be positive")
     need(train.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision must be no, bf16 or fp16")
+    need(train.batch_size <= MAX_BATCH and train.eval_batch_size <= MAX_BATCH,
+         f"train.batch_size and eval_batch_size must be at most {MAX_BATCH:,}")
+    need(data.max_length <= MAX_LENGTH, f"data.max_length must be at most {MAX_LENGTH:,}")
+    _validate_numbers(train, need)
 
 
 def _validate_choices(config: RunConfig) -> None:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from .errors import DataError
 from .tasks import TASKS, Task, get_task
 
 SPLITS = ("train", "a", "b")
@@ -25,22 +26,6 @@ MAX_PROBLEMS_PER_FILE = 20
 CLUE_LABELS = {"ocnli": {"entailment": "0", "neutral": "1", "contradiction": "2"}}
 CLUE_TEXT_FIELDS = {"ocnli": ("sentence1", "sentence2"), "tnews": ("sentence",), "ocemotion": ("content",)}
 CLUE_NO_CONSENSUS = "-"  # OCNLI pairs the annotators did not agree on
-
-
-class DataError(Exception):
-    """Bad input data; `problems` holds one "FILE:LINE: what is wrong" string per problem."""
-
-    shown = 20
-
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__(self.problems)
-
-    def __str__(self) -> str:
-        lines = self.problems[: self.shown]
-        if len(self.problems) > self.shown:
-            lines.append(f"... and {len(self.problems) - self.shown} more")
-        return "\n".join(lines)
 
 
 class _Row(NamedTuple):

@@ -39,15 +39,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from .errors import SoftLabelError
 from .tasks import TASK_NAMES, get_task
 
 METADATA_KEY = "clue_mtl.soft_labels"
 FORMAT_VERSION = 1
 SUM_TOLERANCE = 1e-4
-
-
-class SoftLabelError(ValueError):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------

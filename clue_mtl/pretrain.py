@@ -23,7 +23,7 @@ Run folder:
     config.yaml      the resolved config
     metrics.jsonl    one JSON object per logged step or evaluation
     source/          the trimmed starting encoder (`model.trim_vocab` only)
-    checkpoint/      the latest full training state, for --resume
+    checkpoint-STEP/ the latest full training state, for --resume (`checkpoint.py`)
     encoder/         the result: masked-LM model and tokenizer (`save_pretrained`), for
                      `train`'s `model.encoder`; pretraining.json says where it came from
 """
@@ -235,7 +235,7 @@ class Pretrainer(RunRecipe):
     progress_name = "pretrain"
 
     def __init__(self, config: PretrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
-                 accelerator: Accelerator | None = None, show_progress: bool = True,
+                 overwrite: bool = False, accelerator: Accelerator | None = None, show_progress: bool = True,
                  cache_dir: str | Path | None = CACHE_DIR):
         self.config = config
         self.run_dir = Path(run_dir or Path(config.output_dir) / config.name)
@@ -247,6 +247,7 @@ class Pretrainer(RunRecipe):
             torch.set_num_threads(train.num_threads)
         self.accelerator = accelerator or fresh_accelerator(
             mixed_precision=train.mixed_precision, step_scheduler_with_optimizer=False)
+        self._claim_run_dir(overwrite)
         set_seed(train.seed)
         self.state = PretrainState()
         self._setup_data()
@@ -311,6 +312,9 @@ class Pretrainer(RunRecipe):
             optimizer, math.ceil(cfg.train.warmup_ratio * cfg.train.steps), cfg.train.steps)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(MaskedLMObjective(model), optimizer, scheduler)
 
+    def _checkpoint_components(self) -> dict:
+        return {"optimizer": self.optimizer, "scheduler": self.scheduler}
+
     @property
     def masked_lm(self) -> nn.Module:
         """The `AutoModelForMaskedLM` being trained."""
@@ -336,6 +340,7 @@ class Pretrainer(RunRecipe):
         self.model.train()
         batch = {key: value.to(accelerator.device) for key, value in self.batches[self.state.step].items()}
         loss_sum, correct, tokens = self.model(**batch)
+        self._stop_if_not_finite({"masked-LM": loss_sum})
         accelerator.backward(loss_sum / tokens.clamp(min=1))
         if cfg.train.grad_clip > 0:
             accelerator.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
@@ -414,7 +419,7 @@ class Pretrainer(RunRecipe):
 
 
 def pretrain(config: PretrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
-             show_progress: bool = True) -> Pretrainer:
-    pretrainer = Pretrainer(config, run_dir, resume=resume, show_progress=show_progress)
+             overwrite: bool = False, show_progress: bool = True) -> Pretrainer:
+    pretrainer = Pretrainer(config, run_dir, resume=resume, overwrite=overwrite, show_progress=show_progress)
     pretrainer.train()
     return pretrainer

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "trainer_state.json"
+from . import checkpoint
+from .config import config_fingerprint, config_to_dict
+from .errors import RunFolderError, TrainingDiverged
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -21,8 +23,9 @@ class RunRecipe:
     Subclasses set `config` (with `train.steps`, `log_every`, `eval_every`), `run_dir`,
     `accelerator`, `resume`, `show_progress`, `state` (a dataclass with `step` and `to_dict()`)
     and `state_class`, and implement `train_step`, `_log_step`, `_evaluate_and_checkpoint` and
-    `_write_run_files`. The checkpoint is Accelerate's full state (models, optimisers, schedulers,
-    RNGs and registered objects) plus the recipe state as JSON.
+    `_write_run_files`, and list what the checkpoint holds besides the model in
+    `_checkpoint_components` (`checkpoint.py` writes it: safetensors and JSON, no pickle).
+    A non-finite loss or weight stops training (`TrainingDiverged`) before anything is saved.
     """
 
     run_dir: Path
@@ -30,6 +33,25 @@ class RunRecipe:
     state_class: type
     progress_name: str = "train"
     _checkpoint_step: int = -1
+
+    def _claim_run_dir(self, overwrite: bool) -> None:
+        """Refuse a folder holding another run (or this run under another config); clear it for `overwrite`."""
+        checkpoint.check_run_folder(self.run_dir, config_to_dict(self.config), resume=self.resume,
+                                    overwrite=overwrite)
+        self.accelerator.wait_for_everyone()
+        if overwrite and self.accelerator.is_main_process:
+            checkpoint.clear_run_folder(self.run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _checkpoint_components(self) -> dict:
+        """Name -> object with `state_dict`/`load_state_dict` that the checkpoint holds besides the model."""
+        raise NotImplementedError
+
+    def _all_checkpoint_components(self) -> dict:
+        components = dict(self._checkpoint_components())
+        if self.accelerator.scaler is not None:  # fp16
+            components["scaler"] = self.accelerator.scaler
+        return components
 
     def train(self, until_step: int | None = None):
         """Train to `config.train.steps`, or stop at `until_step` with a checkpoint to resume from."""
@@ -73,35 +95,67 @@ class RunRecipe:
                 file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def save_checkpoint(self) -> None:
-        """Write the state beside the last checkpoint, then swap it in: a run killed mid-save keeps
-        a complete checkpoint (weights and step always match)."""
-        directory, staging = self.run_dir / CHECKPOINT_DIR, self.run_dir / (CHECKPOINT_DIR + ".new")
+        """`checkpoint-STEP/` beside the last checkpoint, swapped in so that no kill strands the run."""
+        self._stop_if_weights_not_finite()
         self._checkpoint_step = self.state.step
-        self.accelerator.save_state(str(staging))
-        if self.accelerator.is_main_process:
-            (staging / STATE_FILE).write_text(json.dumps(self.state.to_dict(), indent=2))
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            if directory.exists():
-                shutil.rmtree(directory)
-            staging.rename(directory)
-        self.accelerator.wait_for_everyone()
+        checkpoint.save_checkpoint(
+            self.run_dir, self.state.step, model=self.model, components=self._all_checkpoint_components(),
+            recipe_state=self.state.to_dict(), fingerprint=config_fingerprint(config_to_dict(self.config)),
+            accelerator=self.accelerator)
 
     def load_checkpoint(self) -> None:
-        directory, staging = self.run_dir / CHECKPOINT_DIR, self.run_dir / (CHECKPOINT_DIR + ".new")
-        if not (directory / STATE_FILE).exists() and (staging / STATE_FILE).exists():
-            directory = staging  # killed between the two renames: the new state is complete
-        if not (directory / STATE_FILE).exists():
-            raise FileNotFoundError(f"nothing to resume: {directory} holds no checkpoint")
-        self.accelerator.load_state(str(directory))
-        self.state = self.state_class(**json.loads((directory / STATE_FILE).read_text()))
+        """Continue from the newest complete checkpoint (`CheckpointError` when there is none)."""
+        values = checkpoint.load_checkpoint(
+            self.run_dir, model=self.model, components=self._all_checkpoint_components(),
+            fingerprint=config_fingerprint(config_to_dict(self.config)), accelerator=self.accelerator)
+        try:
+            self.state = self.state_class(**values)
+        except TypeError as error:
+            raise checkpoint.CheckpointError(f"{self.run_dir}: the checkpoint's recipe state does not fit "
+                                             f"({error})") from None
         self._checkpoint_step = self.state.step
         self._truncate_metrics_after(self.state.step)
 
     def _truncate_metrics_after(self, step: int) -> None:
-        """Drop metrics an interrupted run logged after its last checkpoint."""
+        """Drop metrics an interrupted run logged after its last checkpoint, and a last line a kill cut short."""
         path = self.run_dir / METRICS_FILE
-        if self.accelerator.is_main_process and path.exists():
-            lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-                     if line and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        if not (self.accelerator.is_main_process and path.exists()):
+            return
+        lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                logged_at = record["step"]
+            except (ValueError, TypeError, KeyError, RecursionError):
+                if number >= len(lines) - 1:  # the last line, cut short by a kill
+                    continue
+                raise RunFolderError(f"{path}:{number}: not a metrics record; the log was edited or damaged") from None
+            if isinstance(logged_at, int) and logged_at <= step:
+                kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def _stop_if_not_finite(self, values: dict[str, torch.Tensor]) -> None:
+        """Raise `TrainingDiverged` when a loss of this step is NaN or infinite, on every process."""
+        flags = torch.stack([~torch.isfinite(value.detach().float()).all() for value in values.values()]).float()
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, "sum")
+        bad = [name for name, flag in zip(values, flags.tolist()) if flag]
+        if bad:
+            found = ", ".join(f"{name} {float(values[name].detach().float().sum()):.4g}" for name in bad)
+            raise TrainingDiverged(
+                f"training diverged at step {self.state.step + 1}: non-finite loss ({found}); nothing of that "
+                f"step was saved (last checkpoint: step {max(self._checkpoint_step, 0)}); lower train.lr "
+                "or keep train.grad_clip on")
+
+    def _stop_if_weights_not_finite(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p.detach()).all()), None)
+        flag = torch.tensor([0.0 if bad is None else 1.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, "sum")
+        if flag.item():
+            raise TrainingDiverged(f"training diverged by step {self.state.step}: non-finite weights "
+                                   f"({bad or 'on another process'}); nothing was saved; lower train.lr")

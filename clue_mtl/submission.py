@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from .errors import SubmissionError
 from .evaluate import leaderboard_score, task_report
 from .tasks import TASK_NAMES, TASKS, Task, get_task
 
@@ -26,10 +27,6 @@ ID_MODES = ("file", "row")
 MAX_MEMBER_BYTES = 32 * 1024 * 1024
 # Fixed member timestamps: the same predictions give a byte-identical zip.
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
-
-
-class SubmissionError(ValueError):
-    """A submission that cannot be written, read or scored; the message is one line."""
 
 
 # ---------------------------------------------------------------------------------------------

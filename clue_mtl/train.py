@@ -17,7 +17,7 @@ Run folder:
     metrics.jsonl    one JSON object per logged step or evaluation
     tokenizer/       the encoder's tokenizer
     best/            the best model by dev mean macro-F1 (model.safetensors, model.json)
-    checkpoint/      the latest full training state, for --resume
+    checkpoint-STEP/ the latest full training state, for --resume (`checkpoint.py`)
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class Trainer(RunRecipe):
     state_class = TrainerState
 
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False,
-                 accelerator: Accelerator | None = None, show_progress: bool = True):
+                 overwrite: bool = False, accelerator: Accelerator | None = None, show_progress: bool = True):
         validate(config)  # a config built in code gets the checks a loaded one had
         self.config = config
         self.run_dir = Path(run_dir or Path(config.output_dir) / config.name)
@@ -132,6 +132,7 @@ class Trainer(RunRecipe):
             mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.grad_accumulation,
             step_scheduler_with_optimizer=False,
         )
+        self._claim_run_dir(overwrite)
         set_seed(train.seed)
         self.state = TrainerState()
         self._setup_data()
@@ -188,18 +189,21 @@ class Trainer(RunRecipe):
         weighting_parameters = list(self.weighting.parameters())
         self.weighting_optimizer = (torch.optim.Adam(weighting_parameters, lr=cfg.weighting.lr)
                                     if weighting_parameters else None)
-        accelerator.register_for_checkpointing(self.weighting)
-        if self.weighting_optimizer is not None:
-            accelerator.register_for_checkpointing(self.weighting_optimizer)
         self.ema = ExponentialMovingAverage(self.unwrapped, cfg.train.ema_decay) if cfg.train.ema_decay else None
-        if self.ema is not None:
-            accelerator.register_for_checkpointing(self.ema)
         self.fgm = FGM(self.unwrapped, cfg.train.fgm_epsilon) if cfg.train.fgm_epsilon else None
         self.class_weights = {
             task: class_weights(data.labels, get_task(task).num_labels).to(accelerator.device)
             if cfg.train.class_weighting else None
             for task, data in self.train_data.items()
         }
+
+    def _checkpoint_components(self) -> dict:
+        components = {"optimizer": self.optimizer, "scheduler": self.scheduler, "weighting": self.weighting}
+        if self.weighting_optimizer is not None:
+            components["weighting_optimizer"] = self.weighting_optimizer
+        if self.ema is not None:
+            components["ema"] = self.ema
+        return components
 
     @property
     def unwrapped(self) -> MultiTaskModel:
@@ -226,6 +230,7 @@ class Trainer(RunRecipe):
                     losses[task] = self._task_loss(task, logits, batch)
                     features[task] = pooled
                     accuracies[task] = (logits.detach().argmax(-1) == batch["labels"]).float().mean()
+                self._stop_if_not_finite(losses)
                 context = StepContext(
                     backward=accelerator.backward, shared_parameters=shared, last_shared_parameters=last_layer,
                     features=features, step=self.state.step, accuracies=accuracies, head_parameters=heads,
@@ -310,6 +315,7 @@ class Trainer(RunRecipe):
     def _evaluate_and_checkpoint(self, progress) -> bool:
         """Evaluate, keep the best model, save the resumable state; True when early stopping fires."""
         cfg, accelerator = self.config, self.accelerator
+        self._stop_if_weights_not_finite()  # never evaluate, let alone keep as best, a diverged model
         with self._evaluation_weights():
             result = self.evaluate()
         score = result["mean_macro_f1"]
@@ -351,8 +357,8 @@ class Trainer(RunRecipe):
         (self.run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
 
 
-def train(config: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False,
+def train(config: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
           show_progress: bool = True) -> Trainer:
-    trainer = Trainer(config, run_dir, resume=resume, show_progress=show_progress)
+    trainer = Trainer(config, run_dir, resume=resume, overwrite=overwrite, show_progress=show_progress)
     trainer.train()
     return trainer

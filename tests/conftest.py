@@ -24,6 +24,18 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_data_dir(data_dir, tmp_path_factory) -> Path:
+    """The first 200 rows of each training file: runs that start in a fraction of a second."""
+    from clue_mtl.tasks import TASKS
+
+    small = tmp_path_factory.mktemp("small-data")
+    for task in TASKS.values():
+        lines = (data_dir / task.train_file).read_bytes().splitlines(keepends=True)[:200]
+        (small / task.train_file).write_bytes(b"".join(lines))
+    return small
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     from clue_mtl.encoders import build_tiny_encoder
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from clue_mtl.cli import main
 from clue_mtl.config import ConfigError, load_pretrain_config, save_config
 from clue_mtl.encoders import build_tiny_encoder, load_encoder
+from clue_mtl.errors import CheckpointError
 from clue_mtl.pretrain import Pretrainer, held_out_split, sample_texts
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -124,7 +125,7 @@ def test_resume_reproduces_the_uninterrupted_run(pretrain_config, tmp_path):
 
 
 def test_resume_without_checkpoint_fails_clearly(pretrain_config, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
         Pretrainer(pretrain_config(), tmp_path / "empty", resume=True, show_progress=False, cache_dir=None).train()
 
 

@@ -1,0 +1,250 @@
+"""Checkpoints: no pickle is ever loaded, no kill strands a run, a run folder holds one run."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clue_mtl import checkpoint
+from clue_mtl.config import save_config
+from clue_mtl.errors import CheckpointError, ConfigError, RunFolderError
+from clue_mtl.train import Trainer
+
+FILE_OPERATIONS = ("_make_dir", "_write_bytes", "_write_model", "_rename", "_remove_tree")
+
+
+@pytest.fixture
+def small_config(tiny_config, small_data_dir):
+    """Four steps, a checkpoint at steps 2 and 4, on 200 rows per task."""
+    return lambda *overrides: tiny_config(f"data.data_dir={small_data_dir}", "train.steps=4", "train.eval_every=2",
+                                          "data.dev_fraction=0.2", *overrides)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "steps_per_second"}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    first, second = load_file(a), load_file(b)
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+# ----------------------------------------------------------------------------- no pickle
+class Payload:
+    """Unpickling this writes `marker`: what a stranger's run folder could carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+LEGACY_FILES = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin",
+                "scheduler.bin", "pytorch_model.bin", "scaler.pt")
+
+
+def plant(path: Path, marker: Path) -> None:
+    if path.suffix in (".bin", ".pt", ".pkl"):
+        torch.save(Payload(marker), path)  # what torch.load(weights_only=False) would run
+    else:
+        path.write_bytes(pickle.dumps(Payload(marker)))
+
+
+def test_a_payload_in_any_file_a_resume_reads_runs_nothing(small_config, tmp_path):
+    config = small_config()
+    original = tmp_path / "original"
+    Trainer(config, original, show_progress=False).train(until_step=2)
+    names = sorted(p.name for p in (original / "checkpoint-2").iterdir())
+    assert names == ["COMPLETE", "model.safetensors", "rng-0.safetensors", "state.safetensors", "trainer_state.json"]
+    outcomes = {}
+    for target in [*names, *LEGACY_FILES, "legacy-folder", "config.yaml"]:
+        run, marker = tmp_path / f"run-{target}", tmp_path / f"ran-{target}"
+        shutil.copytree(original, run)
+        folder = run / "checkpoint-2"
+        if target == "legacy-folder":  # Accelerate's layout, as kit versions up to 0.1 wrote it
+            (run / "checkpoint").mkdir()
+            (run / "checkpoint/trainer_state.json").write_text('{"step": 2}')
+            for name in LEGACY_FILES:
+                plant(run / "checkpoint" / name, marker)
+        elif target == "config.yaml":
+            (run / target).write_text(f"name: !!python/object/apply:exec [\"open({str(marker)!r}, 'w')\"]\n")
+        else:
+            plant(folder / target, marker)
+            manifest = json.loads((folder / "COMPLETE").read_text()) if target != "COMPLETE" else None
+            if manifest is not None and target in manifest["files"]:  # sizes right: the loader reads it
+                manifest["files"][target] = (folder / target).stat().st_size
+                (folder / "COMPLETE").write_text(json.dumps(manifest))
+        try:
+            Trainer(config, run, resume=True, show_progress=False).train()
+            outcomes[target] = "resumed"
+        except (CheckpointError, ConfigError) as error:
+            outcomes[target] = type(error).__name__
+        assert not marker.exists(), f"{target}: the payload ran"
+    # a poisoned file a resume reads is refused; files it does not read are ignored
+    assert outcomes == {"COMPLETE": "CheckpointError", "model.safetensors": "CheckpointError",
+                        "rng-0.safetensors": "CheckpointError", "state.safetensors": "CheckpointError",
+                        "trainer_state.json": "CheckpointError", **{name: "resumed" for name in LEGACY_FILES},
+                        "legacy-folder": "resumed", "config.yaml": "ConfigError"}
+
+
+def test_a_checkpoint_holds_no_pickle(small_config, tmp_path):
+    trainer = Trainer(small_config("weighting.method=uncertainty", "train.ema_decay=0.5"), tmp_path / "run",
+                      show_progress=False)
+    trainer.train(until_step=2)
+    for path in (tmp_path / "run/checkpoint-2").iterdir():
+        data = path.read_bytes()
+        assert b"\x80\x02" not in data[:2] and not data.startswith(b"PK"), path.name  # neither pickle nor torch.save
+    state = checkpoint._read_state(tmp_path / "run/checkpoint-2/state.safetensors")
+    assert set(state) == {"optimizer", "scheduler", "weighting", "weighting_optimizer", "ema", "accelerator_step"}
+    assert torch.equal(state["weighting"]["log_variances"], trainer.weighting.log_variances.detach())
+
+
+# ----------------------------------------------------------------------------- kills
+class Killed(BaseException):
+    """A simulated kill -9: not an Exception, so no handler of the kit catches it."""
+
+
+def kill_at(monkeypatch, number: int | None, log: list) -> None:
+    """Kill the `number`-th file operation of the save at step 4 half done, and every later one.
+
+    A write leaves half its bytes, a removal deletes one file of a folder; a folder creation or a
+    rename (atomic) does not happen. `number=None` counts the operations without killing.
+    """
+    armed = []
+    original_save = checkpoint.save_checkpoint
+
+    def save(run_dir, step, **kwargs):
+        armed.append(step == 4)
+        return original_save(run_dir, step, **kwargs)
+
+    def wrap(name, operation):
+        def killable(*args):
+            if not armed or not armed[-1]:
+                return operation(*args)
+            log.append((name, Path(args[-1] if name == "_write_model" else args[0]).name))
+            if number is None or len(log) < number:
+                return operation(*args)
+            if len(log) == number:
+                half_done(name, args)
+            raise Killed(f"killed at {name}")
+        return killable
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    for name in FILE_OPERATIONS:
+        monkeypatch.setattr(checkpoint, name, wrap(name, getattr(checkpoint, name)))
+
+
+def half_done(name: str, args) -> None:
+    if name == "_write_bytes":
+        path, data = args
+        path.write_bytes(data[: len(data) // 2])
+    elif name == "_write_model":
+        args[1].write_bytes(b"\x00" * 64)
+    elif name == "_remove_tree" and args[0].is_dir():
+        files = sorted(p for p in args[0].iterdir() if p.is_file())
+        if files:
+            files[0].unlink()
+
+
+def test_no_kill_during_the_checkpoint_swap_strands_the_run(small_config, tmp_path, monkeypatch, capsys):
+    """Kill the save at every one of its file operations: resume finishes with the same weights."""
+    config = small_config()
+    straight = tmp_path / "straight"
+    Trainer(config, straight, show_progress=False).train()
+    operations: list = []
+    with monkeypatch.context() as patch:
+        kill_at(patch, None, operations)
+        Trainer(config, tmp_path / "counted", show_progress=False).train()
+    assert [name for name, _ in operations] == ["_make_dir", "_write_bytes", "_write_model", "_write_bytes",
+                                                "_write_bytes", "_write_bytes", "_rename", "_rename", "_remove_tree"]
+    resumed = identical = 0
+    for number in range(1, len(operations) + 1):
+        run = tmp_path / f"killed-{number}"
+        with monkeypatch.context() as patch:
+            kill_at(patch, number, [])
+            with pytest.raises(Killed):
+                Trainer(config, run, show_progress=False).train()
+        trainer = Trainer(config, run, resume=True, show_progress=False)
+        trainer.train()
+        resumed += trainer.state.step == 4
+        same = (same_tensors(straight / "checkpoint-4/model.safetensors", run / "checkpoint-4/model.safetensors")
+                and same_tensors(straight / "best/model.safetensors", run / "best/model.safetensors")
+                and read_metrics(straight) == read_metrics(run))
+        identical += same
+        assert same, f"killed at operation {number} {operations[number - 1]}"
+        assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-4"]
+    with capsys.disabled():
+        print(f"\nkill test: {len(operations)} kills, {resumed} resumes finished, {identical} final weights identical")
+    assert resumed == identical == len(operations)
+
+
+def test_a_newest_checkpoint_missing_a_file_is_passed_over(small_config, tmp_path):
+    """Finding 2: a kill left the newest checkpoint without a file; resume takes the complete older one."""
+    config = small_config()
+    Trainer(config, tmp_path / "straight", show_progress=False).train()
+    run = tmp_path / "run"
+    Trainer(config, run, show_progress=False).train(until_step=2)
+    shutil.copytree(run / "checkpoint-2", tmp_path / "kept")
+    Trainer(config, run, resume=True, show_progress=False).train(until_step=3)
+    shutil.copytree(tmp_path / "kept", run / "checkpoint-2")
+    (run / "checkpoint-3/state.safetensors").unlink()
+    trainer = Trainer(config, run, resume=True, show_progress=False)
+    trainer.train()
+    assert trainer.state.step == 4
+    assert same_tensors(tmp_path / "straight/checkpoint-4/model.safetensors", run / "checkpoint-4/model.safetensors")
+    assert read_metrics(tmp_path / "straight") == read_metrics(run)
+
+
+def test_only_an_incomplete_checkpoint_is_nothing_to_resume(small_config, tmp_path):
+    run = tmp_path / "run"
+    Trainer(small_config(), run, show_progress=False).train(until_step=2)
+    (run / "checkpoint-2/rng-0.safetensors").write_bytes(b"cut")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        Trainer(small_config(), run, resume=True, show_progress=False).train()
+
+
+def test_a_metrics_log_cut_short_by_a_kill_resumes(small_config, tmp_path):
+    run = tmp_path / "run"
+    Trainer(small_config(), run, show_progress=False).train(until_step=2)
+    with open(run / "metrics.jsonl", "a") as file:
+        file.write('{"kind": "train", "step": 3, "lo')
+    trainer = Trainer(small_config(), run, resume=True, show_progress=False)
+    trainer.train()
+    assert [m["step"] for m in read_metrics(run) if m["kind"] == "train"] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- one run per folder
+def test_a_fresh_start_refuses_a_folder_holding_a_run(small_config, tmp_path):
+    """Finding 3: a new run must not start over an old one's checkpoint and best model."""
+    run = tmp_path / "run"
+    Trainer(small_config(), run, show_progress=False).train(until_step=2)
+    with pytest.raises(RunFolderError, match="already holds a run .*--overwrite"):
+        Trainer(small_config("train.lr=2e-3"), run, show_progress=False)
+    assert (run / "checkpoint-2/COMPLETE").exists() and (run / "metrics.jsonl").stat().st_size > 0
+
+    trainer = Trainer(small_config("train.lr=2e-3"), run, overwrite=True, show_progress=False)
+    assert not (run / "checkpoint-2").exists() and not (run / "best").exists()
+    trainer.train(until_step=1)
+    assert [m["step"] for m in read_metrics(run)] == [1]
+
+
+def test_resume_under_another_config_says_what_differs(small_config, tmp_path):
+    run = tmp_path / "run"
+    Trainer(small_config(), run, show_progress=False).train(until_step=2)
+    with pytest.raises(RunFolderError, match=r"another config \(train.lr: 0.001 -> 0.002\)"):
+        Trainer(small_config("train.lr=2e-3"), run, resume=True, show_progress=False)
+    # the config file changed behind the checkpoint's back: its fingerprint still tells
+    save_config(small_config("train.lr=2e-3"), run / "config.yaml")
+    with pytest.raises(CheckpointError, match="another config"):
+        Trainer(small_config("train.lr=2e-3"), run, resume=True, show_progress=False).train()
+    # settings that change nothing computed may differ
+    Trainer(small_config("train.num_threads=1"), tmp_path / "other", show_progress=False).train(until_step=2)
+    Trainer(small_config("train.num_threads=0"), tmp_path / "other", resume=True, show_progress=False).train()
