@@ -1,12 +1,16 @@
 """The `clue-mtl` command line: thin wrappers over the Python API.
 
-Bad input ends with a one-line `error: ...` and exit status 2, never a traceback.
+Bad input ends with a one-line `error: ...` and exit status 2, never a traceback; an internal fault
+with a one-line `error: internal error ...` and exit status 1 (CLUE_MTL_TRACEBACK=1 shows the
+traceback). Commands import torch only once their input has been checked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -18,22 +22,26 @@ class UsageError(Exception):
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from .config import ConfigError
-    from .data import DataError
-    from .averaging import AveragingError
-    from .distill import SoftLabelError
-    from .submission import SubmissionError
+    from .errors import KNOWN_ERRORS
 
-    return (UsageError, ConfigError, DataError, SubmissionError, SoftLabelError, AveragingError, FileNotFoundError)
+    # OSError: a path that cannot be read or written (missing, a folder, no permission, disk full).
+    return (UsageError, *KNOWN_ERRORS, OSError)
 
 
 def _key_values(specs: list[str], what: str) -> dict[str, str]:
+    from .tasks import TASK_NAMES
+
     pairs = {}
     for spec in specs or []:
         key, sep, value = spec.partition("=")
         if not sep or not key or not value:
             raise UsageError(f"{what} {spec!r} is not of the form TASK=PATH")
-        pairs[key.lower()] = value
+        task = key.strip().lower()
+        if task not in TASK_NAMES:
+            raise UsageError(f"{what} {spec!r}: unknown task {key!r}; the tasks are {', '.join(TASK_NAMES)}")
+        if task in pairs:
+            raise UsageError(f"{what} names {task} twice ({pairs[task]} and {value}); give one file per task")
+        pairs[task] = value
     return pairs
 
 
@@ -89,6 +97,7 @@ def cmd_score(args) -> int:
 
 # ----------------------------------------------------------------------------- models
 def cmd_build_encoder(args) -> int:
+    _quiet_libraries()
     from .encoders import build_e5_small, build_tiny_encoder
 
     if args.kind == "e5-small":
@@ -100,6 +109,7 @@ def cmd_build_encoder(args) -> int:
 
 
 def cmd_trim_vocab(args) -> int:
+    _quiet_libraries()
     from .encoders import ensure_encoder
     from .vocab import corpus_texts, trim_vocabulary
 
@@ -111,12 +121,15 @@ def cmd_trim_vocab(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from .config import load_pretrain_config
+
+    config = load_pretrain_config(args.config, args.set or [])
+    _check_run_folder(args, config)
+    _quiet_libraries()
     from .encoders import ensure_encoder
     from .pretrain import pretrain
 
-    config = load_pretrain_config(args.config, args.set or [])
     ensure_encoder(config.model.encoder)
-    pretrainer = pretrain(config, args.run_dir, resume=args.resume)
+    pretrainer = pretrain(config, args.run_dir, resume=args.resume, overwrite=args.overwrite)
     if pretrainer.accelerator.is_main_process:
         held_out = pretrainer.state.history[-1]
         encoder = pretrainer.run_dir / "encoder"
@@ -127,18 +140,30 @@ def cmd_pretrain(args) -> int:
 
 
 def _config(args):
+    """The run's config, and its run folder checked, before anything imports torch."""
     from .config import load_config
 
-    return load_config(args.config, args.set or [])
+    config = load_config(args.config, args.set or [])
+    _check_run_folder(args, config)
+    _quiet_libraries()
+    return config
+
+
+def _check_run_folder(args, config) -> None:
+    from .checkpoint import check_run_folder
+    from .config import config_to_dict
+
+    run_dir = Path(args.run_dir or Path(config.output_dir) / config.name)
+    check_run_folder(run_dir, config_to_dict(config), resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_train(args) -> int:
+    config = _config(args)
     from .encoders import ensure_encoder
     from .train import train
 
-    config = _config(args)
     ensure_encoder(config.model.encoder)
-    trainer = train(config, args.run_dir, resume=args.resume)
+    trainer = train(config, args.run_dir, resume=args.resume, overwrite=args.overwrite)
     if trainer.accelerator.is_main_process:
         print(f"best dev mean macro-F1 {trainer.state.best_score:.4f} at step {trainer.state.best_step}; "
               f"run folder {trainer.run_dir}")
@@ -146,6 +171,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    _quiet_libraries()
     from .evaluate import evaluate_run, format_report
 
     result = evaluate_run(args.run, data_dir=args.data_dir, plots=not args.no_plots)
@@ -155,6 +181,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    _quiet_libraries()
     from .inference import predict_submission
 
     test_files = _key_values(args.test, "--test")
@@ -166,15 +193,15 @@ def cmd_predict(args) -> int:
 
 def cmd_run(args) -> int:
     """The main job: encoder, training, dev report, test A and B submissions."""
+    config = _config(args)
     from .encoders import ensure_encoder
     from .evaluate import evaluate_run, format_report
     from .inference import predict_submission
     from .submission import read_submission
     from .train import train
 
-    config = _config(args)
     ensure_encoder(config.model.encoder)
-    trainer = train(config, args.run_dir, resume=args.resume)
+    trainer = train(config, args.run_dir, resume=args.resume, overwrite=args.overwrite)
     if not trainer.accelerator.is_main_process:  # evaluation and prediction are one process's work
         return 0
     run_dir = trainer.run_dir
@@ -189,6 +216,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_distill_labels(args) -> int:
+    _quiet_libraries()
     from .distill import write_soft_labels
 
     path = write_soft_labels(args.run, args.out, args.data_dir)
@@ -197,6 +225,7 @@ def cmd_distill_labels(args) -> int:
 
 
 def cmd_average_weights(args) -> int:
+    _quiet_libraries()
     from .averaging import average_weights
 
     path = average_weights(args.run, args.out)
@@ -222,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-5")
         sub.add_argument("--run-dir", help="run folder (default: OUTPUT_DIR/NAME from the config)")
         sub.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+        sub.add_argument("--overwrite", action="store_true",
+                         help="replace the run the run folder holds (its checkpoints, best model and metrics)")
 
     sub = command("link-data", cmd_link_data, "link the competition files from ../shared/data/tianchi into data/")
     sub.add_argument("--source", default=str(DEFAULT_SHARED_DATA))
@@ -291,9 +322,17 @@ def _quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so temporary files are removed on the way out."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import threading
+
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.handler(args)
     except _known_errors() as error:
@@ -302,3 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a fault of the kit, not of the input: still one line
+        if os.environ.get("CLUE_MTL_TRACEBACK"):
+            raise
+        message = str(error).splitlines()[0][:300] if str(error) else ""
+        print(f"error: internal error {type(error).__name__}: {message} (CLUE_MTL_TRACEBACK=1 shows where)",
+              file=sys.stderr)
+        return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
+import stat
+import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -104,11 +107,12 @@ def read_clue_jsonl(path: str | Path, task: Task | str, *, labelled: bool = True
 
 def _read_lines(path: str | Path, problems: _Problems) -> list[tuple[int, str]]:
     """The decoded lines with their 1-based numbers; undecodable lines are reported and left out."""
+    kind = _file_kind(Path(path))
+    if kind != "file":
+        problems.add(0, kind)
+        return []
     try:
         raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        problems.add(0, "missing file")
-        return []
     except OSError as error:
         problems.add(0, f"cannot read the file ({error.strerror or error})")
         return []
@@ -186,19 +190,59 @@ def _json_row(number: int, line: str, task: Task, labelled: bool, problems: _Pro
     return _Row(number, str(record.get("id", number)), texts, label)
 
 
+def _file_kind(path: Path) -> str:
+    """ "file" for a regular file (or a link to one), else what the path is, as a problem."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "dangling symbolic link" if os.path.islink(path) else "missing file"
+    except OSError as error:  # a symbolic link loop (ELOOP), a component that is not a folder, no permission
+        return f"cannot open the file ({error.strerror or error})"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "is a folder, not a file" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+
+
+def _id_problem(id_: str) -> str | None:
+    if not id_.strip():
+        return "empty id"
+    odd = next((c for c in id_ if c.isspace() or not c.isprintable()), None)
+    if odd is not None:
+        return f"id {id_!r} contains {_describe_char(odd)}; ids are printable and have no spaces"
+    return None
+
+
+def _describe_char(char: str) -> str:
+    name = unicodedata.name(char, "") or {"\0": "NUL", "\r": "CARRIAGE RETURN"}.get(char, "a control character")
+    return f"U+{ord(char):04X} ({name})"
+
+
+def _text_problem(task: Task, name: str, text: str) -> str | None:
+    if not text.strip():
+        return f"empty {name}"
+    control = next((c for c in text if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        return f"{name} contains the control character {_describe_char(control)} at column {text.index(control) + 1}"
+    if not task.normalize(text).strip():
+        return f"{name} is empty after normalisation (only invisible characters)"
+    return None
+
+
 def _check_rows(rows: list[_Row], task: Task, labelled: bool, problems: _Problems) -> None:
     first_line_of_id: dict[str, int] = {}
     known_labels = set(task.labels)
     for row in rows:
-        if not row.id.strip():
-            problems.add(row.line, "empty id")
+        id_problem = _id_problem(row.id)
+        if id_problem:
+            problems.add(row.line, id_problem)
         elif row.id in first_line_of_id:
             problems.add(row.line, f"duplicate id {row.id!r} (first on line {first_line_of_id[row.id]})")
         else:
             first_line_of_id[row.id] = row.line
         for name, text in zip(_text_names(task), row.texts):
-            if not text.strip():
-                problems.add(row.line, f"empty {name}")
+            text_problem = _text_problem(task, name, text)
+            if text_problem:
+                problems.add(row.line, text_problem)
         if labelled and row.label not in known_labels:
             problems.add(row.line, f"unknown label {row.label!r}; {task.name} labels are {', '.join(task.labels)}")
 
@@ -229,10 +273,17 @@ def resolve_data_file(data_dir: str | Path, task: Task | str, split: str) -> Pat
     if not folder.is_dir():
         raise DataError(f"{folder}: data folder not found; put the competition files there")
     path = folder / name
-    if path.is_file():
-        return path
-    same_name = [p for p in folder.iterdir() if p.name.lower() == name.lower() and p.is_file()]
-    if len(same_name) == 1:
+    try:
+        same_name = sorted(p for p in folder.iterdir() if p.name.lower() == name.lower())
+    except OSError as error:
+        raise DataError(f"{folder}: cannot list the data folder ({error.strerror or error})") from None
+    if len(same_name) > 1:
+        raise DataError(f"{folder}: ambiguous: {', '.join(p.name for p in same_name)} all name the "
+                        f"{task.name} file {name}; keep one")
+    if same_name:
+        kind = _file_kind(same_name[0])
+        if kind != "file":
+            raise DataError(f"{same_name[0]}: {kind}; expected the {task.name} file {name}")
         return same_name[0]
     what = "training file" if split == "train" else f"test {split.upper()} file"
     raise DataError(f"{path}: missing file; expected the {task.name} {what} named {name}")

@@ -37,8 +37,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
+from .config import read_yaml
 from .errors import SoftLabelError
 from .tasks import TASK_NAMES, get_task
 
@@ -162,7 +162,7 @@ def _teacher_record(run_dir: Path, tasks: list[str]) -> dict:
     record = {
         "run_dir": str(Path(run_dir).resolve()),
         "tasks": tasks,
-        "config": yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")),
+        "config": read_yaml(run_dir / "config.yaml"),
         "best": best_evaluation(run_dir),
     }
     averaged = run_dir / "averaged_from.json"
@@ -193,14 +193,26 @@ def read_soft_labels(path: str | Path) -> SoftLabels:
     path = Path(path)
     if not path.is_file():
         raise SoftLabelError(f"{path}: soft-label file not found")
-    with safe_open(str(path), framework="numpy") as file:
-        raw = (file.metadata() or {}).get(METADATA_KEY)
-        if raw is None:
-            raise SoftLabelError(f"{path}: not a soft-label file (no {METADATA_KEY} metadata)")
-        meta = json.loads(raw)
-        probs = {task: file.get_tensor(task) for task in file.keys()}
-    if meta.get("format") != FORMAT_VERSION:
-        raise SoftLabelError(f"{path}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+    try:
+        with safe_open(str(path), framework="numpy") as file:
+            raw = (file.metadata() or {}).get(METADATA_KEY)
+            if raw is None:
+                raise SoftLabelError(f"{path}: not a soft-label file (no {METADATA_KEY} metadata)")
+            meta = json.loads(raw)
+            probs = {task: file.get_tensor(task) for task in file.keys()}
+    except SoftLabelError:
+        raise
+    except Exception as error:  # SafetensorError, JSON errors, RecursionError: not a file we wrote
+        raise SoftLabelError(f"{path}: not a readable soft-label file ({str(error).splitlines()[0][:200]})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise SoftLabelError(f"{path}: format {found!r}, expected {FORMAT_VERSION}")
+    well_formed = isinstance(meta.get("tasks"), dict) and all(
+        task in TASK_NAMES and isinstance(entry, dict) and isinstance(entry.get("ids"), list)
+        for task, entry in meta["tasks"].items()) and isinstance(meta.get("teachers", []), list) and all(
+        isinstance(teacher, dict) for teacher in meta.get("teachers", []))
+    if not well_formed:
+        raise SoftLabelError(f"{path}: the {METADATA_KEY} metadata does not describe the tasks' ids")
     problems = []
     if set(probs) != set(meta["tasks"]):
         problems.append(f"matrices for {sorted(probs)} but ids for {sorted(meta['tasks'])}")

