@@ -8,6 +8,7 @@ gigabytes), nesting at most `MAX_YAML_DEPTH` deep, keys that are plain strings a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -27,7 +28,8 @@ MAX_YAML_BYTES = 1 << 20
 MAX_YAML_DEPTH = 32
 MAX_SEED = 2**32 - 1                    # numpy's global seed (Accelerate's set_seed) takes 32 bits
 MAX_BATCH = 1 << 16                     # rows per step, micro-batches per step: sanity bounds
-MAX_LENGTH = 1 << 16                    # tokens per row
+MAX_LENGTH = 1 << 16                    # tokens per row, hidden units of a head
+MAX_STEPS = 10**9
 # Settings that change nothing a run computes: a run may resume with other values of these.
 RESUMABLE_KEYS = ("name", "output_dir", "train.num_threads")
 
@@ -71,9 +73,10 @@ def parse_yaml(text: str, where: str) -> Any:
     """A YAML document read safely and boundedly; errors are `ConfigError`s naming `where` and the line."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_YAML_BYTES:
         raise ConfigError(f"{where}: larger than {MAX_YAML_BYTES:,} bytes; not a config")
-    loader = _BoundedLoader(text)
-    loader.where = where
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # the reader refuses unprintable characters here already
+        loader.where = where
         return loader.get_single_data()
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
@@ -84,7 +87,8 @@ def parse_yaml(text: str, where: str) -> Any:
     except RecursionError:
         raise ConfigError(f"{where}: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -251,7 +255,7 @@ def _checked_any(value: Any, key: str) -> Any:
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r:.60}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     bad_keys = [k for k in values if not isinstance(k, str)]
@@ -325,7 +329,20 @@ def _read_values(path: str | Path | None, overrides: list[str]) -> dict[str, Any
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    return config_from_dict(_read_values(path, list(overrides)))
+    values = _read_values(path, list(overrides))
+    with _naming_the_file(path):
+        return config_from_dict(values)
+
+
+@contextlib.contextmanager
+def _naming_the_file(path: str | Path | None):
+    """Errors in a config read from a file start with the file's name."""
+    try:
+        yield
+    except ConfigError as error:
+        if path is None or str(error).startswith(str(path)):
+            raise
+        raise ConfigError(f"{path}: {error}") from None
 
 
 def _float_strings(values: Any) -> Any:
@@ -400,7 +417,8 @@ def validate(config: RunConfig) -> None:
         limit = getattr(config.data, name)
         need(limit is None or limit > 0, f"data.{name} must be positive (or null for all rows)")
     need(0 <= config.model.dropout < 1, "model.dropout must lie in [0, 1)")
-    need(config.model.head_hidden >= 0, "model.head_hidden must not be negative")
+    need(0 <= config.model.head_hidden <= MAX_LENGTH, f"model.head_hidden must lie in [0, {MAX_LENGTH:,}]")
+    need(config.train.steps <= MAX_STEPS, f"train.steps must be at most {MAX_STEPS:,}")
     _validate_numbers(config.train, need)
     need(config.train.batch_size <= MAX_BATCH, f"train.batch_size must be at most {MAX_BATCH:,}")
     need(config.train.grad_accumulation <= MAX_BATCH, f"train.grad_accumulation must be at most {MAX_BATCH:,}")
@@ -439,7 +457,7 @@ def _validate_numbers(train: Any, need) -> None:
     need(train.weight_decay >= 0, "train.weight_decay must not be negative")
     need(0 <= train.warmup_ratio <= 1, "train.warmup_ratio must lie in [0, 1]")
     need(train.grad_clip >= 0, "train.grad_clip must not be negative (0 turns clipping off)")
-    need(train.num_threads >= 0, "train.num_threads must not be negative (0 keeps torch's default)")
+    need(0 <= train.num_threads <= 1024, "train.num_threads must lie in [0, 1024] (0 keeps torch's default)")
     need(0 <= train.seed <= MAX_SEED, f"train.seed must lie in [0, {MAX_SEED}]")
 
 
@@ -497,8 +515,10 @@ class PretrainConfig:
 
 
 def load_pretrain_config(path: str | Path | None = None, overrides: list[str] = ()) -> PretrainConfig:
-    config = _build(PretrainConfig, _read_values(path, list(overrides)), "")
-    validate_pretrain(config)
+    values = _read_values(path, list(overrides))
+    with _naming_the_file(path):
+        config = _build(PretrainConfig, values, "")
+        validate_pretrain(config)
     return config
 
 
@@ -525,6 +545,7 @@ def validate_pretrain(config: PretrainConfig) -> None:
     need(train.batch_size <= MAX_BATCH and train.eval_batch_size <= MAX_BATCH,
          f"train.batch_size and eval_batch_size must be at most {MAX_BATCH:,}")
     need(data.max_length <= MAX_LENGTH, f"data.max_length must be at most {MAX_LENGTH:,}")
+    need(train.steps <= MAX_STEPS, f"train.steps must be at most {MAX_STEPS:,}")
     _validate_numbers(train, need)
 
 
