@@ -80,7 +80,8 @@ def train_variant(variant: str, seed: int, threads: int) -> dict:
     timing = directory / "wall_seconds.json"
     if not (timing.exists() and final_eval(directory)):
         overrides = [*VARIANTS[variant], f"train.seed={seed}", f"train.num_threads={threads}"]
-        command = [sys.executable, "-m", "clue_mtl", "train", "--config", CONFIG, "--run-dir", str(directory)]
+        command = [sys.executable, "-m", "clue_mtl", "train", "--config", CONFIG, "--run-dir", str(directory),
+                   "--overwrite"]  # an unfinished run starts again
         for override in overrides:
             command += ["--set", override]
         started = time.perf_counter()

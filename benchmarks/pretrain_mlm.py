@@ -25,7 +25,7 @@ def run_pretraining(config: str, overrides: list[str]) -> tuple[Path, float]:
     from clue_mtl.config import load_pretrain_config
 
     loaded = load_pretrain_config(ROOT / config, overrides)
-    command = [sys.executable, "-m", "clue_mtl", "pretrain", "--config", config]
+    command = [sys.executable, "-m", "clue_mtl", "pretrain", "--config", config, "--overwrite"]
     for override in overrides:
         command += ["--set", override]
     started = time.perf_counter()

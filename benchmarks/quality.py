@@ -29,7 +29,7 @@ def run_config(config: str) -> tuple[Path, float]:
 
     loaded = load_config(ROOT / config)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "clue_mtl", "run", "--config", config], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "clue_mtl", "run", "--config", config, "--overwrite"], cwd=ROOT, check=True)
     return ROOT / loaded.output_dir / loaded.name, time.perf_counter() - started
 
 
