@@ -176,7 +176,8 @@ def test_from_scratch_with_a_smaller_config(pretrain_config):
     pretrainer.train()
     assert json.loads((pretrainer.run_dir / "encoder/config.json").read_text())["num_hidden_layers"] == 1
     with pytest.raises(ConfigError, match="num_hidden_layerz"):
-        Pretrainer(pretrain_config("model.config_overrides={num_hidden_layerz: 1}"), cache_dir=None)
+        Pretrainer(pretrain_config("model.config_overrides={num_hidden_layerz: 1}"), pretrainer.run_dir.parent / "typo",
+                   cache_dir=None)
 
 
 def test_cli_pretrain_and_trim_vocab(pretrain_config, tmp_path, capsys):
