@@ -47,6 +47,7 @@ from .distill import annealed_mix, distillation_loss, read_soft_labels
 from .ema import ExponentialMovingAverage
 from .encoders import encoder_layers, load_encoder
 from .evaluate import leaderboard_score
+from .hardware import resolve_precision
 from .inference import predict_logits
 from .model import MultiTaskModel, build_model
 from .optim import parameter_groups
@@ -104,13 +105,17 @@ def class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
 def fresh_accelerator(**kwargs) -> Accelerator:
     """An Accelerator for this run.
 
+    `mixed_precision="auto"` becomes what the hardware runs fast (`hardware.resolve_precision`).
     Without a GPU it asks for the CPU explicitly, which is what makes Accelerate form a gloo
     process group when several CPU processes are launched. In a single process (a notebook, a
     test) the global state of an earlier run is reset first, so one session can switch precision.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=not torch.accelerator.is_available(), **kwargs)
+    on_cpu = not torch.accelerator.is_available()
+    if "mixed_precision" in kwargs:
+        kwargs["mixed_precision"] = resolve_precision(kwargs["mixed_precision"], "cpu" if on_cpu else None)
+    return Accelerator(cpu=on_cpu, **kwargs)
 
 
 class Trainer(RunRecipe):
@@ -132,6 +137,9 @@ class Trainer(RunRecipe):
             mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.grad_accumulation,
             step_scheduler_with_optimizer=False,
         )
+        if train.mixed_precision == "auto" and show_progress:
+            self.accelerator.print(f"mixed precision auto: {self.accelerator.mixed_precision} on this "
+                                   f"{self.accelerator.device.type}")
         set_seed(train.seed)
         self.state = TrainerState()
         self._setup_data()
