@@ -91,13 +91,21 @@ def cmd_score(args) -> int:
 
 
 # ----------------------------------------------------------------------------- models
-def cmd_build_encoder(args) -> int:
-    from .encoders import build_e5_small, build_tiny_encoder
+TINY_ENCODERS = ("tiny-bert", "tiny-xlmr")
 
-    if args.kind == "e5-small":
-        path = build_e5_small(args.out)
-    else:
+
+def cmd_build_encoder(args) -> int:
+    from .encoders import build_tiny_encoder
+    from .offline_encoders import OFFLINE_ENCODERS, build_offline_encoder
+
+    if args.kind in TINY_ENCODERS:
         path = build_tiny_encoder(args.out, kind=args.kind.removeprefix("tiny-"))
+    else:
+        try:
+            path = build_offline_encoder(args.kind, args.out)
+        except (ImportError, FileExistsError) as error:
+            raise UsageError(str(error)) from error
+        print(f"terms of use: {OFFLINE_ENCODERS[args.kind].licence}")
     print(f"encoder written to {path}")
     return 0
 
@@ -302,8 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--gold", action="append", metavar="TASK=PATH", help="a labelled file for one task")
     sub.add_argument("--json", action="store_true", help="machine-readable output")
 
+    from .offline_encoders import OFFLINE_ENCODERS
+
     sub = command("build-encoder", cmd_build_encoder, "write an offline encoder folder")
-    sub.add_argument("kind", choices=["e5-small", "tiny-bert", "tiny-xlmr"])
+    sub.add_argument("kind", choices=[*OFFLINE_ENCODERS, *TINY_ENCODERS])
     sub.add_argument("--out", required=True)
 
     config_options(command("train", cmd_train, "multi-task training"))

@@ -42,7 +42,8 @@ def predict_logits(model: torch.nn.Module, task: str, data, *, pad_id: int, batc
         for number, (rows, batch) in enumerate(inference_batches(data, batch_size, pad_id)):
             if number % world != rank:
                 continue
-            logits, _ = model(task, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            batch = {key: value.to(device) for key, value in batch.items()}
+            logits, _ = model(task, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
             pieces.append((rows, logits.float().cpu().numpy()))
     if world > 1:
         pieces = gather_object(pieces)

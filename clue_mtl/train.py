@@ -230,7 +230,8 @@ class Trainer(RunRecipe):
                            for task, batch in batches.items()}
                 losses, features, accuracies = {}, {}, {}
                 for task, batch in batches.items():
-                    logits, pooled = self.model(task, batch["input_ids"], batch["attention_mask"])
+                    logits, pooled = self.model(task, batch["input_ids"], batch["attention_mask"],
+                                                batch.get("token_type_ids"))
                     losses[task] = self._task_loss(task, logits, batch)
                     features[task] = pooled
                     accuracies[task] = (logits.detach().argmax(-1) == batch["labels"]).float().mean()
@@ -276,10 +277,12 @@ class Trainer(RunRecipe):
             return
         # Under DDP every rank runs the same forwards (each is a collective), attacked or not.
         weights = self.weighting.task_weights()
-        adversarial = sum(weights[task] * self._task_loss(task, self.model(task, b["input_ids"], b["attention_mask"])[0], b)
-                          for task, b in batches.items())
+        adversarial = sum(weights[task] * self._task_loss(task, self._logits(task, b), b) for task, b in batches.items())
         self.accelerator.backward(adversarial if attacked else adversarial * 0.0)
         self.fgm.restore()
+
+    def _logits(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(task, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))[0]
 
     def _gradient_sync_context(self):
         """Gradient-level methods average per-task gradients themselves: DDP must not sync too."""
