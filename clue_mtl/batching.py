@@ -4,6 +4,10 @@ Every optimiser step draws one batch from every task, so per-task losses exist a
 task's batch size follows a sampling rule over dataset sizes (proportional, |D|^alpha, uniform).
 The stream is a pure function of (seed, step): resuming at step k rebuilds exactly the batches an
 uninterrupted run would have seen, and process r of w takes rows r, r+w, ... of each global batch.
+
+Segment ids: where the tokenizer makes `token_type_ids` (BERT-style: 0 for text A, 1 for text B
+of a pair), they are kept beside the input ids and every batch carries them; where it makes none
+(XLM-R, e5), batches hold input ids and attention mask only, as before.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class EncodedTask:
     input_ids: list[np.ndarray]
     labels: np.ndarray | None  # label indices, None for unlabelled test rows
     soft_labels: np.ndarray | None = None  # teachers' class probabilities per row, for distillation
+    token_type_ids: list[np.ndarray] | None = None  # segment ids per row; None: the tokenizer makes none
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -48,12 +53,17 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
+def makes_token_type_ids(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer returns segment ids (BERT: yes; XLM-R and e5: no)."""
+    return "token_type_ids" in tokenizer.model_input_names
+
+
 def encode_frame(tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, task: str, *, max_length: int,
                  cache_dir: str | Path | None = None, fingerprint: str | None = None) -> EncodedTask:
     """Tokenise a task's frame (columns id, text_a, text_b, optional label); pairs as tokenizer(a, b).
 
-    With `cache_dir`, the result is stored under a key of the tokenizer, max length and texts, and
-    later calls with the same inputs load it instead of tokenising again.
+    With `cache_dir`, the result is stored under a key of the tokenizer, max length, the fields
+    kept and the texts, and later calls with the same inputs load it instead of tokenising again.
     """
     spec = get_task(task)
     texts_a = frame["text_a"].tolist()
@@ -63,28 +73,38 @@ def encode_frame(tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, task: 
         index = spec.label_index()
         labels = np.array([index[label] for label in frame["label"]], dtype=np.int64)
     ids = frame["id"].astype(str).tolist()
+    segments = makes_token_type_ids(tokenizer)
 
     cache_file = None
     if cache_dir is not None:
         digest = hashlib.sha1()
         digest.update((fingerprint or tokenizer_fingerprint(tokenizer)).encode())
         digest.update(f"{task}|{max_length}".encode())
+        if segments:  # the key of a tokenizer without segment ids stays as it was
+            digest.update(b"|token_type_ids")
         for text in texts_a + (texts_b or []):
             digest.update(text.encode("utf-8") + b"\x00")
         cache_file = Path(cache_dir) / f"{task}-{digest.hexdigest()[:20]}.npz"
         if cache_file.exists():
             stored = np.load(cache_file)
-            return EncodedTask(task, ids, np.split(stored["flat"], stored["offsets"][1:-1]), labels)
+            ends = stored["offsets"][1:-1]
+            token_types = np.split(stored["token_type_flat"], ends) if segments else None
+            return EncodedTask(task, ids, np.split(stored["flat"], ends), labels, token_type_ids=token_types)
 
-    encoded = tokenizer(texts_a, texts_b, truncation=True, max_length=max_length)["input_ids"]
-    input_ids = [np.asarray(row, dtype=np.int32) for row in encoded]
+    encoded = tokenizer(texts_a, texts_b, truncation=True, max_length=max_length,
+                        return_token_type_ids=segments, return_attention_mask=False)
+    input_ids = [np.asarray(row, dtype=np.int32) for row in encoded["input_ids"]]
+    token_types = [np.asarray(row, dtype=np.int8) for row in encoded["token_type_ids"]] if segments else None
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        offsets = np.concatenate([[0], np.cumsum([len(row) for row in input_ids])])
+        arrays = {"flat": np.concatenate(input_ids),
+                  "offsets": np.concatenate([[0], np.cumsum([len(row) for row in input_ids])])}
+        if segments:
+            arrays["token_type_flat"] = np.concatenate(token_types)
         temporary = cache_file.with_suffix(f".{os.getpid()}.tmp.npz")  # processes may race to write
-        np.savez(temporary, flat=np.concatenate(input_ids), offsets=offsets)
+        np.savez(temporary, **arrays)
         temporary.replace(cache_file)
-    return EncodedTask(task, ids, input_ids, labels)
+    return EncodedTask(task, ids, input_ids, labels, token_type_ids=token_types)
 
 
 def task_batch_sizes(sizes: dict[str, int], total: int, rule: str = "power", alpha: float = 0.75) -> dict[str, int]:
@@ -123,7 +143,10 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
     return batches
 
 
-def pad_batch(rows: list[np.ndarray], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+def pad_batch(rows: list[np.ndarray], pad_id: int, pad_to_multiple_of: int | None = None,
+              token_types: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids` and `attention_mask`; `token_type_ids` too (padded with 0) when
+    `token_types` are given."""
     width = max(len(row) for row in rows)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
@@ -132,7 +155,20 @@ def pad_batch(rows: list[np.ndarray], pad_id: int, pad_to_multiple_of: int | Non
     for i, row in enumerate(rows):
         input_ids[i, :len(row)] = row
         attention_mask[i, :len(row)] = 1
-    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+    if token_types is not None:
+        token_type_ids = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(token_types):
+            token_type_ids[i, :len(row)] = row
+        batch["token_type_ids"] = torch.from_numpy(token_type_ids)
+    return batch
+
+
+def pad_rows(data: EncodedTask, rows: np.ndarray, pad_id: int,
+             pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """`pad_batch` of the given rows of `data`, with their segment ids where `data` has them."""
+    token_types = None if data.token_type_ids is None else [data.token_type_ids[i] for i in rows]
+    return pad_batch([data.input_ids[i] for i in rows], pad_id, pad_to_multiple_of, token_types)
 
 
 class TaskStream:
@@ -169,7 +205,7 @@ class MultiTaskBatches:
         batches = {}
         for task, stream in self.streams.items():
             rows = stream.indices(step)[self.process_index::self.num_processes]
-            batch = pad_batch([stream.data.input_ids[i] for i in rows], self.pad_id, self.pad_to_multiple_of)
+            batch = pad_rows(stream.data, rows, self.pad_id, self.pad_to_multiple_of)
             batch["labels"] = torch.from_numpy(stream.data.labels[rows])
             if stream.data.soft_labels is not None:
                 batch["teacher_probs"] = torch.from_numpy(stream.data.soft_labels[rows])
@@ -186,4 +222,4 @@ def inference_batches(data: EncodedTask, batch_size: int, pad_id: int,
     order = np.argsort(data.lengths, kind="stable")
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        yield rows, pad_batch([data.input_ids[i] for i in rows], pad_id, pad_to_multiple_of)
+        yield rows, pad_rows(data, rows, pad_id, pad_to_multiple_of)

@@ -75,7 +75,8 @@ def cmd_check_data(args) -> int:
 def cmd_baseline(args) -> int:
     from .baseline import run_baseline
 
-    run_baseline(args.data_dir, out_dir=args.out_dir, dev_fraction=args.dev_fraction, seed=args.seed)
+    run_baseline(args.data_dir, out_dir=args.out_dir, dev_fraction=args.dev_fraction, seed=args.seed,
+                 run_dir=args.run_dir)
     return 0
 
 
@@ -96,14 +97,22 @@ def cmd_score(args) -> int:
 
 
 # ----------------------------------------------------------------------------- models
+TINY_ENCODERS = ("tiny-bert", "tiny-xlmr")
+
+
 def cmd_build_encoder(args) -> int:
     _quiet_libraries()
-    from .encoders import build_e5_small, build_tiny_encoder
+    from .encoders import build_tiny_encoder
+    from .offline_encoders import OFFLINE_ENCODERS, build_offline_encoder
 
-    if args.kind == "e5-small":
-        path = build_e5_small(args.out)
-    else:
+    if args.kind in TINY_ENCODERS:
         path = build_tiny_encoder(args.out, kind=args.kind.removeprefix("tiny-"))
+    else:
+        try:
+            path = build_offline_encoder(args.kind, args.out)
+        except (ImportError, FileExistsError) as error:
+            raise UsageError(str(error)) from error
+        print(f"terms of use: {OFFLINE_ENCODERS[args.kind].licence}")
     print(f"encoder written to {path}")
     return 0
 
@@ -172,6 +181,14 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     _quiet_libraries()
+    if bool(args.run) == bool(args.blend):
+        raise UsageError("name one of --run RUN or --blend BLEND")
+    if args.blend:
+        from .blend import evaluate_blend
+
+        print(evaluate_blend(args.blend, plots=not args.no_plots)["report"])
+        print(f"report and figures in {Path(args.blend) / 'evaluation'}")
+        return 0
     from .evaluate import evaluate_run, format_report
 
     result = evaluate_run(args.run, data_dir=args.data_dir, plots=not args.no_plots)
@@ -182,37 +199,85 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     _quiet_libraries()
-    from .inference import predict_submission
-
+    if bool(args.run) == bool(args.blend):
+        raise UsageError("name --run RUN (repeat to average runs) or --blend BLEND, not both")
     test_files = _key_values(args.test, "--test")
-    path = predict_submission(args.run, args.out, split=args.split, data_dir=args.data_dir,
-                              test_files=test_files, id_mode=args.id_mode)
+    if args.blend:
+        from .blend import predict_blend_submission
+
+        path = predict_blend_submission(args.blend, args.out, split=args.split, data_dir=args.data_dir,
+                                        test_files=test_files, id_mode=args.id_mode)
+    else:
+        from .inference import predict_submission
+
+        path = predict_submission(args.run, args.out, split=args.split, data_dir=args.data_dir,
+                                  test_files=test_files, id_mode=args.id_mode)
     print(f"submission written to {path}")
     return 0
 
 
+def cmd_blend(args) -> int:
+    from .blend import build_blend, format_blend_report
+
+    members = list(args.run or []) + list(args.baseline or [])
+    blend = build_blend(members, args.out, data_dir=args.data_dir)
+    print(format_blend_report(blend))
+    print(f"blend written to {args.out}; predict with `clue-mtl predict --blend {args.out} --split a --out ZIP`")
+    return 0
+
+
 def cmd_run(args) -> int:
-    """The main job: encoder, training, dev report, test A and B submissions."""
+    """The main job: baseline, encoder, training, blend, dev report, test A and B submissions."""
     config = _config(args)
+    from .blend import build_blend, format_blend_report, predict_blend_submission
     from .encoders import ensure_encoder
-    from .evaluate import evaluate_run, format_report
-    from .inference import predict_submission
+    from .evaluate import evaluate_run
     from .submission import read_submission
     from .train import train
 
     ensure_encoder(config.model.encoder)
+    baseline_dir = _fitted_baseline(config)
     trainer = train(config, args.run_dir, resume=args.resume, overwrite=args.overwrite)
     if not trainer.accelerator.is_main_process:  # evaluation and prediction are one process's work
         return 0
     run_dir = trainer.run_dir
-    result = evaluate_run(run_dir)
-    print(format_report(result["reports"]))
+    evaluation = evaluate_run(run_dir)
+    blend_dir = Path(args.blend_dir or Path("blends") / config.name)
+    blend = build_blend([run_dir, baseline_dir], blend_dir,
+                        dev_probabilities={str(run_dir): evaluation["probabilities"]})
+    print(format_blend_report(blend))
+    print(f"the zips decide by the biased blend ({blend_dir}); cross-fitted dev mean macro-F1 "
+          f"{blend.mean('biased'):.4f}")
     out_dir = Path(args.out_dir)
     for split in ("a", "b"):
-        path = predict_submission([run_dir], out_dir / f"{config.name}-test-{split}.zip", split=split)
+        path = predict_blend_submission(blend_dir, out_dir / f"{config.name}-test-{split}.zip", split=split)
         rows = sum(len(frame) for frame in read_submission(path, allow_partial=len(config.data.tasks) < 3).values())
         print(f"test {split.upper()} submission: {path} ({rows} rows, validated)")
     return 0
+
+
+def _fitted_baseline(config) -> Path:
+    """The TF-IDF baseline on the config's split and training rows, fitted now unless a matching
+    one is saved in OUTPUT_DIR/baseline."""
+    import json
+
+    from .baseline import BASELINE_FILE, run_baseline
+
+    data = config.data
+    run_dir = Path(config.output_dir) / "baseline"
+    wanted = {"data_dir": str(data.data_dir), "dev_fraction": data.dev_fraction, "split_seed": data.split_seed,
+              "max_rows": data.max_train_rows}
+    try:
+        saved = json.loads((run_dir / BASELINE_FILE).read_text(encoding="utf-8"))
+        settings = {key: saved["settings"][key] for key in wanted}
+        if settings == wanted and set(data.tasks) <= set(saved["tasks"]):
+            print(f"baseline: using {run_dir} (same data and split)")
+            return run_dir
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    run_baseline(data.data_dir, out_dir=None, dev_fraction=data.dev_fraction, seed=data.split_seed,
+                 run_dir=run_dir, tasks=list(data.tasks), max_rows=data.max_train_rows, id_mode=data.id_mode)
+    return run_dir
 
 
 def cmd_distill_labels(args) -> int:
@@ -265,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out-dir", default="submissions")
     sub.add_argument("--dev-fraction", type=float, default=0.1)
     sub.add_argument("--seed", type=int, default=42)
+    sub.add_argument("--run-dir", default="runs/baseline",
+                     help="folder for the fitted models, a blend member (default: %(default)s)")
 
     sub = command("score", cmd_score, "score a submission zip against labelled files, as the leaderboard does")
     sub.add_argument("submission")
@@ -272,8 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--gold", action="append", metavar="TASK=PATH", help="a labelled file for one task")
     sub.add_argument("--json", action="store_true", help="machine-readable output")
 
+    from .offline_encoders import OFFLINE_ENCODERS
+
     sub = command("build-encoder", cmd_build_encoder, "write an offline encoder folder")
-    sub.add_argument("kind", choices=["e5-small", "tiny-bert", "tiny-xlmr"])
+    sub.add_argument("kind", choices=[*OFFLINE_ENCODERS, *TINY_ENCODERS])
     sub.add_argument("--out", required=True)
 
     config_options(command("train", cmd_train, "multi-task training"))
@@ -285,18 +354,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", required=True, help="the trimmed encoder's folder")
     data_dir(sub)
 
-    sub = command("evaluate", cmd_evaluate, "dev report of a run: per task, per class, confusion matrices")
-    sub.add_argument("--run", required=True)
+    sub = command("evaluate", cmd_evaluate, "dev report of a run or a blend: per task, per class, confusion matrices")
+    sub.add_argument("--run", help="a run folder")
+    sub.add_argument("--blend", help="a blend folder: members, blend and biased blend side by side")
     data_dir(sub, default=None)
     sub.add_argument("--no-plots", action="store_true")
 
     sub = command("predict", cmd_predict, "predict test files into a submission zip (several runs: ensemble)")
-    sub.add_argument("--run", action="append", required=True, help="run folder; repeat to average runs")
+    sub.add_argument("--run", action="append", help="run folder; repeat to average runs")
+    sub.add_argument("--blend", help="a blend folder from `clue-mtl blend`")
     sub.add_argument("--split", choices=["a", "b"], default="a")
     sub.add_argument("--out", required=True)
     data_dir(sub, default=None)
     sub.add_argument("--test", action="append", metavar="TASK=PATH", help="an explicit test file for one task")
     sub.add_argument("--id-mode", choices=["file", "row"], help="ids from the test file or row positions")
+
+    sub = command("blend", cmd_blend, "fit per-task member weights and macro-F1 class biases on the dev split")
+    sub.add_argument("--run", action="append", help="a trained run folder; repeat")
+    sub.add_argument("--baseline", action="append", help="a baseline folder from `clue-mtl baseline` (e.g. runs/baseline)")
+    sub.add_argument("--out", required=True, help="the blend folder, e.g. blends/NAME")
+    data_dir(sub, default=None)
 
     sub = command("distill-labels", cmd_distill_labels,
                   "teachers' averaged class probabilities for every training row (for distillation)")
@@ -308,9 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--run", action="append", required=True, help="run folder; repeat")
     sub.add_argument("--out", required=True, help="the new run folder")
 
-    sub = command("run", cmd_run, "the main job: train, evaluate, write test A and B submissions")
+    sub = command("run", cmd_run, "the main job: baseline, training, blend, test A and B submissions")
     config_options(sub)
     sub.add_argument("--out-dir", default="submissions")
+    sub.add_argument("--blend-dir", help="the blend folder (default: blends/NAME)")
     return parser
 
 

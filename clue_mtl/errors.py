@@ -52,11 +52,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from: none complete, unreadable, or from another run."""
 
 
+class BlendError(ValueError):
+    """A blend that cannot be fitted, read or used: members of another split, a changed member."""
+
+
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or weight: training stops, and the last checkpoint and `best/` are kept."""
 
 
 KNOWN_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DataError, SubmissionError, SoftLabelError, AveragingError, EncoderError, RunFolderError,
-    CheckpointError, TrainingDiverged,
+    CheckpointError, BlendError, TrainingDiverged,
 )

@@ -121,6 +121,7 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | Path | None = None, plo
 
     Writes `evaluation/report.json`, `evaluation/report.txt`, one confusion-matrix PNG per task
     and `evaluation/training.png` (losses, task weights and dev macro-F1 over steps).
+    Returns {"reports", "mean_macro_f1", "probabilities": {task: [dev rows, labels]}}.
     """
     import json
 
@@ -131,7 +132,7 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | Path | None = None, plo
     dev_ids = load_split_ids(run.run_dir / "split.json")
     out_dir = run.run_dir / "evaluation"
     out_dir.mkdir(exist_ok=True)
-    reports = {}
+    reports, probabilities = {}, {}
     for task in run.tasks:
         frame = load_split(data_dir or run.config.data.data_dir, task, "train")
         missing = sorted(set(dev_ids[task]) - set(frame["id"]))
@@ -140,7 +141,8 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | Path | None = None, plo
                             f"training file (e.g. {missing[0]!r}): is it the same data?")
         dev = frame.set_index("id", drop=False).loc[dev_ids[task]].reset_index(drop=True)
         labels = run.labels[task]
-        predicted = [labels[i] for i in run.probabilities(task, dev).argmax(-1)]
+        probabilities[task] = run.probabilities(task, dev)
+        predicted = [labels[i] for i in probabilities[task].argmax(-1)]
         reports[task] = task_report(task, dev["label"].tolist(), predicted)
         if plots:
             plot_confusion(task, dev["label"].tolist(), predicted, out_dir / f"confusion_{task}.png")
@@ -149,7 +151,7 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | Path | None = None, plo
     (out_dir / "report.txt").write_text(format_report(reports) + "\n", encoding="utf-8")
     if plots and (run.run_dir / "metrics.jsonl").exists():
         plot_training(run.run_dir / "metrics.jsonl", out_dir / "training.png")
-    return result
+    return {**result, "probabilities": probabilities}
 
 
 def read_metrics(path: str | Path) -> list[dict]:

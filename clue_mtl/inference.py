@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from .batching import encode_frame, inference_batches
 from .config import RunConfig, load_config
+from .hardware import resolve_precision
 from .model import MultiTaskModel
 
 
@@ -41,7 +42,8 @@ def predict_logits(model: torch.nn.Module, task: str, data, *, pad_id: int, batc
         for number, (rows, batch) in enumerate(inference_batches(data, batch_size, pad_id)):
             if number % world != rank:
                 continue
-            logits, _ = model(task, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            batch = {key: value.to(device) for key, value in batch.items()}
+            logits, _ = model(task, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
             pieces.append((rows, logits.float().cpu().numpy()))
     if world > 1:
         pieces = gather_object(pieces)
@@ -71,6 +73,11 @@ class LoadedRun:
         self.tokenizer = AutoTokenizer.from_pretrained(self.run_dir / "tokenizer")
         self.model = MultiTaskModel.load(self.run_dir / "best").to(device).eval()
         self.labels: dict[str, list[str]] = json.loads((self.run_dir / "labels.json").read_text(encoding="utf-8"))
+        # bf16 where the run trained in it and this machine multiplies in it; float32 elsewhere
+        # (emulated bf16 is many times slower, and float32 loses nothing).
+        device_type = torch.device(device).type
+        self.bf16 = (self.config.train.mixed_precision in ("bf16", "auto")
+                     and resolve_precision("auto", device_type) == "bf16")
 
     @property
     def tasks(self) -> list[str]:
@@ -79,7 +86,7 @@ class LoadedRun:
     def probabilities(self, task: str, frame: pd.DataFrame, batch_size: int = 64) -> np.ndarray:
         data = encode_frame(self.tokenizer, frame, task, max_length=self.config.data.max_length)
         logits = predict_logits(self.model, task, data, pad_id=self.tokenizer.pad_token_id, batch_size=batch_size,
-                                bf16=self.config.train.mixed_precision == "bf16")
+                                bf16=self.bf16)
         return softmax(logits)
 
 

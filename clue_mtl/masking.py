@@ -18,6 +18,12 @@ the mask token with probability ``mask_replace_prob`` (0.8), a random non-specia
 chosen tokens and -100 everywhere else; special tokens (the unknown token included: predicting
 it teaches nothing) and padding are never chosen.
 
+Pairs: with a BERT-style tokenizer a ``(text_a, text_b)`` pair's features carry ``token_type_ids``
+(1 on text B and its closing [SEP]) and the batch passes them on, zero-padded; single texts and
+tokenizers without segment ids (XLM-R) give batches without them. WordPiece: a BERT-Chinese
+tokenizer gives one token per Chinese character and ``##`` pieces for the rest of a Latin word or
+a number; the offsets of both lie inside the jieba word, so a word's pieces form one unit.
+
 Segmentation is the slow part (about 80 us a sentence) and tokenizing the next slowest, so both
 can be done once per corpus text: ``collator.encode(texts)`` returns features (``input_ids`` and
 ``word_units``) that the collator accepts as they are, and each epoch then only re-samples the
@@ -35,6 +41,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Union
 
 import torch
+
+from .batching import makes_token_type_ids
 
 Span = tuple[int, int]
 Segmenter = Callable[[str], Sequence[Span]]
@@ -104,7 +112,8 @@ class WholeWordMaskCollator:
 
     Call it on a list whose items are strings, ``(text_a, text_b)`` pairs, or dicts with
     ``input_ids`` and ``word_units`` (from ``encode``). Returns ``input_ids``, ``attention_mask``
-    and ``labels``, padded to the longest item (or a multiple of ``pad_to_multiple_of``).
+    and ``labels``, padded to the longest item (or a multiple of ``pad_to_multiple_of``), and
+    ``token_type_ids`` when any item carries them (BERT-style pairs).
     """
 
     def __init__(
@@ -152,7 +161,8 @@ class WholeWordMaskCollator:
         return [self.word_spans[t] for t in texts]
 
     def encode(self, texts: Sequence[Text]) -> list[dict[str, list[int]]]:
-        """Tokenize and group into masking units: ``{"input_ids", "word_units"}`` per text."""
+        """Tokenize and group into masking units: ``{"input_ids", "word_units"}`` per text, and
+        ``token_type_ids`` for a pair when the tokenizer makes segment ids."""
         features: list[dict | None] = [None] * len(texts)
         singles = [i for i, t in enumerate(texts) if isinstance(t, str)]
         pairs = [i for i, t in enumerate(texts) if not isinstance(t, str)]
@@ -170,7 +180,7 @@ class WholeWordMaskCollator:
                 max_length=self.max_length,
                 return_offsets_mapping=True,
                 return_attention_mask=False,
-                return_token_type_ids=False,
+                return_token_type_ids=is_pair and makes_token_type_ids(self.tokenizer),
             )
             spans = [self.segment(column) for column in columns]
             for row, i in enumerate(index):
@@ -183,6 +193,8 @@ class WholeWordMaskCollator:
                     [len(column[row]) for column in columns],
                 )
                 features[i] = {"input_ids": ids, "word_units": units}
+                if "token_type_ids" in encoding:
+                    features[i]["token_type_ids"] = encoding["token_type_ids"][row]
         return features
 
     # ---- masking (every batch) ----
@@ -208,13 +220,26 @@ class WholeWordMaskCollator:
             chosen[row, :n] = self._choose(torch.tensor(feature["word_units"], dtype=torch.long), generator)
 
         labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+        segments = self._token_type_ids(features, shape)
         draw = torch.rand(shape, generator=generator)
         to_mask = chosen & (draw < self.mask_replace_prob)
         to_random = chosen & ~to_mask & (draw < self.mask_replace_prob + self.random_replace_prob)
         random_ids = self.random_ids[torch.randint(len(self.random_ids), shape, generator=generator)]
         input_ids = torch.where(to_mask, torch.full_like(input_ids, self.tokenizer.mask_token_id), input_ids)
         input_ids = torch.where(to_random, random_ids, input_ids)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return batch if segments is None else batch | {"token_type_ids": segments}
+
+    @staticmethod
+    def _token_type_ids(features: Sequence[dict], shape: tuple[int, int]) -> torch.Tensor | None:
+        """Zero-padded segment ids, when any feature has them (the others are single texts: 0)."""
+        if not any("token_type_ids" in f for f in features):
+            return None
+        segments = torch.zeros(shape, dtype=torch.long)
+        for row, feature in enumerate(features):
+            if "token_type_ids" in feature:
+                segments[row, :len(feature["token_type_ids"])] = torch.as_tensor(feature["token_type_ids"])
+        return segments
 
     def _choose(self, units: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Which tokens of one sequence to predict: whole units, ``mlm_probability`` on average."""

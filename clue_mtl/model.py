@@ -82,14 +82,17 @@ class MultiTaskModel(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.heads)
 
-    def encode(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The task's pooled shared representation."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def encode(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The task's pooled shared representation. `token_type_ids` (segment ids of a BERT-style
+        pair) reach the encoder only when given, so encoders without them are called as before."""
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
         return self.heads[task].pool(hidden, attention_mask)
 
-    def forward(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.encode(task, input_ids, attention_mask)
+    def forward(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.encode(task, input_ids, attention_mask, token_type_ids)
         return self.heads[task](pooled), pooled
 
     def save(self, directory: str | Path) -> None:

@@ -180,13 +180,16 @@ class MaskedLMObjective(nn.Module):
                      and any(m is output for m in getattr(model, heads[0]).modules()))
         self.head_name = heads[0] if only_head else None  # a name: the head is not registered twice
 
-    def forward(self, input_ids, attention_mask, labels):
+    def forward(self, input_ids, attention_mask, labels, token_type_ids=None):
         selected = labels != -100
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:  # BERT-style pairs; tokenizers without segment ids give none
+            inputs["token_type_ids"] = token_type_ids
         if self.head_name is not None:
-            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+            hidden = self.model.base_model(**inputs)[0]
             logits = getattr(self.model, self.head_name)(hidden[selected])
         else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[selected]
+            logits = self.model(**inputs).logits[selected]
         targets = labels[selected]
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
         correct = (logits.detach().argmax(-1) == targets).sum()

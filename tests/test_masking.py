@@ -167,3 +167,51 @@ def test_same_seed_same_masks(tokenizer):
 def test_pad_to_multiple_of(bert_tokenizer):
     batch = WholeWordMaskCollator(bert_tokenizer, seed=0, pad_to_multiple_of=8)(["我喜欢你"])
     assert batch["input_ids"].shape == (1, 8)
+
+
+def test_pairs_carry_segment_ids_where_the_tokenizer_makes_them(tokenizer):
+    collator = WholeWordMaskCollator(tokenizer, seed=1, segmenter=hand_spans)
+    pair, single = collator.encode([("我喜欢你", "很喜欢"), "今天天气很好"])
+    assert "token_type_ids" not in single
+    batch = collator([pair, single])
+    if "token_type_ids" not in tokenizer.model_input_names:   # XLM-R: no segment ids anywhere
+        assert "token_type_ids" not in pair and "token_type_ids" not in batch
+        return
+    assert pair["token_type_ids"] == tokenizer("我喜欢你", "很喜欢")["token_type_ids"]
+    n = len(pair["input_ids"])
+    assert batch["token_type_ids"][0, :n].tolist() == pair["token_type_ids"] and not batch["token_type_ids"][1].any()
+    assert batch["token_type_ids"].shape == batch["input_ids"].shape
+
+
+M3E_WORDS = {   # jieba's words, as m3e-small's WordPiece tokenizer splits them
+    "北京大学成立于1898年": [["北", "京", "大", "学"], ["成", "立"], ["于"], ["1898"], ["年"]],
+    "我们今天下午去playground踢足球": [["我", "们"], ["今", "天", "下", "午"], ["去"], ["play", "##ground"],
+                                   ["踢", "足", "球"]],
+    "iphone15发布会在cupertino举行": [["iphone", "##15"], ["发", "布", "会"], ["在"], ["cup", "##ert", "##ino"],
+                                  ["举", "行"]],
+}
+
+
+def test_whole_words_on_m3e_wordpiece(m3e_small):
+    """Real m3e tokens and jieba: a word's characters, or its piece and `##` pieces, form one
+    unit, and every masking takes a unit whole or leaves it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(m3e_small)
+    collator = WholeWordMaskCollator(tokenizer, mlm_probability=0.3, seed=0)
+    features = collator.encode(list(M3E_WORDS))
+    for feature, words in zip(features, M3E_WORDS.values()):
+        tokens = tokenizer.convert_ids_to_tokens(feature["input_ids"])
+        units = feature["word_units"]
+        assert tokens[1:-1] == [piece for word in words for piece in word] and units[0] == units[-1] == -1
+        assert units[1:-1] == [u for u, word in enumerate(words) for _ in word]
+    seen = set()
+    for _ in range(100):
+        batch = collator(features)
+        for row, feature in enumerate(features):
+            chosen = (batch["labels"][row, :len(feature["input_ids"])] != -100).tolist()
+            for unit in set(feature["word_units"]) - {-1}:
+                taken = {c for c, u in zip(chosen, feature["word_units"]) if u == unit}
+                assert len(taken) == 1   # all of the word or none of it
+                seen.add((row, unit, taken.pop()))
+    assert len(seen) == 2 * sum(map(len, M3E_WORDS.values()))   # every word both masked and not

@@ -1,3 +1,6 @@
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
@@ -38,3 +41,28 @@ def test_save_load_round_trip(tiny_bert, tmp_path):
         got, _ = loaded(task, batch["input_ids"], batch["attention_mask"])
         assert torch.equal(expected, got)
     assert not hasattr(loaded.encoder, "pooler") or loaded.encoder.pooler is None
+
+
+def test_segment_embedding_changes_pair_logits_only(tiny_bert):
+    """OCNLI pairs reach a BERT encoder with segment B as 1s: the logits depend on the second
+    segment embedding, which single-text tasks never use."""
+    import pandas as pd
+
+    from clue_mtl.batching import encode_frame
+    from clue_mtl.inference import predict_logits
+
+    encoder, tokenizer = load_encoder(tiny_bert)
+    model = build_model(encoder, ["ocnli", "tnews"], pooling="mean").eval()
+    pairs = encode_frame(tokenizer, pd.DataFrame({"id": ["0", "1"], "text_a": ["今天天气很好", "他说他不来了"],
+                                                  "text_b": ["我喜欢吃苹果", "股市大涨"]}), "ocnli", max_length=32)
+    singles = encode_frame(tokenizer, pd.DataFrame({"id": ["0"], "text_a": ["股市今日大涨"]}), "tnews", max_length=32)
+    assert all(row.tolist().count(1) == len(b) + 1 for row, b in zip(pairs.token_type_ids, ["我喜欢吃苹果", "股市大涨"]))
+    predict = lambda task, data: predict_logits(model, task, data, pad_id=tokenizer.pad_token_id)
+    before_pairs, before_singles = predict("ocnli", pairs), predict("tnews", singles)
+    without_segments = predict("ocnli", dataclasses.replace(pairs, token_type_ids=None))
+    assert not np.allclose(before_pairs, without_segments)   # all-zero segments: another input
+    with torch.no_grad():
+        segment_b = model.encoder.embeddings.token_type_embeddings.weight[1]
+        segment_b += torch.randn(segment_b.shape, generator=torch.Generator().manual_seed(0))  # a constant shift would vanish in LayerNorm
+    assert not np.allclose(before_pairs, predict("ocnli", pairs))
+    np.testing.assert_array_equal(before_singles, predict("tnews", singles))

@@ -55,8 +55,9 @@ def test_quickstart_runs_a_tiny_run_to_a_valid_zip(data_dir, tiny_bert, tmp_path
         f"ENCODER = {str(tiny_bert)!r}",
         f"OUTPUT_DIR = {str(tmp_path / 'runs')!r}",
         f"SUBMISSION_DIR = {str(tmp_path / 'submissions')!r}",
+        f"BLEND_DIR = {str(tmp_path / 'blends')!r}",
         "RUN_NAME = 'tiny'",
-        "RUN_BASELINE = False",
+        "RUN_BASELINE = True",
         f"OVERRIDES = {overrides!r}",
     ])))
     NotebookClient(nb, timeout=600, kernel_name=python3_kernel,
@@ -66,6 +67,11 @@ def test_quickstart_runs_a_tiny_run_to_a_valid_zip(data_dir, tiny_bert, tmp_path
     assert not [output for output in outputs if output.output_type == "error"]
     assert any("image/png" in output.get("data", {}) for output in outputs)
     assert (tmp_path / "runs" / "tiny" / "evaluation" / "report.json").is_file()
+    assert (tmp_path / "runs" / "baseline" / "baseline.json").is_file()
+    assert (tmp_path / "blends" / "tiny" / "evaluation" / "blend.png").stat().st_size > 1000
+    tables = [output["data"]["text/plain"] for cell in nb.cells if cell.cell_type == "code"
+              for output in cell.outputs if "text/plain" in output.get("data", {})]
+    assert any("member weight" in table and "baseline" in table for table in tables)
     with zipfile.ZipFile(tmp_path / "submissions" / "tiny-test-a.zip") as archive:
         assert sorted(archive.namelist()) == MEMBERS
 

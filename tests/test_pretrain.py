@@ -169,6 +169,52 @@ def test_head_on_masked_positions_equals_the_full_forward(tiny_bert):
     assert torch.allclose(fast[0] / fast[2], reference, atol=1e-6)
 
 
+def test_objective_passes_pair_segment_ids(tiny_bert):
+    """Pairs from the collator carry segment ids; the objective hands them to the encoder."""
+    from transformers import AutoTokenizer
+
+    from clue_mtl.masking import WholeWordMaskCollator
+    from clue_mtl.pretrain import MaskedLMObjective, load_masked_lm
+
+    model, _, _ = load_masked_lm(str(tiny_bert))
+    objective = MaskedLMObjective(model).eval()
+    collator = WholeWordMaskCollator(AutoTokenizer.from_pretrained(tiny_bert), seed=0, mlm_probability=0.5)
+    batch = collator([("今天天气很好", "我们去公园散步吧"), ("他说他明天不来了", "股市今日大涨")])
+    assert batch["token_type_ids"].sum(1).tolist() == [9, 7]   # text B and its [SEP]
+    with torch.no_grad():
+        with_segments = objective(**batch)[0]
+        without = objective(**{k: v for k, v in batch.items() if k != "token_type_ids"})[0]
+        segment_b = model.base_model.embeddings.token_type_embeddings.weight[1]
+        segment_b += torch.randn(segment_b.shape, generator=torch.Generator().manual_seed(0))
+        changed = objective(**batch)[0]
+    assert not torch.isclose(with_segments, without) and not torch.isclose(with_segments, changed)
+
+
+def test_pretraining_m3e_small(pretrain_config, m3e_small):
+    """m3e ships no masked-LM head: a new one, its decoder tied to the word embedding and its
+    bias at the corpus's log unigram frequencies; the encoder weights are m3e's own."""
+    from transformers import AutoTokenizer, BertModel
+
+    config = pretrain_config(f"model.encoder={m3e_small}", "data.max_texts=120", "train.steps=2",
+                             "train.batch_size=8", "train.eval_every=2", "train.lr=1e-4")
+    pretrainer = Pretrainer(config, show_progress=False, cache_dir=None)
+    model = pretrainer.masked_lm
+    assert type(model).__name__ == "BertForMaskedLM"
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    original = BertModel.from_pretrained(m3e_small).state_dict()
+    assert all(torch.equal(value, original[key]) for key, value in model.base_model.state_dict().items())
+    bias = model.get_output_embeddings().bias
+    tokenizer = pretrainer.tokenizer
+    assert tokenizer.convert_ids_to_tokens(int(bias.argmax())) in ("的", ",", "，", "。")
+    assert bias[tokenizer.mask_token_id] == bias.min()   # specials never counted
+    pretrainer.train()
+    losses = held_out_losses(pretrainer.run_dir)
+    assert len(losses) == 2 and all(0 < loss < 9.96 for loss in losses)   # log(21,128) = 9.96
+    encoder, saved_tokenizer = load_encoder(pretrainer.run_dir / "encoder")
+    assert type(encoder).__name__ == "BertModel" and saved_tokenizer("今天")["input_ids"] == tokenizer("今天")["input_ids"]
+    assert type(AutoTokenizer.from_pretrained(pretrainer.run_dir / "encoder")).__name__ == "BertTokenizer"
+
+
 def test_from_scratch_with_a_smaller_config(pretrain_config):
     config = pretrain_config("model.from_scratch=true", "model.config_overrides={num_hidden_layers: 1}",
                              "train.steps=2")

@@ -168,3 +168,29 @@ def test_distilled_student_with_ema_and_fgm(tiny_config, data_dir, tmp_path):
     assert not torch.equal(best[key], student.unwrapped.state_dict()[key])
     with student.ema.apply_to(student.unwrapped):
         assert torch.equal(best[key], student.unwrapped.state_dict()[key])
+
+
+def test_bert_segment_ids_reach_the_encoder_in_training_fgm_and_evaluation(tiny_config):
+    """Every encoder call of a step (the tasks' forwards, FGM's second forwards) and of the dev
+    evaluation gets the tokenizer's segment ids: 1 from text B through the last [SEP] of a pair."""
+    trainer = Trainer(tiny_config("train.fgm_epsilon=0.5"), show_progress=False)
+    sep = trainer.tokenizer.sep_token_id
+    calls = []
+    trainer.unwrapped.encoder.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append(kwargs), with_kwargs=True)
+
+    def expected_segments(input_ids, attention_mask):
+        segments = torch.zeros_like(input_ids)
+        for row, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+            seps = (ids == sep).nonzero().flatten().tolist()
+            if len(seps) == 2:   # a pair: [CLS] A [SEP] B [SEP]
+                segments[row, seps[0] + 1:seps[1] + 1] = 1
+        return segments
+
+    trainer.train_step()
+    assert len(calls) == 6   # three tasks, twice (FGM)
+    trainer.evaluate()
+    for call in calls:
+        assert torch.equal(call["token_type_ids"].cpu(), expected_segments(call["input_ids"], call["attention_mask"]))
+    pair_calls = [call for call in calls if call["token_type_ids"].any()]
+    assert len(pair_calls) >= 3 and all(call["token_type_ids"].sum(1).min() > 0 for call in pair_calls)

@@ -1,0 +1,201 @@
+"""The main job's figures: baseline, neural member, blend and biased blend, per config and seed.
+
+Each variant runs as `clue-mtl run` does (baseline, training, blend with the baseline, both zips),
+timed from the outside, and its dev figures are read from the blend folder (whole dev split:
+blends cross-fitted, members as they are). `--ensemble` then blends the finished runs of several
+variants with the baseline. `--compare A B` adds paired-bootstrap intervals of B minus A over
+the same dev rows (the decisions of each variant's final zip, the biased blend, cross-fitted).
+
+    python benchmarks/main_job.py run --config configs/quickstart.yaml --seed 1 [--set KEY=VALUE ...]
+    python benchmarks/main_job.py ensemble --name e5+m3e --run runs/main-quickstart-s1 --run runs/main-quickstart-m3e-s1
+    python benchmarks/main_job.py report --compare quickstart-s1 quickstart-m3e-s1
+
+Results accumulate in benchmarks/results/main_job.json, so variants can run in separate calls
+(or side by side in single-thread lanes, whose wall times are then marked as not comparable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, write_results  # noqa: E402
+
+TASKS = ("ocnli", "ocemotion", "tnews")
+RECORD = RESULTS / "main_job.json"
+
+
+def load_entries() -> dict:
+    entries = json.loads(RECORD.read_text())["figures"] if RECORD.exists() else {}
+    entries.pop("_comparisons", None)
+    return entries
+
+
+def load_comparisons() -> dict:
+    return json.loads(RECORD.read_text())["figures"].get("_comparisons", {}) if RECORD.exists() else {}
+
+
+def blend_entry(blend_dir: Path) -> dict:
+    blend = json.loads((blend_dir / "blend.json").read_text())
+    tasks = blend["tasks"]
+    members = {m["name"]: m["kind"] for m in blend["members"]}
+    entry = {"blend_dir": str(blend_dir.relative_to(ROOT)), "members": {}}
+    for name in members:
+        entry["members"][name] = {t: tasks[t]["dev"]["members"][name] for t in TASKS}
+    for which in ("blend", "biased"):
+        for how in ("cross_fitted", "in_sample"):
+            entry[f"{which}_{how}"] = {t: tasks[t]["dev"][which][how] for t in TASKS}
+    entry["weights"] = {t: dict(zip(tasks[t]["members"], tasks[t]["weights"])) for t in TASKS}
+    entry["bias"] = {t: dict(zip(tasks[t]["labels"], tasks[t]["bias"])) for t in TASKS}
+    return entry
+
+
+def cmd_run(args) -> None:
+    from clue_mtl.config import load_config
+
+    name = args.name or f"{Path(args.config).stem}-s{args.seed}"
+    overrides = [f"name=main-{name}", f"train.seed={args.seed}", *(args.set or [])]
+    config = load_config(ROOT / args.config, overrides)
+    blend_dir = ROOT / "blends" / config.name
+    command = [sys.executable, "-m", "clue_mtl", "run", "--config", args.config, "--blend-dir", str(blend_dir),
+               "--out-dir", str(ROOT / "submissions" / "benchmarks")]
+    for override in overrides:
+        command += ["--set", override]
+    started = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True)
+    seconds = time.perf_counter() - started
+    run_dir = ROOT / config.output_dir / config.name
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    speeds = [r["steps_per_second"] for r in metrics if r["kind"] == "train"]
+    entry = blend_entry(blend_dir)
+    entry.update({
+        "config": args.config, "overrides": overrides, "run_dir": str(run_dir.relative_to(ROOT)),
+        "seconds": seconds, "steps": config.train.steps, "batch_size": config.train.batch_size,
+        "samples_per_second": speeds[-1] * config.train.batch_size if speeds else None,
+        "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+        "lane": args.lane, "command": " ".join(["python", "benchmarks/main_job.py", *sys.argv[1:]]),
+    })
+    entries = load_entries()
+    entries[name] = entry
+    report(entries, args.compare or [])
+
+
+def cmd_ensemble(args) -> None:
+    from clue_mtl.blend import build_blend
+
+    members = [ROOT / r for r in args.run] + [ROOT / args.baseline]
+    blend_dir = ROOT / "blends" / f"ensemble-{args.name}"
+    build_blend(members, blend_dir, progress=False)
+    entry = blend_entry(blend_dir)
+    entry.update({"runs": args.run, "command": " ".join(["python", "benchmarks/main_job.py", *sys.argv[1:]]),
+                  "seconds": None})
+    entries = load_entries()
+    entries[f"ensemble-{args.name}"] = entry
+    report(entries, args.compare or [])
+
+
+def decisions(entry: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per task (gold, the biased blend's cross-fitted decisions) of a variant."""
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(ROOT / entry["blend_dir"] / "dev.safetensors"))
+    return {t: (arrays[f"{t}/gold"], arrays[f"{t}/cross_fitted/biased"]) for t in TASKS}
+
+
+def paired_bootstrap(first: dict, second: dict, samples: int = 2000, seed: int = 0) -> dict:
+    """Mean macro-F1 of `second` minus `first` on the same dev rows, with a 95% interval from
+    resampling each task's rows (the same resample for both variants)."""
+    from clue_mtl.blend import macro_f1
+    from clue_mtl.tasks import get_task
+
+    rng = np.random.default_rng(seed)
+    a, b = decisions(first), decisions(second)
+    differences = np.zeros(samples)
+    point = 0.0
+    for task in TASKS:
+        gold, left = a[task]
+        gold_b, right = b[task]
+        if not np.array_equal(gold, gold_b):
+            raise ValueError(f"{task}: the two variants were scored on different dev rows")
+        labels = get_task(task).num_labels
+        point += (macro_f1(gold, right, labels) - macro_f1(gold, left, labels)) / len(TASKS)
+        for i in range(samples):
+            rows = rng.integers(0, len(gold), len(gold))
+            differences[i] += (macro_f1(gold[rows], right[rows], labels)
+                               - macro_f1(gold[rows], left[rows], labels)) / len(TASKS)
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return {"difference": float(point), "low": float(low), "high": float(high), "samples": samples}
+
+
+def mean(values: dict) -> float:
+    return float(np.mean([values[t] for t in TASKS]))
+
+
+def report(entries: dict, compare: list[str]) -> None:
+    comparisons = load_comparisons()
+    for pair in zip(compare[::2], compare[1::2]):
+        comparisons[f"{pair[1]} - {pair[0]}"] = paired_bootstrap(entries[pair[0]], entries[pair[1]])
+    lines = ["# The main job's dev figures (whole dev split; blends cross-fitted unless marked)", "",
+             "| variant | member / decision | OCNLI | OCEMOTION | TNEWS | mean | wall time | samples/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, entry in entries.items():
+        minutes = f"{entry['seconds'] / 60:.1f} min" if entry.get("seconds") else "-"
+        if entry.get("lane"):
+            minutes += " (lane)"
+        speed = f"{entry['samples_per_second']:.1f}" if entry.get("samples_per_second") else "-"
+        rows = [(member, f1) for member, f1 in entry["members"].items()]
+        rows += [("blend", entry["blend_cross_fitted"]), ("biased blend", entry["biased_cross_fitted"]),
+                 ("biased blend, in-sample", entry["biased_in_sample"])]
+        for i, (label, f1) in enumerate(rows):
+            lines.append(f"| {name if i == 0 else ''} | {label} | {f1['ocnli']:.4f} | {f1['ocemotion']:.4f} | "
+                         f"{f1['tnews']:.4f} | **{mean(f1):.4f}** | {minutes if i == 0 else ''} | {speed if i == 0 else ''} |")
+    if comparisons:
+        lines += ["", "Paired bootstrap over the same dev rows (the final decisions; 2,000 resamples, 95%):", "",
+                  "| difference | mean macro-F1 | interval |", "|---|---|---|"]
+        for label, c in comparisons.items():
+            verdict = "" if c["low"] <= 0 <= c["high"] else " (outside: a difference)"
+            lines.append(f"| {label} | {c['difference']:+.4f} | [{c['low']:+.4f}, {c['high']:+.4f}]{verdict} |")
+    lines += ["", "Wall time covers the whole `clue-mtl run`: baseline (or reusing a saved one), training, "
+              "evaluation, blend, both zips. '(lane)': run beside another single-thread job; not a timing.",
+              "", "Commands: see `command` of each entry in main_job.json."]
+    figures = {name: entry for name, entry in entries.items()}
+    figures["_comparisons"] = comparisons
+    write_results("main_job", figures, "\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run")
+    run.add_argument("--config", required=True)
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--name")
+    run.add_argument("--set", action="append")
+    run.add_argument("--lane", action="store_true", help="run beside another job: wall time is not a timing")
+    run.add_argument("--compare", nargs="*")
+    ensemble = commands.add_parser("ensemble")
+    ensemble.add_argument("--name", required=True)
+    ensemble.add_argument("--run", action="append", required=True)
+    ensemble.add_argument("--baseline", default="runs/baseline")
+    ensemble.add_argument("--compare", nargs="*")
+    rep = commands.add_parser("report")
+    rep.add_argument("--compare", nargs="*")
+    args = parser.parse_args()
+    if args.command == "run":
+        cmd_run(args)
+    elif args.command == "ensemble":
+        cmd_ensemble(args)
+    else:
+        report(load_entries(), args.compare or [])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,520 @@
+"""Blends: several members' class probabilities combined per task, then biased toward macro-F1.
+
+A member is anything with `tasks`, `labels` and `probabilities(task, frame)`: a trained run
+(`inference.LoadedRun`, itself possibly an ensemble's average) or the TF-IDF baseline
+(`baseline.BaselineRun`). Per task, the blend scores each row as
+
+    s = sum_m w_m * log p_m + b        and decides argmax(s)
+
+- the weights w >= 0 minimise the dev log-loss of softmax(s) with b = 0 (a logarithmic opinion
+  pool; since the weights are free in scale they also set each member's temperature, so a
+  member's own calibration matters little). Convex, fitted with L-BFGS-B.
+- the log-biases b, one per class, maximise the task's macro-F1 by coordinate ascent over a grid,
+  bounded to |b| <= `bias_bound` and paying `bias_penalty * b**2` each, so a rare class (OCEMOTION
+  fear: 52 dev rows) moves only when macro-F1 gains clearly.
+
+Both are fitted on the dev split the members share (never on training rows, where a neural member
+is overconfident). The dev score of parameters tuned on those same rows flatters them, so each
+figure is reported twice: in-sample, and cross-fitted (stratified folds; each row is decided by
+weights and biases fitted on the other folds). The parameters a blend keeps for the test files
+are fitted on the whole dev split.
+
+A blend folder holds `blend.json` (members with their fingerprints, weights, biases, dev scores)
+and `dev.safetensors` (the members' dev probabilities, gold labels, cross-fitted decisions), so it
+can be evaluated again without the members' models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import minimize
+
+from .errors import BlendError
+from .tasks import TASK_NAMES, get_task
+
+BLEND_FILE = "blend.json"
+DEV_FILE = "dev.safetensors"
+FORMAT = 1
+_FLOOR = 1e-6  # probabilities are clipped here before the log: a confident member's zero is not -inf
+
+
+# ----------------------------------------------------------------------------- the math
+def macro_f1(gold: np.ndarray, predicted: np.ndarray, num_labels: int) -> float:
+    """Macro-F1 over all `num_labels` classes (absent or never predicted ones count as 0), as
+    `evaluate.task_report`; fast enough to call thousands of times in the bias search."""
+    confusion = np.bincount(gold * num_labels + predicted, minlength=num_labels * num_labels)
+    confusion = confusion.reshape(num_labels, num_labels)
+    true_positive = np.diag(confusion).astype(np.float64)
+    denominator = confusion.sum(0) + confusion.sum(1)
+    f1 = np.divide(2 * true_positive, denominator, out=np.zeros(num_labels), where=denominator > 0)
+    return float(f1.mean())
+
+
+def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(probabilities, _FLOOR, 1.0))
+
+
+def blend_scores(member_log_probs: np.ndarray, weights: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """[rows, labels] scores of members' log-probabilities [members, rows, labels]."""
+    scores = np.tensordot(weights, member_log_probs, axes=1)
+    return scores if bias is None else scores + bias
+
+
+def fit_weights(member_log_probs: np.ndarray, gold: np.ndarray, *, l2: float = 1e-4) -> np.ndarray:
+    """Non-negative weights minimising the mean log-loss of softmax(sum_m w_m log p_m) (+ l2 |w|^2)."""
+    rows = np.arange(len(gold))
+    gold_terms = member_log_probs[:, rows, gold].mean(axis=1)       # [members]
+
+    def loss_and_gradient(weights: np.ndarray) -> tuple[float, np.ndarray]:
+        scores = blend_scores(member_log_probs, weights)
+        scores = scores - scores.max(axis=1, keepdims=True)
+        log_normaliser = np.log(np.exp(scores).sum(axis=1))
+        probabilities = np.exp(scores - log_normaliser[:, None])
+        loss = float(np.mean(log_normaliser - scores[rows, gold])) + l2 * float(weights @ weights)
+        expected = np.einsum("nc,mnc->m", probabilities, member_log_probs) / len(gold)
+        return loss, expected - gold_terms + 2 * l2 * weights
+
+    start = np.full(len(member_log_probs), 1.0 / len(member_log_probs))
+    result = minimize(loss_and_gradient, start, jac=True, method="L-BFGS-B",
+                      bounds=[(0.0, None)] * len(member_log_probs))
+    return np.asarray(result.x, dtype=np.float64)
+
+
+def fit_bias(scores: np.ndarray, gold: np.ndarray, *, bound: float = 2.0, step: float = 0.1,
+             penalty: float = 0.002, sweeps: int = 4) -> np.ndarray:
+    """Per-class additive biases maximising macro-F1(argmax(scores + b)) - penalty * |b|^2.
+
+    Coordinate ascent: each sweep tries, for every class in turn, each value of a grid over
+    [-bound, bound] with the other biases held, and keeps the best; it stops when a sweep changes
+    nothing. Starting from 0, a class moves only where the gain outweighs the penalty.
+    """
+    num_labels = scores.shape[1]
+    grid = np.round(np.arange(-bound, bound + step / 2, step), 10)
+    bias = np.zeros(num_labels)
+
+    def objective(candidate: np.ndarray) -> float:
+        return macro_f1(gold, (scores + candidate).argmax(axis=1), num_labels) - penalty * float(candidate @ candidate)
+
+    best = objective(bias)
+    for _ in range(sweeps):
+        changed = False
+        for label in range(num_labels):
+            for value in grid:
+                if value == bias[label]:
+                    continue
+                candidate = bias.copy()
+                candidate[label] = value
+                score = objective(candidate)
+                if score > best + 1e-12:
+                    best, bias, changed = score, candidate, True
+        if not changed:
+            break
+    return bias
+
+
+def stratified_folds(gold: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """A fold number per row: each class's rows shuffled and dealt round-robin over the folds."""
+    assignment = np.empty(len(gold), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    offset = 0
+    for label in np.unique(gold):
+        positions = rng.permutation(np.flatnonzero(gold == label))
+        assignment[positions] = (np.arange(len(positions)) + offset) % folds
+        offset += len(positions)  # classes smaller than `folds` do not all land in fold 0
+    return assignment
+
+
+@dataclass
+class TaskBlend:
+    """One task's fitted blend: a weight per member, a log-bias per class."""
+
+    task: str
+    members: list[str]
+    weights: np.ndarray
+    bias: np.ndarray
+
+    def scores(self, member_probabilities: Sequence[np.ndarray], *, biased: bool = True) -> np.ndarray:
+        stacked = log_probabilities(np.stack(member_probabilities))
+        return blend_scores(stacked, self.weights, self.bias if biased else None)
+
+    def decide(self, member_probabilities: Sequence[np.ndarray], *, biased: bool = True) -> np.ndarray:
+        return self.scores(member_probabilities, biased=biased).argmax(axis=1)
+
+
+@dataclass
+class FitSettings:
+    folds: int = 5
+    seed: int = 0
+    bias_bound: float = 2.0
+    bias_penalty: float = 0.002
+    l2: float = 1e-4
+
+
+def _fit(member_log_probs: np.ndarray, gold: np.ndarray, settings: FitSettings) -> tuple[np.ndarray, np.ndarray]:
+    weights = fit_weights(member_log_probs, gold, l2=settings.l2)
+    bias = fit_bias(blend_scores(member_log_probs, weights), gold, bound=settings.bias_bound,
+                    penalty=settings.bias_penalty)
+    return weights, bias
+
+
+def fit_task_blend(task: str, members: list[str], member_probabilities: Sequence[np.ndarray], gold: np.ndarray,
+                   settings: FitSettings = FitSettings()) -> tuple[TaskBlend, dict, dict[str, np.ndarray]]:
+    """Fit one task's blend on all rows, and score it in-sample and cross-fitted.
+
+    Returns (blend, scores, decisions): scores holds macro-F1 for each member alone and for the
+    blend and the biased blend, in-sample and cross-fitted; decisions the cross-fitted label
+    indices of the blend and the biased blend (each row decided by parameters fitted without it).
+    """
+    num_labels = get_task(task).num_labels
+    gold = np.asarray(gold, dtype=np.int64)
+    stacked = log_probabilities(np.stack(member_probabilities))
+    weights, bias = _fit(stacked, gold, settings)
+    fold_of = stratified_folds(gold, settings.folds, settings.seed)
+    crossed = {"blend": np.empty(len(gold), dtype=np.int64), "biased": np.empty(len(gold), dtype=np.int64)}
+    for fold in range(settings.folds):
+        held_out = fold_of == fold
+        if not held_out.any():
+            continue
+        fold_weights, fold_bias = _fit(stacked[:, ~held_out], gold[~held_out], settings)
+        fold_scores = blend_scores(stacked[:, held_out], fold_weights)
+        crossed["blend"][held_out] = fold_scores.argmax(axis=1)
+        crossed["biased"][held_out] = (fold_scores + fold_bias).argmax(axis=1)
+    in_sample = blend_scores(stacked, weights)
+    scores = {
+        "members": {name: macro_f1(gold, p.argmax(axis=1), num_labels) for name, p in zip(members, member_probabilities)},
+        "blend": {"in_sample": macro_f1(gold, in_sample.argmax(axis=1), num_labels),
+                  "cross_fitted": macro_f1(gold, crossed["blend"], num_labels)},
+        "biased": {"in_sample": macro_f1(gold, (in_sample + bias).argmax(axis=1), num_labels),
+                   "cross_fitted": macro_f1(gold, crossed["biased"], num_labels)},
+        "rows": int(len(gold)),
+    }
+    return TaskBlend(task, list(members), weights, bias), scores, crossed
+
+
+# ----------------------------------------------------------------------------- members and folders
+def load_member(path: str | Path):
+    """A baseline folder (`baseline.json`) or a trained run folder (`best/`)."""
+    from .baseline import BASELINE_FILE, BaselineRun
+
+    path = Path(path)
+    if not path.is_dir():
+        raise BlendError(f"member {path} is not a folder")
+    if (path / BASELINE_FILE).exists():
+        return BaselineRun.load(path)
+    from .inference import LoadedRun
+
+    return LoadedRun(path)
+
+
+def split_fingerprint(run_dir: str | Path) -> str:
+    """A digest of a member's dev split (its `split.json` ids), to refuse mixing splits."""
+    from .data import load_split_ids
+
+    ids = load_split_ids(Path(run_dir) / "split.json")
+    canonical = json.dumps({task: ids[task] for task in sorted(ids)}, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def member_fingerprint(run_dir: str | Path) -> str:
+    """A digest of the files a member predicts with, so a blend notices a retrained member."""
+    run_dir = Path(run_dir)
+    files = sorted(run_dir.glob("*.safetensors")) + sorted(run_dir.glob("*.json"))
+    files += sorted((run_dir / "best").glob("*")) if (run_dir / "best").is_dir() else []
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\x00")
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _member_data_dir(member) -> str:
+    config = getattr(member, "config", None)
+    if config is not None:
+        return config.data.data_dir
+    return member.info.get("settings", {}).get("data_dir", "data")
+
+
+def _dev_frame(data_dir: str | Path, task: str, dev_ids: list[str], where: Path):
+    from .data import DataError, load_split
+
+    frame = load_split(data_dir, task, "train")
+    missing = sorted(set(dev_ids) - set(frame["id"]))
+    if missing:
+        raise DataError(f"{task}: {len(missing)} dev ids of {where / 'split.json'} are not in the training "
+                        f"file (e.g. {missing[0]!r}): is it the same data?")
+    return frame.set_index("id", drop=False).loc[dev_ids].reset_index(drop=True)
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    names: list[str] = []
+    for path in paths:
+        name, number = path.name or "member", 2
+        while name in names:
+            name, number = f"{path.name}-{number}", number + 1
+        names.append(name)
+    return names
+
+
+@dataclass
+class Blend:
+    """A fitted blend: its members, one `TaskBlend` per task, and the dev scores."""
+
+    members: list[dict]             # name, kind, path, fingerprint
+    split: str                      # the members' shared split fingerprint
+    tasks: dict[str, TaskBlend]
+    scores: dict[str, dict]         # per task, as `fit_task_blend` returns them
+    settings: FitSettings
+
+    def mean(self, which: str, how: str = "cross_fitted") -> float:
+        return float(np.mean([self.scores[t][which][how] for t in self.tasks]))
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT, "split": self.split, "members": self.members,
+            "settings": self.settings.__dict__,
+            "tasks": {task: {"labels": list(get_task(task).labels), "members": b.members,
+                             "weights": b.weights.tolist(), "bias": b.bias.tolist(), "dev": self.scores[task]}
+                      for task, b in self.tasks.items()},
+            "dev_mean": {which: {how: self.mean(which, how) for how in ("in_sample", "cross_fitted")}
+                         for which in ("blend", "biased")},
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str) -> "Blend":
+        try:
+            if values["format"] != FORMAT:
+                raise BlendError(f"{where}: blend format {values['format']!r}, expected {FORMAT}")
+            members = [{k: str(m[k]) for k in ("name", "kind", "path", "fingerprint")} for m in values["members"]]
+            names = {m["name"] for m in members}
+            tasks, scores = {}, {}
+            for task, entry in values["tasks"].items():
+                spec = get_task(task)
+                weights = np.asarray(entry["weights"], dtype=np.float64)
+                bias = np.asarray(entry["bias"], dtype=np.float64)
+                if (list(entry["labels"]) != list(spec.labels) or bias.shape != (spec.num_labels,)
+                        or weights.shape != (len(entry["members"]),) or not set(entry["members"]) <= names
+                        or not np.isfinite(weights).all() or not np.isfinite(bias).all()):
+                    raise BlendError(f"{where}: the {task} entry does not fit the task or the members")
+                tasks[task] = TaskBlend(task, [str(m) for m in entry["members"]], weights, bias)
+                scores[task] = entry["dev"]
+            settings = FitSettings(**values["settings"])
+            return cls(members, str(values["split"]), tasks, scores, settings)
+        except BlendError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise BlendError(f"{where}: not a blend file ({type(error).__name__}: {error})") from None
+
+    def save(self, directory: str | Path, dev_arrays: dict[str, np.ndarray]) -> Path:
+        """Write `dev.safetensors`, then `blend.json` (last: a folder with it is complete)."""
+        from safetensors.numpy import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / BLEND_FILE).unlink(missing_ok=True)
+        save_file(dev_arrays, str(directory / DEV_FILE))
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+        temporary = directory / f".{BLEND_FILE}.tmp"
+        temporary.write_text(text, encoding="utf-8")
+        temporary.replace(directory / BLEND_FILE)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Blend":
+        path = Path(directory) / BLEND_FILE
+        try:
+            text = path.read_text(encoding="utf-8")
+            values = json.loads(text)
+        except FileNotFoundError:
+            raise BlendError(f"{directory} holds no blend (expected {BLEND_FILE}); fit one with `clue-mtl blend`") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+            raise BlendError(f"{path}: cannot read ({type(error).__name__})") from None
+        if not isinstance(values, dict):
+            raise BlendError(f"{path}: not a blend file")
+        return cls.from_dict(values, str(path))
+
+
+def build_blend(member_dirs: Sequence[str | Path], out: str | Path, *, data_dir: str | Path | None = None,
+                settings: FitSettings = FitSettings(), progress: bool = True,
+                dev_probabilities: dict[str, dict[str, np.ndarray]] | None = None) -> Blend:
+    """Fit a blend of the members on their shared dev split and write it to `out`.
+
+    dev_probabilities: member folder -> task -> probabilities already computed on the dev rows
+    (e.g. by the main job), so they are not predicted twice.
+    """
+    from tqdm.auto import tqdm
+
+    paths = [Path(p) for p in member_dirs]
+    if not paths:
+        raise BlendError("name at least one member (--run or --baseline)")
+    members = [load_member(p) for p in paths]
+    names = _unique_names(paths)
+    splits = [split_fingerprint(p) for p in paths]
+    for path, split in zip(paths[1:], splits[1:]):
+        if split != splits[0]:
+            raise BlendError(f"{path} was trained on another dev split than {paths[0]} (their split.json ids "
+                             "differ): blend members must share data.dev_fraction, data.split_seed and the data")
+    from .data import load_split_ids
+
+    dev_ids = load_split_ids(paths[0] / "split.json")
+    data_dir = data_dir or _member_data_dir(members[0])
+    tasks = [t for t in TASK_NAMES if any(t in m.tasks for m in members)]
+    arrays: dict[str, np.ndarray] = {}
+    blends, scores = {}, {}
+    work = tqdm(total=sum(len(m.tasks) for m in members), desc="blend", disable=not progress, dynamic_ncols=True)
+    for task in tasks:
+        frame = _dev_frame(data_dir, task, dev_ids[task], paths[0])
+        gold = frame["label"].map(get_task(task).label_index()).to_numpy(dtype=np.int64)
+        chosen = [i for i, m in enumerate(members) if task in m.tasks]
+        probabilities = []
+        for i in chosen:
+            work.set_postfix_str(f"{task} {names[i]}")
+            given = (dev_probabilities or {}).get(str(paths[i]), {}).get(task)
+            probabilities.append(given if given is not None else members[i].probabilities(task, frame))
+            work.update(1)
+        blend, scores[task], crossed = fit_task_blend(task, [names[i] for i in chosen], probabilities, gold, settings)
+        blends[task] = blend
+        arrays[f"{task}/gold"] = gold
+        arrays[f"{task}/cross_fitted/blend"] = crossed["blend"]
+        arrays[f"{task}/cross_fitted/biased"] = crossed["biased"]
+        for i, p in zip(chosen, probabilities):
+            arrays[f"{task}/member/{names[i]}"] = np.asarray(p, dtype=np.float32)
+    work.close()
+    described = [{"name": n, "kind": "baseline" if hasattr(m, "models") else "run", "path": str(p),
+                  "fingerprint": member_fingerprint(p)} for n, m, p in zip(names, members, paths)]
+    result = Blend(described, splits[0], blends, scores, settings)
+    result.save(out, arrays)
+    return result
+
+
+def load_blend_members(blend: Blend, where: str | Path) -> dict[str, object]:
+    """The blend's members, loaded from their recorded paths; refused if one has changed since."""
+    loaded = {}
+    for member in blend.members:
+        path = Path(member["path"])
+        if not path.is_dir():
+            raise BlendError(f"{where}: member {member['name']} is missing ({path})")
+        if member_fingerprint(path) != member["fingerprint"]:
+            raise BlendError(f"{where}: member {member['name']} ({path}) has changed since the blend was "
+                             "fitted; fit the blend again")
+        loaded[member["name"]] = load_member(path)
+    return loaded
+
+
+def predict_blend_submission(blend_dir: str | Path, out: str | Path, *, split: str = "a",
+                             data_dir: str | Path | None = None, test_files: dict[str, str | Path] | None = None,
+                             id_mode: str | None = None, progress: bool = True) -> Path:
+    """Predict every task's test file with a fitted blend and write the submission zip."""
+    from tqdm.auto import tqdm
+
+    from .data import load_split, read_task_file
+    from .submission import write_submission
+
+    blend = Blend.load(blend_dir)
+    members = load_blend_members(blend, blend_dir)
+    first = next(iter(members.values()))
+    data_dir = data_dir or _member_data_dir(first)
+    config = next((m.config for m in members.values() if getattr(m, "config", None) is not None), None)
+    id_mode = id_mode or (config.data.id_mode if config is not None else "file")
+    predictions, frames = {}, {}
+    work = tqdm(total=sum(len(b.members) for b in blend.tasks.values()), desc=f"predict {split}",
+                disable=not progress, dynamic_ncols=True)
+    for task, task_blend in blend.tasks.items():
+        frames[task] = (read_task_file(test_files[task], task, labelled=False) if test_files and task in test_files
+                        else load_split(data_dir, task, split))
+        probabilities = []
+        for name in task_blend.members:
+            probabilities.append(members[name].probabilities(task, frames[task]))
+            work.update(1)
+        labels = get_task(task).labels
+        predictions[task] = [labels[i] for i in task_blend.decide(probabilities)]
+    work.close()
+    return write_submission(predictions, frames, out, id_mode=id_mode, allow_partial=len(blend.tasks) < 3)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def format_blend_report(blend: Blend) -> str:
+    """Per task and mean: each member, the blend and the biased blend (cross-fitted, in-sample)."""
+    names = [m["name"] for m in blend.members]
+    width = max(12, *(len(n) for n in names))
+    head = f"{'dev macro-F1':<{width}} " + " ".join(f"{t:>10}" for t in blend.tasks) + f" {'mean':>8}"
+    lines = [head]
+
+    def row(label: str, values: list[float | None]) -> str:
+        shown = [f"{v:>10.4f}" if v is not None else f"{'-':>10}" for v in values]
+        known = [v for v in values if v is not None]
+        mean = f"{np.mean(known):>8.4f}" if len(known) == len(values) else f"{'-':>8}"
+        return f"{label:<{width}} " + " ".join(shown) + f" {mean}"
+
+    for name in names:
+        lines.append(row(name, [blend.scores[t]["members"].get(name) for t in blend.tasks]))
+    for which, label in (("blend", "blend"), ("biased", "biased blend")):
+        for how in ("cross_fitted", "in_sample"):
+            lines.append(row(f"{label} ({how.replace('_', '-')})", [blend.scores[t][which][how] for t in blend.tasks]))
+    return "\n".join(lines)
+
+
+def evaluate_blend(blend_dir: str | Path, *, plots: bool = True) -> dict:
+    """Report a blend from its folder alone; write `evaluation/` there (report, figures).
+
+    Confusion matrices are of the final decision (the biased blend), cross-fitted: each dev row as
+    parameters fitted without it decided it.
+    """
+    from safetensors.numpy import load_file
+
+    from .evaluate import plot_confusion
+
+    blend_dir = Path(blend_dir)
+    blend = Blend.load(blend_dir)
+    report = format_blend_report(blend)
+    out_dir = blend_dir / "evaluation"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "report.txt").write_text(report + "\n", encoding="utf-8")
+    if plots:
+        try:
+            arrays = load_file(str(blend_dir / DEV_FILE))
+        except (OSError, ValueError) as error:
+            raise BlendError(f"{blend_dir / DEV_FILE}: cannot read ({error})") from None
+        for task in blend.tasks:
+            labels = get_task(task).labels
+            gold = [labels[i] for i in arrays[f"{task}/gold"]]
+            decided = [labels[i] for i in arrays[f"{task}/cross_fitted/biased"]]
+            plot_confusion(task, gold, decided, out_dir / f"confusion_{task}.png")
+        plot_blend(blend, out_dir / "blend.png")
+    return {"blend": blend, "report": report}
+
+
+def plot_blend(blend: Blend, path: str | Path) -> Path:
+    """Grouped bars per task (and mean): each member, the blend and the biased blend, cross-fitted."""
+    from matplotlib.figure import Figure
+
+    names = [m["name"] for m in blend.members]
+    groups = list(blend.tasks) + ["mean"]
+    series = {name: [blend.scores[t]["members"].get(name, np.nan) for t in blend.tasks] for name in names}
+    series["blend"] = [blend.scores[t]["blend"]["cross_fitted"] for t in blend.tasks]
+    series["biased blend"] = [blend.scores[t]["biased"]["cross_fitted"] for t in blend.tasks]
+    fig = Figure(figsize=(2.2 * len(groups) + 2, 4))
+    ax = fig.subplots()
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        values = values + [float(np.mean(values))]
+        x = np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width
+        bars = ax.bar(x, values, width, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, rotation=90, padding=2)
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylabel("dev macro-F1 (blends cross-fitted)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper left", ncols=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
