@@ -27,7 +27,7 @@ data: setup
 	$(BIN)/clue-mtl check-data
 
 run: data
-	$(BIN)/clue-mtl run --config $(CONFIG)
+	$(BIN)/clue-mtl run --config $(CONFIG) --overwrite
 
 baseline: data
 	$(BIN)/clue-mtl baseline

@@ -66,7 +66,7 @@ def cmd_run(args) -> None:
     config = load_config(ROOT / args.config, overrides)
     blend_dir = ROOT / "blends" / config.name
     command = [sys.executable, "-m", "clue_mtl", "run", "--config", args.config, "--blend-dir", str(blend_dir),
-               "--out-dir", str(ROOT / "submissions" / "benchmarks")]
+               "--out-dir", str(ROOT / "submissions" / "benchmarks"), "--overwrite"]
     for override in overrides:
         command += ["--set", override]
     started = time.perf_counter()

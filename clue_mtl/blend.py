@@ -443,7 +443,7 @@ def predict_blend_submission(blend_dir: str | Path, out: str | Path, *, split: s
 def format_blend_report(blend: Blend) -> str:
     """Per task and mean: each member, the blend and the biased blend (cross-fitted, in-sample)."""
     names = [m["name"] for m in blend.members]
-    width = max(12, *(len(n) for n in names))
+    width = max(len("biased blend (cross-fitted)"), *(len(n) for n in names))
     head = f"{'dev macro-F1':<{width}} " + " ".join(f"{t:>10}" for t in blend.tasks) + f" {'mean':>8}"
     lines = [head]
 
