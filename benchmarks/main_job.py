@@ -9,6 +9,7 @@ the same dev rows (the decisions of each variant's final zip, the biased blend, 
     python benchmarks/main_job.py run --config configs/quickstart.yaml --seed 1 [--set KEY=VALUE ...]
     python benchmarks/main_job.py ensemble --name e5+m3e --run runs/main-quickstart-s1 --run runs/main-quickstart-m3e-s1
     python benchmarks/main_job.py report --compare quickstart-s1 quickstart-m3e-s1
+    python benchmarks/main_job.py existing --name make-run --blend blends/quickstart --seconds 1234 --how "time make run"
 
 Results accumulate in benchmarks/results/main_job.json, so variants can run in separate calls
 (or side by side in single-thread lanes, whose wall times are then marked as not comparable).
@@ -102,22 +103,40 @@ def cmd_ensemble(args) -> None:
     report(entries, args.compare or [])
 
 
-def decisions(entry: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per task (gold, the biased blend's cross-fitted decisions) of a variant."""
+def cmd_existing(args) -> None:
+    """Record a main job that ran elsewhere (e.g. `time make run`), with its measured wall time."""
+    entry = blend_entry(ROOT / args.blend)
+    entry.update({"seconds": args.seconds, "how": args.how, "command": args.how})
+    entries = load_entries()
+    entries[args.name] = entry
+    report(entries, args.compare or [])
+
+
+def decisions(entry: dict, member: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per task (gold, decisions) of a variant: its biased blend's cross-fitted decisions, or one
+    member's own argmax (`VARIANT@MEMBER` on the command line, e.g. make-run@baseline)."""
     from safetensors.numpy import load_file
 
     arrays = load_file(str(ROOT / entry["blend_dir"] / "dev.safetensors"))
-    return {t: (arrays[f"{t}/gold"], arrays[f"{t}/cross_fitted/biased"]) for t in TASKS}
+    key = "cross_fitted/biased" if member is None else f"member/{member}"
+    return {t: (arrays[f"{t}/gold"], arrays[f"{t}/{key}"] if member is None else arrays[f"{t}/{key}"].argmax(1))
+            for t in TASKS}
 
 
-def paired_bootstrap(first: dict, second: dict, samples: int = 2000, seed: int = 0) -> dict:
+def variant(entries: dict, name: str) -> tuple[dict, str | None]:
+    base, _, member = name.partition("@")
+    return entries[base], member or None
+
+
+def paired_bootstrap(first: tuple[dict, str | None], second: tuple[dict, str | None], samples: int = 2000,
+                     seed: int = 0) -> dict:
     """Mean macro-F1 of `second` minus `first` on the same dev rows, with a 95% interval from
     resampling each task's rows (the same resample for both variants)."""
     from clue_mtl.blend import macro_f1
     from clue_mtl.tasks import get_task
 
     rng = np.random.default_rng(seed)
-    a, b = decisions(first), decisions(second)
+    a, b = decisions(*first), decisions(*second)
     differences = np.zeros(samples)
     point = 0.0
     for task in TASKS:
@@ -142,7 +161,7 @@ def mean(values: dict) -> float:
 def report(entries: dict, compare: list[str]) -> None:
     comparisons = load_comparisons()
     for pair in zip(compare[::2], compare[1::2]):
-        comparisons[f"{pair[1]} - {pair[0]}"] = paired_bootstrap(entries[pair[0]], entries[pair[1]])
+        comparisons[f"{pair[1]} - {pair[0]}"] = paired_bootstrap(variant(entries, pair[0]), variant(entries, pair[1]))
     lines = ["# The main job's dev figures (whole dev split; blends cross-fitted unless marked)", "",
              "| variant | member / decision | OCNLI | OCEMOTION | TNEWS | mean | wall time | samples/s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -186,6 +205,12 @@ def main() -> None:
     ensemble.add_argument("--run", action="append", required=True)
     ensemble.add_argument("--baseline", default="runs/baseline")
     ensemble.add_argument("--compare", nargs="*")
+    existing = commands.add_parser("existing")
+    existing.add_argument("--name", required=True)
+    existing.add_argument("--blend", required=True, help="the blend folder the job wrote")
+    existing.add_argument("--seconds", type=float, required=True)
+    existing.add_argument("--how", required=True, help="how the time was measured")
+    existing.add_argument("--compare", nargs="*")
     rep = commands.add_parser("report")
     rep.add_argument("--compare", nargs="*")
     args = parser.parse_args()
@@ -193,6 +218,8 @@ def main() -> None:
         cmd_run(args)
     elif args.command == "ensemble":
         cmd_ensemble(args)
+    elif args.command == "existing":
+        cmd_existing(args)
     else:
         report(load_entries(), args.compare or [])
 

@@ -229,7 +229,7 @@ def cmd_blend(args) -> int:
 def cmd_run(args) -> int:
     """The main job: baseline, encoder, training, blend, dev report, test A and B submissions."""
     config = _config(args)
-    from .blend import build_blend, format_blend_report, predict_blend_submission
+    from .blend import build_blend, evaluate_blend, predict_blend_submission
     from .encoders import ensure_encoder
     from .evaluate import evaluate_run
     from .submission import read_submission
@@ -245,7 +245,7 @@ def cmd_run(args) -> int:
     blend_dir = Path(args.blend_dir or Path("blends") / config.name)
     blend = build_blend([run_dir, baseline_dir], blend_dir,
                         dev_probabilities={str(run_dir): evaluation["probabilities"]})
-    print(format_blend_report(blend))
+    print(evaluate_blend(blend_dir)["report"])  # also writes blend_dir/evaluation: figures, confusions
     print(f"the zips decide by the biased blend ({blend_dir}); cross-fitted dev mean macro-F1 "
           f"{blend.mean('biased'):.4f}")
     out_dir = Path(args.out_dir)

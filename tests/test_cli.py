@@ -42,6 +42,7 @@ def test_main_job_trains_evaluates_and_writes_valid_zips(tiny_config, tmp_path, 
     assert "biased blend (cross-fitted)" in out and "the zips decide by the biased blend" in out
     members = json.loads((blend_dir / "blend.json").read_text())["members"]
     assert [m["kind"] for m in members] == ["run", "baseline"]
+    assert (blend_dir / "evaluation" / "blend.png").stat().st_size > 1000   # the side-by-side figure
     run_dir = tmp_path / "runs" / "run"
     evaluation = json.loads((run_dir / "evaluation" / "report.json").read_text())
     assert set(evaluation["reports"]) == {"ocnli", "ocemotion", "tnews"}
