@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -121,7 +122,7 @@ class BaselineModel:
         try:
             meta = json.loads((directory / f"{task.name}.json").read_text(encoding="utf-8"))
             tensors = load_file(str(directory / f"{task.name}.safetensors"))
-        except (OSError, UnicodeDecodeError, ValueError) as error:
+        except (OSError, UnicodeDecodeError, ValueError, SafetensorError) as error:
             raise DataError(f"{directory}: cannot read the {task.name} baseline ({error})") from None
         terms = meta.get("terms") if isinstance(meta, dict) else None
         features = len(terms or []) * task.text_columns
@@ -159,7 +160,8 @@ class BaselineRun:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise DataError(f"{path}: cannot read ({error})") from None
         tasks = info.get("tasks") if isinstance(info, dict) else None
-        if info.get("format") != FORMAT or not isinstance(tasks, list) or not set(tasks) <= set(TASKS) or not tasks:
+        if (not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(tasks, list) or not tasks
+                or not all(isinstance(t, str) and t in TASKS for t in tasks)):
             raise DataError(f"{path}: not a baseline of format {FORMAT}")
         return cls(run_dir, {task: BaselineModel.load(run_dir, task) for task in tasks}, info)
 

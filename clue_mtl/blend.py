@@ -17,7 +17,9 @@ Both are fitted on the dev split the members share (never on training rows, wher
 is overconfident). The dev score of parameters tuned on those same rows flatters them, so each
 figure is reported twice: in-sample, and cross-fitted (stratified folds; each row is decided by
 weights and biases fitted on the other folds). The parameters a blend keeps for the test files
-are fitted on the whole dev split.
+are fitted on the whole dev split. Cross-fitting removes the blend's own optimism, not its
+members': a run's `best/` was chosen by dev macro-F1 on a sample of the same rows, and the
+baseline's settings were chosen on this split.
 
 A blend folder holds `blend.json` (members with their fingerprints, weights, biases, dev scores)
 and `dev.safetensors` (the members' dev probabilities, gold labels, cross-fitted decisions), so it
@@ -155,6 +157,12 @@ class FitSettings:
     bias_penalty: float = 0.002
     l2: float = 1e-4
 
+    def __post_init__(self):
+        if not (isinstance(self.folds, int) and self.folds >= 2 and self.bias_bound > 0
+                and self.bias_penalty >= 0 and self.l2 >= 0):
+            raise BlendError(f"blend settings out of range: {self.__dict__} (folds >= 2, bias_bound > 0, "
+                             "bias_penalty and l2 >= 0)")
+
 
 def _fit(member_log_probs: np.ndarray, gold: np.ndarray, settings: FitSettings) -> tuple[np.ndarray, np.ndarray]:
     weights = fit_weights(member_log_probs, gold, l2=settings.l2)
@@ -212,20 +220,22 @@ def load_member(path: str | Path):
     return LoadedRun(path)
 
 
-def split_fingerprint(run_dir: str | Path) -> str:
-    """A digest of a member's dev split (its `split.json` ids), to refuse mixing splits."""
+def split_fingerprints(run_dir: str | Path) -> dict[str, str]:
+    """Per task, a digest of a member's dev ids (its `split.json`), to refuse mixing splits."""
     from .data import load_split_ids
 
     ids = load_split_ids(Path(run_dir) / "split.json")
-    canonical = json.dumps({task: ids[task] for task in sorted(ids)}, ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    return {task: hashlib.sha256(json.dumps(ids[task], ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+            for task in sorted(ids)}
 
 
 def member_fingerprint(run_dir: str | Path) -> str:
-    """A digest of the files a member predicts with, so a blend notices a retrained member."""
+    """A digest of the files a member predicts with (weights, tokenizer, config, labels, split),
+    so a blend notices a retrained member."""
     run_dir = Path(run_dir)
-    files = sorted(run_dir.glob("*.safetensors")) + sorted(run_dir.glob("*.json"))
-    files += sorted((run_dir / "best").glob("*")) if (run_dir / "best").is_dir() else []
+    files = sorted(run_dir.glob("*.safetensors")) + sorted(run_dir.glob("*.json")) + sorted(run_dir.glob("config.yaml"))
+    for folder in ("best", "tokenizer"):  # the weights, and what turns text into their inputs
+        files += sorted(p for p in (run_dir / folder).glob("*") if p.is_file())
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\x00")
@@ -268,7 +278,7 @@ class Blend:
     """A fitted blend: its members, one `TaskBlend` per task, and the dev scores."""
 
     members: list[dict]             # name, kind, path, fingerprint
-    split: str                      # the members' shared split fingerprint
+    split: dict[str, str]           # per task, the digest of the dev ids its members share
     tasks: dict[str, TaskBlend]
     scores: dict[str, dict]         # per task, as `fit_task_blend` returns them
     settings: FitSettings
@@ -299,14 +309,21 @@ class Blend:
                 spec = get_task(task)
                 weights = np.asarray(entry["weights"], dtype=np.float64)
                 bias = np.asarray(entry["bias"], dtype=np.float64)
-                if (list(entry["labels"]) != list(spec.labels) or bias.shape != (spec.num_labels,)
+                dev = entry["dev"]
+                scored = all(isinstance(dev[which][how], (int, float)) for which in ("blend", "biased")
+                             for how in ("in_sample", "cross_fitted")) and isinstance(dev["members"], dict)
+                if (not scored or not entry["members"] or list(entry["labels"]) != list(spec.labels)
+                        or bias.shape != (spec.num_labels,)
                         or weights.shape != (len(entry["members"]),) or not set(entry["members"]) <= names
                         or not np.isfinite(weights).all() or not np.isfinite(bias).all()):
                     raise BlendError(f"{where}: the {task} entry does not fit the task or the members")
                 tasks[task] = TaskBlend(task, [str(m) for m in entry["members"]], weights, bias)
                 scores[task] = entry["dev"]
+            if not tasks:
+                raise BlendError(f"{where}: the blend has no tasks")
             settings = FitSettings(**values["settings"])
-            return cls(members, str(values["split"]), tasks, scores, settings)
+            split = {str(task): str(digest) for task, digest in values["split"].items()}
+            return cls(members, split, tasks, scores, settings)
         except BlendError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -356,23 +373,33 @@ def build_blend(member_dirs: Sequence[str | Path], out: str | Path, *, data_dir:
         raise BlendError("name at least one member (--run or --baseline)")
     members = [load_member(p) for p in paths]
     names = _unique_names(paths)
-    splits = [split_fingerprint(p) for p in paths]
-    for path, split in zip(paths[1:], splits[1:]):
-        if split != splits[0]:
-            raise BlendError(f"{path} was trained on another dev split than {paths[0]} (their split.json ids "
-                             "differ): blend members must share data.dev_fraction, data.split_seed and the data")
     from .data import load_split_ids
 
-    dev_ids = load_split_ids(paths[0] / "split.json")
     data_dir = data_dir or _member_data_dir(members[0])
     tasks = [t for t in TASK_NAMES if any(t in m.tasks for m in members)]
+    splits = [split_fingerprints(p) for p in paths]
+    shared: dict[str, str] = {}
+    for task in tasks:
+        holders = [i for i, m in enumerate(members) if task in m.tasks]
+        for i in holders:
+            if task not in splits[i]:
+                raise BlendError(f"{paths[i]}: its split.json has no {task} dev ids")
+            if splits[i][task] != splits[holders[0]][task]:
+                raise BlendError(f"{paths[i]} was trained on another {task} dev split than {paths[holders[0]]} "
+                                 "(their split.json ids differ): blend members must share data.dev_fraction, "
+                                 "data.split_seed and the data")
+        shared[task] = splits[holders[0]][task]
     arrays: dict[str, np.ndarray] = {}
     blends, scores = {}, {}
     work = tqdm(total=sum(len(m.tasks) for m in members), desc="blend", disable=not progress, dynamic_ncols=True)
     for task in tasks:
-        frame = _dev_frame(data_dir, task, dev_ids[task], paths[0])
-        gold = frame["label"].map(get_task(task).label_index()).to_numpy(dtype=np.int64)
         chosen = [i for i, m in enumerate(members) if task in m.tasks]
+        for i in chosen:
+            if list(members[i].labels[task]) != list(get_task(task).labels):
+                raise BlendError(f"{paths[i]}: its {task} labels are not in the task's order")
+        dev_ids = load_split_ids(paths[chosen[0]] / "split.json")[task]
+        frame = _dev_frame(data_dir, task, dev_ids, paths[chosen[0]])
+        gold = frame["label"].map(get_task(task).label_index()).to_numpy(dtype=np.int64)
         probabilities = []
         for i in chosen:
             work.set_postfix_str(f"{task} {names[i]}")
@@ -387,9 +414,11 @@ def build_blend(member_dirs: Sequence[str | Path], out: str | Path, *, data_dir:
         for i, p in zip(chosen, probabilities):
             arrays[f"{task}/member/{names[i]}"] = np.asarray(p, dtype=np.float32)
     work.close()
-    described = [{"name": n, "kind": "baseline" if hasattr(m, "models") else "run", "path": str(p),
+    from .baseline import BaselineRun
+
+    described = [{"name": n, "kind": "baseline" if isinstance(m, BaselineRun) else "run", "path": str(p.resolve()),
                   "fingerprint": member_fingerprint(p)} for n, m, p in zip(names, members, paths)]
-    result = Blend(described, splits[0], blends, scores, settings)
+    result = Blend(described, shared, blends, scores, settings)
     result.save(out, arrays)
     return result
 
@@ -478,10 +507,15 @@ def evaluate_blend(blend_dir: str | Path, *, plots: bool = True) -> dict:
     out_dir.mkdir(exist_ok=True)
     (out_dir / "report.txt").write_text(report + "\n", encoding="utf-8")
     if plots:
+        from safetensors import SafetensorError
+
         try:
             arrays = load_file(str(blend_dir / DEV_FILE))
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, SafetensorError) as error:
             raise BlendError(f"{blend_dir / DEV_FILE}: cannot read ({error})") from None
+        needed = [f"{task}/{key}" for task in blend.tasks for key in ("gold", "cross_fitted/biased")]
+        if any(key not in arrays for key in needed):
+            raise BlendError(f"{blend_dir / DEV_FILE}: does not hold this blend's dev decisions")
         for task in blend.tasks:
             labels = get_task(task).labels
             gold = [labels[i] for i in arrays[f"{task}/gold"]]

@@ -217,6 +217,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_blend(args) -> int:
+    _quiet_libraries()
     from .blend import build_blend, format_blend_report
 
     members = list(args.run or []) + list(args.baseline or [])
@@ -236,7 +237,9 @@ def cmd_run(args) -> int:
     from .train import train
 
     ensure_encoder(config.model.encoder)
-    baseline_dir = _fitted_baseline(config)
+    # One process fits the baseline (before training, so its errors come early); only the main
+    # process blends and predicts after training.
+    baseline_dir = _fitted_baseline(config) if int(os.environ.get("RANK", "0")) == 0 else None
     trainer = train(config, args.run_dir, resume=args.resume, overwrite=args.overwrite)
     if not trainer.accelerator.is_main_process:  # evaluation and prediction are one process's work
         return 0
@@ -261,7 +264,8 @@ def _fitted_baseline(config) -> Path:
     one is saved in OUTPUT_DIR/baseline."""
     import json
 
-    from .baseline import BASELINE_FILE, run_baseline
+    from .baseline import BASELINE_FILE, BaselineRun, run_baseline
+    from .errors import DataError
 
     data = config.data
     run_dir = Path(config.output_dir) / "baseline"
@@ -271,9 +275,10 @@ def _fitted_baseline(config) -> Path:
         saved = json.loads((run_dir / BASELINE_FILE).read_text(encoding="utf-8"))
         settings = {key: saved["settings"][key] for key in wanted}
         if settings == wanted and set(data.tasks) <= set(saved["tasks"]):
+            BaselineRun.load(run_dir)  # complete and readable, or fitted again below
             print(f"baseline: using {run_dir} (same data and split)")
             return run_dir
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, DataError):
         pass
     run_baseline(data.data_dir, out_dir=None, dev_fraction=data.dev_fraction, seed=data.split_seed,
                  run_dir=run_dir, tasks=list(data.tasks), max_rows=data.max_train_rows, id_mode=data.id_mode)

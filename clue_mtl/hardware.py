@@ -25,5 +25,6 @@ def resolve_precision(setting: str, device_type: str | None = None) -> str:
         return setting
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # not counting emulation: on a V100 or T4 bf16 is emulated and fp16 is the fast path
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if device_type == "cpu" and cpu_has_fast_bf16() else "no"
