@@ -252,17 +252,6 @@ def _member_data_dir(member) -> str:
     return member.info.get("settings", {}).get("data_dir", "data")
 
 
-def _dev_frame(data_dir: str | Path, task: str, dev_ids: list[str], where: Path):
-    from .data import DataError, load_split
-
-    frame = load_split(data_dir, task, "train")
-    missing = sorted(set(dev_ids) - set(frame["id"]))
-    if missing:
-        raise DataError(f"{task}: {len(missing)} dev ids of {where / 'split.json'} are not in the training "
-                        f"file (e.g. {missing[0]!r}): is it the same data?")
-    return frame.set_index("id", drop=False).loc[dev_ids].reset_index(drop=True)
-
-
 def _unique_names(paths: list[Path]) -> list[str]:
     names: list[str] = []
     for path in paths:
@@ -373,7 +362,7 @@ def build_blend(member_dirs: Sequence[str | Path], out: str | Path, *, data_dir:
         raise BlendError("name at least one member (--run or --baseline)")
     members = [load_member(p) for p in paths]
     names = _unique_names(paths)
-    from .data import load_split_ids
+    from .data import load_dev_rows, load_split_ids
 
     data_dir = data_dir or _member_data_dir(members[0])
     tasks = [t for t in TASK_NAMES if any(t in m.tasks for m in members)]
@@ -398,7 +387,7 @@ def build_blend(member_dirs: Sequence[str | Path], out: str | Path, *, data_dir:
             if list(members[i].labels[task]) != list(get_task(task).labels):
                 raise BlendError(f"{paths[i]}: its {task} labels are not in the task's order")
         dev_ids = load_split_ids(paths[chosen[0]] / "split.json")[task]
-        frame = _dev_frame(data_dir, task, dev_ids, paths[chosen[0]])
+        frame = load_dev_rows(data_dir, task, dev_ids, paths[chosen[0]] / "split.json")
         gold = frame["label"].map(get_task(task).label_index()).to_numpy(dtype=np.int64)
         probabilities = []
         for i in chosen:

@@ -351,6 +351,17 @@ def save_split(dev_ids: dict[str, list[str]], path: str | Path) -> None:
     Path(path).write_text(json.dumps(as_strings, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def load_dev_rows(data_dir: str | Path, task: Task | str, dev_ids: list[str], split_file: str | Path) -> pd.DataFrame:
+    """The training file's rows with the ids of `split_file` (a run's `split.json`), in that order."""
+    task = _as_task(task)
+    frame = load_split(data_dir, task, "train")
+    missing = sorted(set(dev_ids) - set(frame["id"]))
+    if missing:
+        raise DataError(f"{task.name}: {len(missing)} dev ids of {split_file} are not in the training "
+                        f"file (e.g. {missing[0]!r}): is it the same data?")
+    return frame.set_index("id", drop=False).loc[dev_ids].reset_index(drop=True)
+
+
 def load_split_ids(path: str | Path) -> dict[str, list[str]]:
     try:
         values = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -125,7 +125,7 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | Path | None = None, plo
     """
     import json
 
-    from .data import DataError, load_split, load_split_ids
+    from .data import load_dev_rows, load_split_ids
     from .inference import LoadedRun
 
     run = LoadedRun(run_dir)
@@ -134,12 +134,7 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | Path | None = None, plo
     out_dir.mkdir(exist_ok=True)
     reports, probabilities = {}, {}
     for task in run.tasks:
-        frame = load_split(data_dir or run.config.data.data_dir, task, "train")
-        missing = sorted(set(dev_ids[task]) - set(frame["id"]))
-        if missing:
-            raise DataError(f"{task}: {len(missing)} dev ids of {run.run_dir / 'split.json'} are not in the "
-                            f"training file (e.g. {missing[0]!r}): is it the same data?")
-        dev = frame.set_index("id", drop=False).loc[dev_ids[task]].reset_index(drop=True)
+        dev = load_dev_rows(data_dir or run.config.data.data_dir, task, dev_ids[task], run.run_dir / "split.json")
         labels = run.labels[task]
         probabilities[task] = run.probabilities(task, dev)
         predicted = [labels[i] for i in probabilities[task].argmax(-1)]
