@@ -133,6 +133,7 @@ class ModelConfig:
     dropout: float = 0.1
     head_hidden: int = 0                 # 0: a linear head; >0: one hidden layer of that size
     freeze_word_embeddings: bool = False # keep the (large) token embedding matrix fixed
+    attention_dropout: float | None = None  # dropout on the attention probabilities; None keeps the encoder's (0.1 in BERT/XLM-R)
 
 
 @dataclass
@@ -162,6 +163,7 @@ class TrainConfig:
     early_stopping_patience: int = 0     # evaluations without gain before stopping; 0 never stops
     log_every: int = 10
     num_threads: int = 0                 # torch threads on CPU; 0 leaves torch's default
+    fused_optimizer: bool = True         # AdamW's fused kernel where torch has one (CPU, CUDA); false: the per-tensor loop
     ema_decay: float = 0.0               # >0: evaluate and save an exponential moving average of the weights
     fgm_epsilon: float = 0.0             # >0: FGM adversarial training on the word embeddings
     seed: int = 42
@@ -419,6 +421,8 @@ def validate(config: RunConfig) -> None:
         limit = getattr(config.data, name)
         need(limit is None or limit > 0, f"data.{name} must be positive (or null for all rows)")
     need(0 <= config.model.dropout < 1, "model.dropout must lie in [0, 1)")
+    need(config.model.attention_dropout is None or 0 <= config.model.attention_dropout < 1,
+         "model.attention_dropout must lie in [0, 1) (or null for the encoder's own)")
     need(0 <= config.model.head_hidden <= MAX_LENGTH, f"model.head_hidden must lie in [0, {MAX_LENGTH:,}]")
     need(config.train.steps <= MAX_STEPS, f"train.steps must be at most {MAX_STEPS:,}")
     _validate_numbers(config.train, need)

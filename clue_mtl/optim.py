@@ -1,7 +1,9 @@
-"""AdamW parameter groups: no decay for biases and norms, layer-wise learning-rate decay, head rates."""
+"""AdamW: parameter groups (no decay for biases and norms, layer-wise learning-rate decay, head
+rates) and the optimiser itself, fused where torch has the kernel."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .encoders import encoder_layers
@@ -32,3 +34,19 @@ def parameter_groups(model: nn.Module, *, lr: float, head_lr: float, weight_deca
         {"params": params, "lr": rate, "weight_decay": weight_decay if decays else 0.0}
         for (rate, decays), params in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1]))
     ]
+
+
+FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def adamw(groups: list[dict], *, device_type: str, fused: bool = True, **kwargs) -> torch.optim.AdamW:
+    """AdamW over `groups`; with `fused`, torch's fused kernel where the device has one.
+
+    On CPU torch's default is the per-tensor loop (no foreach kernel there): one small update per
+    parameter tensor, about 200 of them for e5-small. The fused kernel does the same arithmetic in
+    one pass and measured about 0.2 s faster per quickstart step on 2 AVX2 cores
+    (benchmarks/results/train_throughput.md).
+    """
+    if fused and device_type in FUSED_DEVICES:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)

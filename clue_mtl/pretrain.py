@@ -47,6 +47,7 @@ from transformers import get_linear_schedule_with_warmup
 from .batching import EncodedTask, TaskStream, tokenizer_fingerprint
 from .config import ConfigError, PretrainConfig, save_config
 from .masking import WholeWordMaskCollator
+from .optim import adamw
 from .recipe import RunRecipe
 from .train import fresh_accelerator
 from .vocab import corpus_texts, trim_vocabulary
@@ -309,8 +310,9 @@ class Pretrainer(RunRecipe):
             set_unigram_bias(model, self.train_features, self.tokenizer.all_special_ids)
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr)
+        optimizer = adamw([{"params": decay, "weight_decay": cfg.train.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr,
+                          device_type=accelerator.device.type)
         scheduler = get_linear_schedule_with_warmup(
             optimizer, math.ceil(cfg.train.warmup_ratio * cfg.train.steps), cfg.train.steps)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(MaskedLMObjective(model), optimizer, scheduler)

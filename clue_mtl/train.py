@@ -50,7 +50,7 @@ from .evaluate import leaderboard_score
 from .hardware import resolve_precision
 from .inference import predict_logits
 from .model import MultiTaskModel, build_model
-from .optim import parameter_groups
+from .optim import adamw, parameter_groups
 from .recipe import RunRecipe
 from .tasks import get_task
 from .weighting import StepContext, build_weighting
@@ -149,7 +149,9 @@ class Trainer(RunRecipe):
     # ----------------------------------------------------------------------------- setup
     def _setup_data(self) -> None:
         cfg, accelerator = self.config, self.accelerator
-        encoder, self.tokenizer = load_encoder(cfg.model.encoder)
+        overrides = {} if cfg.model.attention_dropout is None else {
+            "attention_probs_dropout_prob": cfg.model.attention_dropout}
+        encoder, self.tokenizer = load_encoder(cfg.model.encoder, **overrides)
         self._encoder = encoder
         fingerprint = tokenizer_fingerprint(self.tokenizer)
         soft_labels = None
@@ -184,9 +186,9 @@ class Trainer(RunRecipe):
         del self._encoder
         if cfg.model.freeze_word_embeddings:
             model.encoder.get_input_embeddings().weight.requires_grad_(False)
-        optimizer = torch.optim.AdamW(parameter_groups(
-            model, lr=cfg.train.lr, head_lr=cfg.train.head_lr, weight_decay=cfg.train.weight_decay,
-            layer_lr_decay=cfg.train.layer_lr_decay))
+        groups = parameter_groups(model, lr=cfg.train.lr, head_lr=cfg.train.head_lr,
+                                  weight_decay=cfg.train.weight_decay, layer_lr_decay=cfg.train.layer_lr_decay)
+        optimizer = adamw(groups, device_type=accelerator.device.type, fused=cfg.train.fused_optimizer)
         scheduler = get_linear_schedule_with_warmup(
             optimizer, math.ceil(cfg.train.warmup_ratio * cfg.train.steps), cfg.train.steps)
         self.weighting = build_weighting(cfg.weighting.method, cfg.data.tasks, cfg.weighting.params)
