@@ -85,10 +85,12 @@ def peak_rss_mb() -> float:
 
 
 def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to_max: bool = False,
-                        quality_steps: int = 0) -> dict:
+                        quality_steps: int = 0, count_flops: bool = False, prepare=None) -> dict:
     """Build a Trainer, run `warmup` steps, then time `steps` optimiser steps (in this process).
 
-    With `quality_steps`, keep training to that step and add the dev scores.
+    With `count_flops`, one more step runs under torch's FLOP counter (model FLOPs per step and
+    per second). `prepare(trainer)` runs before the warm-up (e.g. to compile the encoder). With
+    `quality_steps`, keep training to that step and add the dev scores.
     """
     import tempfile
 
@@ -103,8 +105,12 @@ def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to
         if pad_to_max:
             trainer.batches.pad_to_multiple_of = config.data.max_length
         rows_per_step = sum(trainer.batch_sizes.values())
+        if prepare is not None:
+            prepare(trainer)
+        started = time.perf_counter()
         for _ in range(warmup):
             trainer.train_step()
+        warmup_seconds = time.perf_counter() - started
         tokens = 0
         started = time.perf_counter()
         for _ in range(steps):
@@ -115,8 +121,16 @@ def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to
             "steps": steps, "rows_per_step": rows_per_step, "seconds": seconds,
             "samples_per_second": rows_per_step * steps / seconds, "step_seconds": seconds / steps,
             "padded_tokens_per_step": tokens / steps, "peak_rss_mb": peak_rss_mb(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "precision": trainer.accelerator.mixed_precision,
+            "warmup_seconds": warmup_seconds,
         }
+        if count_flops:  # one more step, counted: FLOPs per padded token, times the timed steps' tokens
+            from clue_mtl.hardware import count_flops as counted
+
+            counted_tokens = sum(int(b["input_ids"].numel()) for b in trainer.batches[trainer.state.step].values())
+            flops = counted(trainer.train_step)
+            result["model_flops_per_step"] = flops / counted_tokens * tokens / steps
+            result["model_flops_per_second"] = result["model_flops_per_step"] / result["step_seconds"]
         if quality_steps:
             while trainer.state.step < quality_steps:
                 trainer.train_step()

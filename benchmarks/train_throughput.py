@@ -1,65 +1,169 @@
-"""Training throughput: the kit against a naive multi-task loop, same encoder, same data.
+"""Training throughput against the machine's own peak: naive loop, the kit before and after.
+
+In one run: the matrix-product peak of this machine (float32 and bf16, at a large square shape
+and at the model's own shapes); then each variant in a fresh process, variants taking turns over
+repeats so they see the same machine load, timed over the same steps, with the model FLOPs of a
+step counted by torch's FLOP counter; achieved FLOP/s as a fraction of the peak of the precision
+the variant runs in; and where the kit's step spends its time (`torch.profiler`).
 
 The naive reference runs three classification forward passes per step (one per task) padded to
-the maximum length, in fp32, with every parameter trained, rows in random order. The kit pads
-each task's batch to its own longest row, groups rows of similar length, runs bf16 autocast
-(AMX on this CPU) and keeps e5-small's 250k-row word embedding fixed. Between the two, each
-step of the way is measured on its own. Every variant runs in a fresh process (peak memory is
-per process); variants alternate over repeats so both see the same machine load.
+the maximum length, in float32, with every parameter trained, rows in random order. "Kit before"
+is the kit as it was (dynamic padding, length grouping, `auto` precision, fixed word embeddings,
+AdamW's per-tensor loop, attention dropout 0.1); then one change at a time.
 
-    python benchmarks/train_throughput.py                       # speed, about 10 minutes on 2 cores
-    python benchmarks/train_throughput.py --quality-steps 300   # also dev macro-F1 at equal steps
+    python benchmarks/train_throughput.py                        # about 10 minutes on 2 cores
+    python benchmarks/train_throughput.py --try-compile          # also torch.compile (minutes to compile)
+    python benchmarks/train_throughput.py --quality A B          # add main_job.json's equal-steps dev check
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, alternate_children, run_child, time_training_steps, write_results  # noqa: E402
+from common import RESULTS, ROOT, alternate_children, run_child, time_training_steps, write_results  # noqa: E402
 
 BASE = [
     f"data.data_dir={ROOT / 'data'}", f"model.encoder={ROOT / 'artifacts/e5-small'}", "data.max_length=128", "train.batch_size=24",
     "data.max_train_rows=4000", "data.max_dev_rows=1000", "train.eval_every=1000000", "train.lr=5e-5",
     "train.head_lr=2e-3", "train.class_weighting=true",
 ]
-NAIVE = ["train.mixed_precision=no", "model.freeze_word_embeddings=false", "train.length_grouping=false"]
-VARIANTS = {
-    "naive (pad to max, fp32)": (NAIVE, True),
-    "+ dynamic padding": (NAIVE, False),
-    "+ length grouping": (["train.mixed_precision=no", "model.freeze_word_embeddings=false"], False),
-    "+ bf16 autocast": (["train.mixed_precision=bf16", "model.freeze_word_embeddings=false"], False),
-    "kit (+ fixed word embeddings)": (["train.mixed_precision=bf16", "model.freeze_word_embeddings=true"], False),
+NAIVE = ["train.mixed_precision=no", "model.freeze_word_embeddings=false", "train.length_grouping=false",
+         "train.fused_optimizer=false"]
+KIT_BEFORE = ["train.mixed_precision=auto", "model.freeze_word_embeddings=true", "train.fused_optimizer=false"]
+FUSED = ["train.mixed_precision=auto", "model.freeze_word_embeddings=true", "train.fused_optimizer=true"]
+AFTER = [*FUSED, "model.attention_dropout=0.0"]
+VARIANTS = {  # name: (overrides, pad to max length, compile the encoder)
+    "naive (pad to max, fp32, per-tensor AdamW)": (NAIVE, True, False),
+    "kit before (attention dropout 0.1, per-tensor AdamW)": (KIT_BEFORE, False, False),
+    "+ fused AdamW": (FUSED, False, False),
+    "+ no attention dropout (kit after)": (AFTER, False, False),
+}
+COMPILED = "kit after + torch.compile (dynamic shapes)"
+NAIVE_NAME, BEFORE_NAME, AFTER_NAME = "naive (pad to max, fp32, per-tensor AdamW)", \
+    "kit before (attention dropout 0.1, per-tensor AdamW)", "+ no attention dropout (kit after)"
+HIDDEN, INTERMEDIATE = 384, 1536  # e5-small
+PRECISION_NAMES = {"no": "float32", "bf16": "bf16", "fp16": "fp16"}
+
+# profiler operator names by where the time goes
+CATEGORIES = {
+    "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "attention (softmax, fused attention)": ("softmax", "scaled_dot_product", "flash_attention"),
+    "layer norms and GELU": ("layer_norm", "gelu"),
+    "dropout (random masks)": ("bernoulli", "dropout", "uniform_"),
+    "optimiser and clipping": ("adam", "_foreach", "norm", "lerp", "addcdiv", "sqrt"),
 }
 
 
-def measure(variant: str, steps: int, warmup: int, quality_steps: int) -> dict:
-    overrides, pad_to_max = VARIANTS[variant]
-    result = time_training_steps([*BASE, *overrides], steps, warmup, pad_to_max=pad_to_max,
-                                 quality_steps=quality_steps)
+def peaks(tokens_per_pass: int, tokens_per_step: int) -> dict:
+    """Matmul FLOP/s of this machine: large square, and the model's shapes (rows x 384 x 1536...)."""
+    import torch
+
+    from clue_mtl.hardware import matmul_flops_per_second, matmul_peak
+
+    figures = {}
+    for name, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16)):
+        figures[name] = {"square": matmul_peak(dtype, size=4096 if name == "float32" else None, seconds=1.0)}
+        if figures[name]["square"] < 10e9:  # emulated: the model's shapes would take minutes
+            continue
+        for tokens in (tokens_per_pass, tokens_per_step):
+            for k, n in ((HIDDEN, INTERMEDIATE), (INTERMEDIATE, HIDDEN), (HIDDEN, HIDDEN)):
+                figures[name][f"{tokens}x{k}x{n}"] = matmul_flops_per_second(tokens, k, n, dtype=dtype, seconds=0.5)
+    return figures
+
+
+def compile_encoder(trainer) -> None:
+    import torch
+
+    trainer.unwrapped.encoder = torch.compile(trainer.unwrapped.encoder, dynamic=True)
+
+
+def measure(variant: str, steps: int, warmup: int) -> dict:
+    overrides, pad_to_max, compiled = VARIANTS.get(variant) or (AFTER, False, True)
+    result = time_training_steps([*BASE, *overrides], steps, warmup, pad_to_max=pad_to_max, count_flops=True,
+                                 prepare=compile_encoder if compiled else None)
     return {"variant": variant, **result}
 
 
-def add_quality(args, figures: dict, lines: list[str]) -> None:
-    """Train the naive loop and the kit for the same steps, score both on dev, write the results."""
-    quality = {}
-    for name in ("naive (pad to max, fp32)", "kit (+ fixed word embeddings)"):
-        child = [__file__, "--variant", name, "--steps", "1", "--warmup", "0",
-                 "--quality-steps", str(args.quality_steps)]
-        quality[name] = run_child(child)
-        print(f"{name}: dev mean macro-F1 {quality[name]['dev_mean_macro_f1']:.4f}", flush=True)
-    figures["quality"] = {name: {"steps": args.quality_steps, "dev_mean_macro_f1": q["dev_mean_macro_f1"],
-                                 "dev_macro_f1": q["dev_macro_f1"]} for name, q in quality.items()}
-    lines += ["", f"## Dev macro-F1 after {args.quality_steps} steps (1,000 dev rows per task)", "",
-              "| variant | OCNLI | OCEMOTION | TNEWS | mean |", "|---|---|---|---|---|"]
-    for name, q in quality.items():
-        per = q["dev_macro_f1"]
-        lines.append(f"| {name} | {per['ocnli']:.4f} | {per['ocemotion']:.4f} | {per['tnews']:.4f} | "
-                     f"{q['dev_mean_macro_f1']:.4f} |")
-    write_results("train_throughput", figures, "\n".join(lines))
+def profile(steps: int, warmup: int) -> dict:
+    """Seconds per step by category for the kit after, from torch.profiler's operator self times;
+    what the operators do not cover is Python and framework overhead; data is timed on its own."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from clue_mtl.config import load_config
+    from clue_mtl.train import Trainer
+
+    config = load_config(overrides=[*BASE, *AFTER, f"train.steps={warmup + steps + 1}"])
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, run_dir, show_progress=False)
+        for _ in range(warmup):
+            trainer.train_step()
+        started = time.perf_counter()
+        for step in range(trainer.state.step, trainer.state.step + steps):
+            trainer.batches[step]
+        data_seconds = (time.perf_counter() - started) / steps
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            started = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step()
+            wall = (time.perf_counter() - started) / steps
+    seconds = {name: 0.0 for name in CATEGORIES}
+    seconds["other operators"] = 0.0
+    operators = sorted(((event.key, event.self_cpu_time_total / 1e6 / steps) for event in prof.key_averages()
+                        if event.key.startswith("aten::")), key=lambda item: -item[1])
+    for event in prof.key_averages():
+        name = event.key.lower()
+        if not name.startswith("aten::"):
+            continue
+        category = next((c for c, keys in CATEGORIES.items() if any(k in name for k in keys)), "other operators")
+        seconds[category] += event.self_cpu_time_total / 1e6 / steps
+    # padding a step's batches, timed apart; its few operators also sit in "other operators"
+    seconds["data (padding the step's batches)"] = data_seconds
+    seconds["Python and framework (the rest of the step)"] = max(wall - sum(seconds.values()), 0.0)
+    return {"step_seconds_profiled": wall, "seconds": seconds, "top_operators": operators[:12]}
+
+
+def quality_rows(names: list[str]) -> list[str]:
+    """Equal-steps dev macro-F1 from benchmarks/main_job.json (whole dev split, each run's own
+    argmax) and the paired bootstrap of the second against the first."""
+    record = json.loads((RESULTS / "main_job.json").read_text())["figures"]
+    lines = ["", "## Equal steps, dev macro-F1 (whole dev split)", "",
+             "| run | steps | OCNLI | OCEMOTION | TNEWS | mean |", "|---|---|---|---|---|---|"]
+    from clue_mtl.config import load_config
+
+    for name in names:
+        entry, _, member = name.partition("@")
+        f1 = record[entry]["members"][member]
+        mean = sum(f1.values()) / len(f1)
+        steps = load_config(ROOT / record[entry]["runs"][0] / "config.yaml").train.steps
+        lines.append(f"| {member} | {steps} | {f1['ocnli']:.4f} | {f1['ocemotion']:.4f} | {f1['tnews']:.4f} | {mean:.4f} |")
+    for label, c in record.get("_comparisons", {}).items():
+        if all(name in label for name in names):
+            verdict = "no difference" if c["low"] <= 0 <= c["high"] else "a difference"
+            lines.append(f"\nPaired bootstrap, {label}: {c['difference']:+.4f} "
+                         f"[{c['low']:+.4f}, {c['high']:+.4f}] (95%, {c['samples']:,} resamples): {verdict}.")
+    return lines
+
+
+def speed_table(figures: dict, names: list[str], peak_of: dict) -> list[str]:
+    naive = figures[NAIVE_NAME]["samples_per_second"]
+    lines = ["| variant | precision | samples/s (median) | x naive | padded tokens/step | model GFLOP/step | "
+             "GFLOP/s | of peak | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        f = figures[name]
+        lines.append(f"| {name} | {PRECISION_NAMES[f['precision']]} | {f['samples_per_second']:.1f} | "
+                     f"{f['samples_per_second'] / naive:.2f} | {f['padded_tokens_per_step']:.0f} | "
+                     f"{f['model_flops_per_step'] / 1e9:.1f} | {f['model_flops_per_second'] / 1e9:.1f} | "
+                     f"{f['model_flops_per_second'] / peak_of[f['precision']]:.0%} | {f['peak_rss_mb']:.0f} |")
+    return lines
 
 
 def main() -> None:
@@ -67,53 +171,78 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--quality-steps", type=int, default=0, help="train kit and naive this far and score dev")
-    parser.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
+    parser.add_argument("--try-compile", action="store_true", help="also time torch.compile of the encoder (once)")
+    parser.add_argument("--quality", nargs=2, metavar="ENTRY@MEMBER",
+                        help="main_job.json entries of the before and after runs at equal steps")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # child modes
+    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        import json
-
-        print(json.dumps(measure(args.variant, args.steps, args.warmup, args.quality_steps)))
+        print(json.dumps(measure(args.variant, args.steps, args.warmup)))
+        return
+    if args.profile:
+        print(json.dumps(profile(args.steps, args.warmup)))
         return
 
     from clue_mtl.encoders import ensure_encoder
 
     ensure_encoder(ROOT / "artifacts/e5-small")
-    if args.repeats == 0:  # quality only: keep the speed figures already measured
-        import json
-
-        from common import RESULTS
-
-        previous = json.loads((RESULTS / "train_throughput.json").read_text())
-        figures = previous["figures"]
-        figures.setdefault("speed_command", previous["command"])  # the speed rows came from that run
-        lines = (RESULTS / "train_throughput.md").read_text().split("\n## Dev macro-F1")[0].rstrip().splitlines()
-        add_quality(args, figures, lines)
-        return
     runs = alternate_children(__file__, "--variant", VARIANTS, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
                               args.repeats, lambda result: f"{result['samples_per_second']:.1f} samples/s")
-    figures = {}
+    figures = {"variants": {}}
     for name, results in runs.items():
-        figures[name] = {
+        figures["variants"][name] = {
+            **{k: v for k, v in results[0].items() if k not in ("variant", "samples_per_second", "seconds", "step_seconds")},
             "samples_per_second": statistics.median(r["samples_per_second"] for r in results),
             "samples_per_second_runs": [r["samples_per_second"] for r in results],
-            "padded_tokens_per_step": results[0]["padded_tokens_per_step"],
+            "model_flops_per_second": statistics.median(r["model_flops_per_second"] for r in results),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
         }
-    naive, kit = figures["naive (pad to max, fp32)"], figures["kit (+ fixed word embeddings)"]
-    figures["speedup_kit_over_naive"] = kit["samples_per_second"] / naive["samples_per_second"]
+    names = list(VARIANTS)
+    if args.try_compile:
+        compiled = run_child([__file__, "--variant", COMPILED, "--steps", str(args.steps), "--warmup", str(args.warmup)])
+        figures["variants"][COMPILED] = compiled
+        names.append(COMPILED)
+        print(f"{COMPILED}: {compiled['samples_per_second']:.1f} samples/s", flush=True)
+    figures["profile"] = run_child([__file__, "--profile", "--steps", "5", "--warmup", str(args.warmup)])
+    variants = figures["variants"]
+    tokens_per_step = round(variants[AFTER_NAME]["padded_tokens_per_step"])
+    figures["peak"] = peaks(tokens_per_step // 3, tokens_per_step)
+    peak_of = {"no": figures["peak"]["float32"]["square"], "bf16": figures["peak"]["bf16"]["square"]}
+    figures["speedup_after_over_before"] = (variants[AFTER_NAME]["samples_per_second"]
+                                            / variants[BEFORE_NAME]["samples_per_second"])
+    figures["speedup_after_over_naive"] = (variants[AFTER_NAME]["samples_per_second"]
+                                           / variants[NAIVE_NAME]["samples_per_second"])
+    write_report(args, figures, names, peak_of)
 
-    lines = ["# Training throughput (e5-small, 3 tasks, 24 rows per step, max length 128, CPU)", "",
-             "| variant | samples/s (median) | padded tokens/step | peak RSS (MB) |", "|---|---|---|---|"]
-    for name in VARIANTS:
-        f = figures[name]
-        lines.append(f"| {name} | {f['samples_per_second']:.1f} | {f['padded_tokens_per_step']:.0f} | {f['peak_rss_mb']:.0f} |")
-    lines += ["", f"Kit over naive: **{figures['speedup_kit_over_naive']:.2f}x** samples/s "
-              f"({args.steps} timed steps after {args.warmup} warm-up, median of {args.repeats} runs)."]
 
-    if args.quality_steps:
-        add_quality(args, figures, lines)
-        return
+def write_report(args, figures: dict, names: list[str], peak_of: dict) -> None:
+    peak = figures["peak"]
+    lines = ["# Training throughput against this machine's peak (e5-small, 3 tasks, 24 rows per step, "
+             "max length 128, CPU)", "", "## The machine's matrix-product peak (same run)", "",
+             "| shape (m x k x n) | float32 GFLOP/s | bf16 GFLOP/s |", "|---|---|---|"]
+    for shape in peak["float32"]:
+        bf16 = peak["bf16"].get(shape)
+        label = "large square (4096 float32; 2048 bf16, or 256 where bf16 is emulated)" if shape == "square" else shape
+        lines.append(f"| {label} | {peak['float32'][shape] / 1e9:.0f} | {bf16 / 1e9:.1f} |" if bf16 else
+                     f"| {label} | {peak['float32'][shape] / 1e9:.0f} | - |")
+    lines += ["", "## Variants (one change at a time)", "", *speed_table(figures["variants"], names, peak_of), "",
+              f"Kit after over kit before: **{figures['speedup_after_over_before']:.2f}x** samples/s; over naive "
+              f"{figures['speedup_after_over_naive']:.2f}x ({args.steps} timed steps after {args.warmup} warm-up, "
+              f"median of {args.repeats} runs, variants alternating). Model FLOPs counted with "
+              f"`torch.utils.flop_counter` (matrix products and attention), per padded token, on one step; "
+              f"'of peak': achieved model FLOP/s over the large-square peak of the variant's precision."]
+    profiled = figures["profile"]
+    lines += ["", f"## Where the kit's step goes (kit after, torch.profiler, "
+                  f"{profiled['step_seconds_profiled']:.2f} s per profiled step)", "",
+              "| part | seconds per step | share |", "|---|---|---|"]
+    total = sum(profiled["seconds"].values())
+    for part, seconds in sorted(profiled["seconds"].items(), key=lambda item: -item[1]):
+        lines.append(f"| {part} | {seconds:.3f} | {seconds / total:.0%} |")
+    lines += ["", "Top operators by self time (seconds per step): " + ", ".join(
+        f"`{name}` {seconds:.3f}" for name, seconds in profiled["top_operators"]) + "."]
+    if args.quality:
+        lines += quality_rows(args.quality)
     write_results("train_throughput", figures, "\n".join(lines))
 
 

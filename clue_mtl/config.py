@@ -133,6 +133,7 @@ class ModelConfig:
     dropout: float = 0.1
     head_hidden: int = 0                 # 0: a linear head; >0: one hidden layer of that size
     freeze_word_embeddings: bool = False # keep the (large) token embedding matrix fixed
+    num_layers: int = 0                  # >0: keep only the encoder's bottom N layers (shallower, faster)
     attention_dropout: float | None = None  # dropout on the attention probabilities; None keeps the encoder's (0.1 in BERT/XLM-R)
 
 
@@ -421,6 +422,7 @@ def validate(config: RunConfig) -> None:
         limit = getattr(config.data, name)
         need(limit is None or limit > 0, f"data.{name} must be positive (or null for all rows)")
     need(0 <= config.model.dropout < 1, "model.dropout must lie in [0, 1)")
+    need(0 <= config.model.num_layers <= MAX_LENGTH, f"model.num_layers must lie in [0, {MAX_LENGTH:,}] (0 keeps all)")
     need(config.model.attention_dropout is None or 0 <= config.model.attention_dropout < 1,
          "model.attention_dropout must lie in [0, 1) (or null for the encoder's own)")
     need(0 <= config.model.head_hidden <= MAX_LENGTH, f"model.head_hidden must lie in [0, {MAX_LENGTH:,}]")

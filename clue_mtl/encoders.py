@@ -235,6 +235,20 @@ def _layer_list(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+def keep_bottom_layers(model: nn.Module, count: int) -> None:
+    """Cut the encoder to its bottom `count` transformer layers, in place (a shallower encoder:
+    each step and each prediction costs about count/N of the full one). The config follows, so a
+    saved model reloads with `count` layers."""
+    base = getattr(model, "base_model", model)
+    layers = _layer_list(base)
+    if not 0 < count <= len(layers):
+        raise EncoderError(f"model.num_layers is {count}, but the encoder has {len(layers)} layers")
+    if not hasattr(base.config, "num_hidden_layers"):
+        raise EncoderError(f"model.num_layers: {type(base).__name__}'s config has no num_hidden_layers")
+    del layers[count:]
+    base.config.num_hidden_layers = count
+
+
 def encoder_layers(model: nn.Module) -> list[nn.Module]:
     """[embeddings, layer 0, ..., layer N-1] of an encoder (or of a model wrapping one).
 

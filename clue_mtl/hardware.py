@@ -1,4 +1,6 @@
-"""What this machine's hardware does fast: the precision `mixed_precision: auto` resolves to.
+"""What this machine's hardware does fast: the precision `mixed_precision: auto` resolves to, the
+matrix-product peak it reaches, and the FLOPs a piece of work costs (to say how far from that
+peak the kit runs).
 
 bf16 pays only where the hardware multiplies in bf16: Intel AMX or AVX512-BF16 on a CPU, or a GPU
 that supports it. Elsewhere torch emulates it: on an AVX2-only CPU (e.g. AMD EPYC Milan) a bf16
@@ -8,8 +10,13 @@ there.
 
 from __future__ import annotations
 
-import torch
+import time
+from typing import Callable
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -28,3 +35,77 @@ def resolve_precision(setting: str, device_type: str | None = None) -> str:
         # not counting emulation: on a V100 or T4 bf16 is emulated and fp16 is the fast path
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if device_type == "cpu" and cpu_has_fast_bf16() else "no"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops_per_second(m: int, k: int, n: int, *, dtype: torch.dtype = torch.float32,
+                            device: str | torch.device = "cpu", seconds: float = 0.3) -> float:
+    """The best FLOP/s of an (m x k) @ (k x n) product over repeats filling about `seconds`."""
+    device = torch.device(device)
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    a @ b  # warm-up: kernels chosen, memory touched
+    _synchronize(device)
+    best, spent = float("inf"), 0.0
+    while spent < seconds or best == float("inf"):
+        started = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        elapsed = time.perf_counter() - started
+        best, spent = min(best, elapsed), spent + elapsed
+    return 2 * m * k * n / best
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+                size: int | None = None, seconds: float = 0.3) -> float:
+    """This machine's matrix-product FLOP/s in `dtype`: the best square product of `size` (default
+    2048 on a CPU, 8192 on a GPU). Emulated half precisions (bf16 on a CPU without AMX or
+    AVX512-BF16: about 1 GFLOP/s) are measured at 256, where a 2048 product takes many seconds."""
+    device = torch.device(device)
+    emulated = device.type == "cpu" and dtype != torch.float32 and not cpu_has_fast_bf16()
+    size = size or (256 if emulated else 8192 if device.type == "cuda" else 2048)
+    return matmul_flops_per_second(size, size, size, dtype=dtype, device=device, seconds=seconds)
+
+
+def count_flops(work: Callable[[], object]) -> int:
+    """The FLOPs torch's operators count while `work()` runs (matrix products, attention,
+    convolutions: what `torch.utils.flop_counter` knows; element-wise work is not counted)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        work()
+    return int(counter.get_total_flops())
+
+
+class ThroughputMeter:
+    """Training rows/s and model FLOP/s over the steps since the last report, and the fraction of
+    the matrix-product peak measured for the run's precision (FLOPs counted on the first step, per
+    padded token)."""
+
+    def __init__(self, rows_per_step: int, peak: float | None):
+        self.rows_per_step, self.peak = rows_per_step, peak
+        self.flops_per_token: float | None = None
+        self.steps = self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, seconds: float, tokens: int, flops: int | None = None) -> None:
+        if flops is not None and tokens:
+            self.flops_per_token = flops / tokens
+        self.steps, self.tokens, self.seconds = self.steps + 1, self.tokens + tokens, self.seconds + seconds
+
+    def report(self) -> dict[str, float]:
+        """`samples_per_second` and, once counted, `model_flops_per_second` and `fraction_of_peak`;
+        then starts a new interval."""
+        if not self.seconds:
+            return {}
+        figures = {"samples_per_second": self.steps * self.rows_per_step / self.seconds}
+        if self.flops_per_token is not None:
+            figures["model_flops_per_second"] = self.flops_per_token * self.tokens / self.seconds
+            if self.peak:
+                figures["fraction_of_peak"] = figures["model_flops_per_second"] / self.peak
+        self.steps = self.tokens = 0
+        self.seconds = 0.0
+        return figures

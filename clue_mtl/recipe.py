@@ -15,6 +15,8 @@ from .config import config_fingerprint, config_to_dict
 from .errors import RunFolderError, TrainingDiverged
 
 METRICS_FILE = "metrics.jsonl"
+# metrics-log fields that are timings: they differ between two runs of the same steps
+TIMING_KEYS = frozenset({"steps_per_second", "samples_per_second", "model_flops_per_second", "fraction_of_peak"})
 
 
 class RunRecipe:

@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -45,9 +46,9 @@ from .config import DataConfig, RunConfig, save_config, validate
 from .data import DataError, load_split, save_split, stratified_split
 from .distill import annealed_mix, distillation_loss, read_soft_labels
 from .ema import ExponentialMovingAverage
-from .encoders import encoder_layers, load_encoder
+from .encoders import encoder_layers, keep_bottom_layers, load_encoder
 from .evaluate import leaderboard_score
-from .hardware import resolve_precision
+from .hardware import PRECISION_DTYPES, ThroughputMeter, count_flops, matmul_peak, resolve_precision
 from .inference import predict_logits
 from .model import MultiTaskModel, build_model
 from .optim import adamw, parameter_groups
@@ -145,6 +146,7 @@ class Trainer(RunRecipe):
         self.state = TrainerState()
         self._setup_data()
         self._setup_model()
+        self.meter = self._throughput_meter()
 
     # ----------------------------------------------------------------------------- setup
     def _setup_data(self) -> None:
@@ -152,6 +154,8 @@ class Trainer(RunRecipe):
         overrides = {} if cfg.model.attention_dropout is None else {
             "attention_probs_dropout_prob": cfg.model.attention_dropout}
         encoder, self.tokenizer = load_encoder(cfg.model.encoder, **overrides)
+        if cfg.model.num_layers:
+            keep_bottom_layers(encoder, cfg.model.num_layers)
         self._encoder = encoder
         fingerprint = tokenizer_fingerprint(self.tokenizer)
         soft_labels = None
@@ -219,9 +223,31 @@ class Trainer(RunRecipe):
     def unwrapped(self) -> MultiTaskModel:
         return self.accelerator.unwrap_model(self.model)
 
+    def _throughput_meter(self) -> ThroughputMeter:
+        """Rows/s for the progress bar and the metrics log; with the progress bar shown, also the
+        fraction of this machine's matmul peak (measured now, in about half a second)."""
+        accelerator, train = self.accelerator, self.config.train
+        rows = sum(self.batch_sizes.values()) * train.grad_accumulation * accelerator.num_processes
+        peak = None
+        if self.show_progress and accelerator.is_main_process:
+            peak = matmul_peak(PRECISION_DTYPES[accelerator.mixed_precision], accelerator.device)
+        return ThroughputMeter(rows, peak)
+
     # ----------------------------------------------------------------------------- training
     def train_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One optimiser step over a batch of every task; returns the per-task and combined losses."""
+        """One optimiser step over a batch of every task; returns the per-task and combined losses.
+        Timed for the throughput meter; the first step with a peak to compare against is counted."""
+        started = time.perf_counter()
+        if self.meter.peak and self.meter.flops_per_token is None:
+            output: list = []
+            flops = count_flops(lambda: output.append(self._optimizer_step()))
+            output = output[0]
+        else:
+            output, flops = self._optimizer_step(), None
+        self.meter.add(time.perf_counter() - started, self._step_tokens, flops)
+        return output
+
+    def _optimizer_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         cfg, accelerator = self.config, self.accelerator
         unwrapped = self.unwrapped
         shared = [p for p in unwrapped.encoder.parameters() if p.requires_grad]
@@ -229,11 +255,13 @@ class Trainer(RunRecipe):
         last_layer = [p for p in encoder_layers(unwrapped.encoder)[-1].parameters() if p.requires_grad]
         self.model.train()
         accumulation = cfg.train.grad_accumulation
+        self._step_tokens = 0
         for micro in range(accumulation):
             batches = self.batches[self.state.step * accumulation + micro]
             with accelerator.accumulate(self.model), self._gradient_sync_context():
                 batches = {task: {k: v.to(accelerator.device) for k, v in batch.items()}
                            for task, batch in batches.items()}
+                self._step_tokens += sum(int(batch["input_ids"].numel()) for batch in batches.values())
                 losses, features, accuracies = {}, {}, {}
                 for task, batch in batches.items():
                     logits, pooled = self.model(task, batch["input_ids"], batch["attention_mask"],
@@ -307,8 +335,15 @@ class Trainer(RunRecipe):
             "steps_per_second": steps_per_second,
             "epochs": self.batches.epochs_seen(self.state.step * self.config.train.grad_accumulation),
         }
+        throughput = self.meter.report()  # training steps only, since the last log line
+        record.update(throughput)
         self._append_metrics(record)
-        return {task: f"{loss:.3f}" for task, loss in losses.items()}
+        postfix = {task: f"{loss:.3f}" for task, loss in losses.items()}
+        if throughput:
+            postfix["rows/s"] = f"{throughput['samples_per_second']:.1f}"
+        if "fraction_of_peak" in throughput:
+            postfix["peak"] = f"{throughput['fraction_of_peak']:.0%}"
+        return postfix
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:

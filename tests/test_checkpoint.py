@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from clue_mtl import checkpoint
 from clue_mtl.config import save_config
 from clue_mtl.errors import CheckpointError, ConfigError, RunFolderError
+from clue_mtl.recipe import TIMING_KEYS
 from clue_mtl.train import Trainer
 
 FILE_OPERATIONS = ("_make_dir", "_write_bytes", "_write_model", "_rename", "_remove_tree")
@@ -27,7 +28,7 @@ def small_config(tiny_config, small_data_dir):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "steps_per_second"}
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -12,6 +12,7 @@ from clue_mtl.config import ConfigError, load_pretrain_config, save_config
 from clue_mtl.encoders import build_tiny_encoder, load_encoder
 from clue_mtl.errors import CheckpointError
 from clue_mtl.pretrain import Pretrainer, held_out_split, sample_texts
+from clue_mtl.recipe import TIMING_KEYS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -112,7 +113,7 @@ def test_resume_reproduces_the_uninterrupted_run(pretrain_config, tmp_path):
     assert all(torch.equal(expected[key], got[key]) for key in expected)
 
     def without_speed(run):
-        return [{k: v for k, v in m.items() if k != "steps_per_second"} for m in read_metrics(run)]
+        return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in read_metrics(run)]
 
     assert without_speed(tmp_path / "straight") == without_speed(tmp_path / "resumed")
     assert [m["step"] for m in read_metrics(tmp_path / "resumed")] == [0, 1, 2, 2, 3, 4, 4, 5, 6, 6]

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from clue_mtl.errors import CheckpointError
+from clue_mtl.recipe import TIMING_KEYS
 from clue_mtl.train import Trainer, train
 
 
@@ -62,7 +63,7 @@ def test_resume_reaches_the_uninterrupted_result(tiny_config, tmp_path):
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     def without_speed(run_dir):
-        return [{k: v for k, v in m.items() if k != "steps_per_second"} for m in read_metrics(run_dir)]
+        return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in read_metrics(run_dir)]
 
     assert without_speed(tmp_path / "straight") == without_speed(tmp_path / "resumed")
 

@@ -1,0 +1,92 @@
+"""Speed paths: the fused AdamW step, attention dropout, and the throughput meter of the progress bar."""
+
+import json
+
+import pytest
+import torch
+
+from clue_mtl import hardware
+from clue_mtl.config import ConfigError, validate
+from clue_mtl.train import Trainer
+
+
+def read_train_records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["kind"] == "train"]
+
+
+def test_count_flops_counts_a_matrix_product():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert hardware.count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+
+
+def test_matmul_peak_is_a_rate():
+    rate = hardware.matmul_flops_per_second(64, 64, 64, seconds=0.01)
+    assert 1e6 < rate < 1e15
+
+
+def test_the_meter_reports_each_interval_once():
+    meter = hardware.ThroughputMeter(rows_per_step=10, peak=1000.0)
+    assert meter.report() == {}
+    meter.add(seconds=1.0, tokens=100, flops=500)   # 5 FLOPs per token
+    meter.add(seconds=1.0, tokens=300)
+    figures = meter.report()
+    assert figures["samples_per_second"] == pytest.approx(10.0)
+    assert figures["model_flops_per_second"] == pytest.approx(5 * 400 / 2)
+    assert figures["fraction_of_peak"] == pytest.approx(1.0)
+    assert meter.report() == {}   # a new interval starts empty
+
+
+def test_the_fused_optimizer_trains_as_the_loop_does(tiny_config):
+    """Same arithmetic, one kernel: losses and weights agree with the per-tensor loop's."""
+    results = {}
+    for fused in (False, True):
+        trainer = Trainer(tiny_config(f"train.fused_optimizer={str(fused).lower()}", "model.dropout=0.0",
+                                      f"name=fused-{fused}"), show_progress=False)
+        assert trainer.optimizer.optimizer.defaults["fused"] is (True if fused else None)
+        losses = [sum(trainer.train_step()[0].values()).item() for _ in range(4)]
+        results[fused] = losses, {k: v.detach().clone() for k, v in trainer.unwrapped.state_dict().items()}
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-4)
+    for key, value in results[False][1].items():
+        torch.testing.assert_close(results[True][1][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_dropout_reaches_the_encoder(tiny_config):
+    trainer = Trainer(tiny_config("model.attention_dropout=0.0"), show_progress=False)
+    encoder = trainer.unwrapped.encoder
+    assert encoder.config.attention_probs_dropout_prob == 0.0
+    assert encoder.config.hidden_dropout_prob > 0   # the other dropouts stay
+    attention = [m for m in encoder.modules() if type(m).__name__.endswith("SelfAttention")]
+    assert attention and all(m.dropout.p == 0.0 for m in attention)
+
+
+def test_attention_dropout_out_of_range_is_refused(tiny_config):
+    with pytest.raises(ConfigError, match="attention_dropout"):
+        validate(tiny_config("model.attention_dropout=1.5"))
+
+
+def test_the_progress_bar_shows_rows_per_second_and_the_fraction_of_peak(tiny_config):
+    trainer = Trainer(tiny_config("train.steps=3", "train.eval_every=100"), show_progress=True)
+    trainer.train()
+    records = read_train_records(trainer.run_dir)
+    assert all(r["samples_per_second"] > 0 for r in records)
+    assert trainer.meter.flops_per_token > 0   # counted on the first step
+    assert all(0 < r["fraction_of_peak"] for r in records)
+    quiet = Trainer(tiny_config("train.steps=2", "train.eval_every=100", "name=quiet"), show_progress=False)
+    quiet.train()
+    assert all("fraction_of_peak" not in r for r in read_train_records(quiet.run_dir))
+
+
+def test_a_shallower_encoder_trains_saves_and_reloads(tiny_config):
+    from clue_mtl.encoders import encoder_layers
+    from clue_mtl.errors import EncoderError
+    from clue_mtl.model import MultiTaskModel
+
+    trainer = Trainer(tiny_config("model.num_layers=1", "train.steps=2"), show_progress=False)
+    assert len(encoder_layers(trainer.unwrapped.encoder)) == 2   # embeddings and one layer
+    trainer.train()
+    reloaded = MultiTaskModel.load(trainer.run_dir / "best")
+    assert reloaded.encoder.config.num_hidden_layers == 1
+    assert len(encoder_layers(reloaded.encoder)) == 2
+    with pytest.raises(EncoderError, match="num_layers is 99"):
+        Trainer(tiny_config("model.num_layers=99", "name=too-deep"), show_progress=False)
