@@ -57,7 +57,7 @@ def int8_check(run_dir: Path, split: str) -> dict:
         quantised = torch.ao.quantization.quantize_dynamic(run.model, {torch.nn.Linear}, dtype=torch.qint8)
     models = {"float32": run.model, "int8": quantised}
     dev_ids = load_split_ids(run_dir / "split.json")
-    figures = {"run": str(run_dir), "tasks": {}}
+    figures = {"run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir), "tasks": {}}
     for task in run.tasks:
         def encoded(frame):
             return encode_frame(run.tokenizer, frame, task, max_length=run.config.data.max_length)

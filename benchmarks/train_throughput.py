@@ -155,11 +155,12 @@ def quality_rows(names: list[str]) -> list[str]:
 
 def speed_table(figures: dict, names: list[str], peak_of: dict) -> list[str]:
     naive = figures[NAIVE_NAME]["samples_per_second"]
-    lines = ["| variant | precision | samples/s (median) | x naive | padded tokens/step | model GFLOP/step | "
-             "GFLOP/s | of peak | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | precision | samples/s (median) | each run | x naive | padded tokens/step | "
+             "model GFLOP/step | GFLOP/s | of peak | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         f = figures[name]
-        lines.append(f"| {name} | {PRECISION_NAMES[f['precision']]} | {f['samples_per_second']:.1f} | "
+        runs = ", ".join(f"{r:.1f}" for r in f.get("samples_per_second_runs") or [f["samples_per_second"]])
+        lines.append(f"| {name} | {PRECISION_NAMES[f['precision']]} | {f['samples_per_second']:.1f} | {runs} | "
                      f"{f['samples_per_second'] / naive:.2f} | {f['padded_tokens_per_step']:.0f} | "
                      f"{f['model_flops_per_step'] / 1e9:.1f} | {f['model_flops_per_second'] / 1e9:.1f} | "
                      f"{f['model_flops_per_second'] / peak_of[f['precision']]:.0%} | {f['peak_rss_mb']:.0f} |")
@@ -174,6 +175,8 @@ def main() -> None:
     parser.add_argument("--try-compile", action="store_true", help="also time torch.compile of the encoder (once)")
     parser.add_argument("--quality", nargs=2, metavar="ENTRY@MEMBER",
                         help="main_job.json entries of the before and after runs at equal steps")
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite the .md from the measured .json (e.g. with --quality), measuring nothing")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # child modes
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -182,6 +185,10 @@ def main() -> None:
         return
     if args.profile:
         print(json.dumps(profile(args.steps, args.warmup)))
+        return
+
+    if args.render:
+        render(args)
         return
 
     from clue_mtl.encoders import ensure_encoder
@@ -216,7 +223,27 @@ def main() -> None:
     write_report(args, figures, names, peak_of)
 
 
+def render(args) -> None:
+    """The report again from train_throughput.json, keeping its command, steps and repeats."""
+    record = json.loads((RESULTS / "train_throughput.json").read_text())
+    figures = record["figures"]
+    measured = argparse.Namespace(**{**figures.get("settings", {}), "quality": args.quality})
+    if args.quality:
+        figures["quality"] = args.quality
+    names = list(figures["variants"])
+    peak_of = {"no": figures["peak"]["float32"]["square"], "bf16": figures["peak"]["bf16"]["square"]}
+    lines = report_lines(measured, figures, names, peak_of)
+    (RESULTS / "train_throughput.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    (RESULTS / "train_throughput.md").write_text("\n".join(lines).rstrip() + "\n")
+    print("\n".join(lines))
+
+
 def write_report(args, figures: dict, names: list[str], peak_of: dict) -> None:
+    figures["settings"] = {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats}
+    write_results("train_throughput", figures, "\n".join(report_lines(args, figures, names, peak_of)))
+
+
+def report_lines(args, figures: dict, names: list[str], peak_of: dict) -> list[str]:
     peak = figures["peak"]
     lines = ["# Training throughput against this machine's peak (e5-small, 3 tasks, 24 rows per step, "
              "max length 128, CPU)", "", "## The machine's matrix-product peak (same run)", "",
@@ -243,7 +270,7 @@ def write_report(args, figures: dict, names: list[str], peak_of: dict) -> None:
         f"`{name}` {seconds:.3f}" for name, seconds in profiled["top_operators"]) + "."]
     if args.quality:
         lines += quality_rows(args.quality)
-    write_results("train_throughput", figures, "\n".join(lines))
+    return lines
 
 
 if __name__ == "__main__":

@@ -342,7 +342,8 @@ class Trainer(RunRecipe):
         if throughput:
             postfix["rows/s"] = f"{throughput['samples_per_second']:.1f}"
         if "fraction_of_peak" in throughput:
-            postfix["peak"] = f"{throughput['fraction_of_peak']:.0%}"
+            fraction = throughput["fraction_of_peak"]
+            postfix["peak"] = f"{fraction:.0%}" if fraction >= 0.1 else f"{fraction:.1%}"
         return postfix
 
     # ----------------------------------------------------------------------------- evaluation
