@@ -82,8 +82,8 @@ def count_flops(work: Callable[[], object]) -> int:
 
 class ThroughputMeter:
     """Training rows/s and model FLOP/s over the steps since the last report, and the fraction of
-    the matrix-product peak measured for the run's precision (FLOPs counted on the first step, per
-    padded token)."""
+    the matrix-product peak measured for the run's precision (`matmul_peak`: a 2048 square on a
+    CPU); FLOPs counted on one step, per padded token."""
 
     def __init__(self, rows_per_step: int, peak: float | None):
         self.rows_per_step, self.peak = rows_per_step, peak
@@ -91,9 +91,12 @@ class ThroughputMeter:
         self.steps = self.tokens = 0
         self.seconds = 0.0
 
-    def add(self, seconds: float, tokens: int, flops: int | None = None) -> None:
-        if flops is not None and tokens:
+    def count(self, flops: int, tokens: int) -> None:
+        """A step's counted FLOPs and padded tokens (that step is not timed: counting slows it)."""
+        if tokens:
             self.flops_per_token = flops / tokens
+
+    def add(self, seconds: float, tokens: int) -> None:
         self.steps, self.tokens, self.seconds = self.steps + 1, self.tokens + tokens, self.seconds + seconds
 
     def report(self) -> dict[str, float]:

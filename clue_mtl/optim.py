@@ -39,14 +39,18 @@ def parameter_groups(model: nn.Module, *, lr: float, head_lr: float, weight_deca
 FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
 
-def adamw(groups: list[dict], *, device_type: str, fused: bool = True, **kwargs) -> torch.optim.AdamW:
-    """AdamW over `groups`; with `fused`, torch's fused kernel where the device has one.
+def adamw(groups: list[dict], *, device_type: str, fused: bool = True, precision: str = "no",
+          **kwargs) -> torch.optim.AdamW:
+    """AdamW over `groups`; with `fused`, torch's fused kernel where the device has one, except
+    under fp16: there the GradScaler hands the overflow check to a fused kernel and always calls
+    `step()`, so Accelerate could no longer tell a skipped step (the scheduler, EMA and weighting
+    optimiser would advance on overflowed steps).
 
     On CPU torch's default is the per-tensor loop (no foreach kernel there): one small update per
     parameter tensor, about 200 of them for e5-small. The fused kernel does the same arithmetic in
     one pass and measured about 0.2 s faster per quickstart step on 2 AVX2 cores
     (benchmarks/results/train_throughput.md).
     """
-    if fused and device_type in FUSED_DEVICES:
+    if fused and device_type in FUSED_DEVICES and precision != "fp16":
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)

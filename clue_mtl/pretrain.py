@@ -312,7 +312,7 @@ class Pretrainer(RunRecipe):
         no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
         optimizer = adamw([{"params": decay, "weight_decay": cfg.train.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr,
-                          device_type=accelerator.device.type)
+                          device_type=accelerator.device.type, precision=accelerator.mixed_precision)
         scheduler = get_linear_schedule_with_warmup(
             optimizer, math.ceil(cfg.train.warmup_ratio * cfg.train.steps), cfg.train.steps)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(MaskedLMObjective(model), optimizer, scheduler)

@@ -192,7 +192,8 @@ class Trainer(RunRecipe):
             model.encoder.get_input_embeddings().weight.requires_grad_(False)
         groups = parameter_groups(model, lr=cfg.train.lr, head_lr=cfg.train.head_lr,
                                   weight_decay=cfg.train.weight_decay, layer_lr_decay=cfg.train.layer_lr_decay)
-        optimizer = adamw(groups, device_type=accelerator.device.type, fused=cfg.train.fused_optimizer)
+        optimizer = adamw(groups, device_type=accelerator.device.type, fused=cfg.train.fused_optimizer,
+                          precision=accelerator.mixed_precision)
         scheduler = get_linear_schedule_with_warmup(
             optimizer, math.ceil(cfg.train.warmup_ratio * cfg.train.steps), cfg.train.steps)
         self.weighting = build_weighting(cfg.weighting.method, cfg.data.tasks, cfg.weighting.params)
@@ -244,7 +245,10 @@ class Trainer(RunRecipe):
             output = output[0]
         else:
             output, flops = self._optimizer_step(), None
-        self.meter.add(time.perf_counter() - started, self._step_tokens, flops)
+        if flops is None:
+            self.meter.add(time.perf_counter() - started, self._step_tokens)
+        else:  # the counter slows its step: counted, not timed
+            self.meter.count(flops, self._step_tokens)
         return output
 
     def _optimizer_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

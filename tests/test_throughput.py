@@ -28,7 +28,8 @@ def test_matmul_peak_is_a_rate():
 def test_the_meter_reports_each_interval_once():
     meter = hardware.ThroughputMeter(rows_per_step=10, peak=1000.0)
     assert meter.report() == {}
-    meter.add(seconds=1.0, tokens=100, flops=500)   # 5 FLOPs per token
+    meter.count(flops=500, tokens=100)              # 5 FLOPs per token; that step is not timed
+    meter.add(seconds=1.0, tokens=100)
     meter.add(seconds=1.0, tokens=300)
     figures = meter.report()
     assert figures["samples_per_second"] == pytest.approx(10.0)
@@ -51,6 +52,17 @@ def test_the_fused_optimizer_trains_as_the_loop_does(tiny_config):
         torch.testing.assert_close(results[True][1][key], value, rtol=1e-4, atol=1e-5)
 
 
+def test_no_fused_optimizer_under_fp16():
+    """fp16's GradScaler would hide skipped steps from Accelerate behind a fused kernel."""
+    from clue_mtl.optim import adamw
+
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    assert adamw(groups, device_type="cpu").defaults["fused"] is True
+    assert adamw(groups, device_type="cpu", precision="bf16").defaults["fused"] is True
+    assert not adamw(groups, device_type="cuda", precision="fp16").defaults["fused"]
+    assert not adamw(groups, device_type="cpu", fused=False).defaults["fused"]
+
+
 def test_attention_dropout_reaches_the_encoder(tiny_config):
     trainer = Trainer(tiny_config("model.attention_dropout=0.0"), show_progress=False)
     encoder = trainer.unwrapped.encoder
@@ -69,9 +81,13 @@ def test_the_progress_bar_shows_rows_per_second_and_the_fraction_of_peak(tiny_co
     trainer = Trainer(tiny_config("train.steps=3", "train.eval_every=100"), show_progress=True)
     trainer.train()
     records = read_train_records(trainer.run_dir)
-    assert all(r["samples_per_second"] > 0 for r in records)
-    assert trainer.meter.flops_per_token > 0   # counted on the first step
-    assert all(0 < r["fraction_of_peak"] for r in records)
+    assert "samples_per_second" not in records[0]   # the first step is counted, not timed
+    assert all(r["samples_per_second"] > 0 for r in records[1:])
+    assert trainer.meter.flops_per_token > 0
+    assert all(0 < r["fraction_of_peak"] <= 1 for r in records[1:])
+    postfix = trainer._log_step(trainer.train_step(), 1.0)
+    assert set(postfix) == {"ocnli", "ocemotion", "tnews", "rows/s", "peak"}
+    assert float(postfix["rows/s"]) > 0 and postfix["peak"].endswith("%")
     quiet = Trainer(tiny_config("train.steps=2", "train.eval_every=100", "name=quiet"), show_progress=False)
     quiet.train()
     assert all("fraction_of_peak" not in r for r in read_train_records(quiet.run_dir))
@@ -82,8 +98,14 @@ def test_a_shallower_encoder_trains_saves_and_reloads(tiny_config):
     from clue_mtl.errors import EncoderError
     from clue_mtl.model import MultiTaskModel
 
+    from clue_mtl.encoders import load_encoder
+
     trainer = Trainer(tiny_config("model.num_layers=1", "train.steps=2"), show_progress=False)
     assert len(encoder_layers(trainer.unwrapped.encoder)) == 2   # embeddings and one layer
+    full, _ = load_encoder(trainer.config.model.encoder)
+    kept, bottom = encoder_layers(trainer.unwrapped.encoder)[1], encoder_layers(full)[1]
+    for (name, value), (_, original) in zip(kept.state_dict().items(), bottom.state_dict().items()):
+        assert torch.equal(value, original), name   # the bottom layer, not the top one
     trainer.train()
     reloaded = MultiTaskModel.load(trainer.run_dir / "best")
     assert reloaded.encoder.config.num_hidden_layers == 1
