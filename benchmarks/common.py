@@ -114,8 +114,8 @@ def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to
         tokens = 0
         started = time.perf_counter()
         for _ in range(steps):
-            tokens += sum(int(b["input_ids"].numel()) for b in trainer.batches[trainer.state.step].values())
             trainer.train_step()
+            tokens += trainer.step_tokens
         seconds = time.perf_counter() - started
         result = {
             "steps": steps, "rows_per_step": rows_per_step, "seconds": seconds,
@@ -127,9 +127,8 @@ def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to
         if count_flops:  # one more step, counted: FLOPs per padded token, times the timed steps' tokens
             from clue_mtl.hardware import count_flops as counted
 
-            counted_tokens = sum(int(b["input_ids"].numel()) for b in trainer.batches[trainer.state.step].values())
-            flops = counted(trainer.train_step)
-            result["model_flops_per_step"] = flops / counted_tokens * tokens / steps
+            _, flops = counted(trainer.train_step)
+            result["model_flops_per_step"] = flops / trainer.step_tokens * tokens / steps
             result["model_flops_per_second"] = result["model_flops_per_step"] / result["step_seconds"]
         if quality_steps:
             while trainer.state.step < quality_steps:

@@ -114,7 +114,7 @@ def main() -> None:
             predict_submission([run_dir], out, split=args.split, data_dir=ROOT / "data")
             seconds.append(time.perf_counter() - started)
             rows = sum(len(frame) for frame in read_submission(out).values())
-        flops = count_flops(lambda: predict_submission([run_dir], Path(scratch) / "counted.zip", split=args.split,
+        _, flops = count_flops(lambda: predict_submission([run_dir], Path(scratch) / "counted.zip", split=args.split,
                                                        data_dir=ROOT / "data"))
     peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32,
                        size=4096 if precision == "float32" else None, seconds=1.0)

@@ -11,11 +11,12 @@ there.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+T = TypeVar("T")
 PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -71,13 +72,13 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device =
     return matmul_flops_per_second(size, size, size, dtype=dtype, device=device, seconds=seconds)
 
 
-def count_flops(work: Callable[[], object]) -> int:
-    """The FLOPs torch's operators count while `work()` runs (matrix products, attention,
-    convolutions: what `torch.utils.flop_counter` knows; element-wise work is not counted)."""
+def count_flops(work: Callable[[], T]) -> tuple[T, int]:
+    """`work()`'s result and the FLOPs torch's operators count while it runs (matrix products,
+    attention, convolutions: what `torch.utils.flop_counter` knows; element-wise work is not counted)."""
     counter = FlopCounterMode(display=False)
     with counter:
-        work()
-    return int(counter.get_total_flops())
+        result = work()
+    return result, int(counter.get_total_flops())
 
 
 class ThroughputMeter:

@@ -147,6 +147,7 @@ class Trainer(RunRecipe):
         self._setup_data()
         self._setup_model()
         self.meter = self._throughput_meter()
+        self.step_tokens = 0  # padded tokens of the last step's batches, all micro-batches
 
     # ----------------------------------------------------------------------------- setup
     def _setup_data(self) -> None:
@@ -238,17 +239,13 @@ class Trainer(RunRecipe):
     def train_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One optimiser step over a batch of every task; returns the per-task and combined losses.
         Timed for the throughput meter; the first step with a peak to compare against is counted."""
+        if self.meter.peak and self.meter.flops_per_token is None:  # the counter slows its step: counted, not timed
+            output, flops = count_flops(self._optimizer_step)
+            self.meter.count(flops, self.step_tokens)
+            return output
         started = time.perf_counter()
-        if self.meter.peak and self.meter.flops_per_token is None:
-            output: list = []
-            flops = count_flops(lambda: output.append(self._optimizer_step()))
-            output = output[0]
-        else:
-            output, flops = self._optimizer_step(), None
-        if flops is None:
-            self.meter.add(time.perf_counter() - started, self._step_tokens)
-        else:  # the counter slows its step: counted, not timed
-            self.meter.count(flops, self._step_tokens)
+        output = self._optimizer_step()
+        self.meter.add(time.perf_counter() - started, self.step_tokens)
         return output
 
     def _optimizer_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -259,13 +256,13 @@ class Trainer(RunRecipe):
         last_layer = [p for p in encoder_layers(unwrapped.encoder)[-1].parameters() if p.requires_grad]
         self.model.train()
         accumulation = cfg.train.grad_accumulation
-        self._step_tokens = 0
+        self.step_tokens = 0
         for micro in range(accumulation):
             batches = self.batches[self.state.step * accumulation + micro]
             with accelerator.accumulate(self.model), self._gradient_sync_context():
                 batches = {task: {k: v.to(accelerator.device) for k, v in batch.items()}
                            for task, batch in batches.items()}
-                self._step_tokens += sum(int(batch["input_ids"].numel()) for batch in batches.values())
+                self.step_tokens += sum(int(batch["input_ids"].numel()) for batch in batches.values())
                 losses, features, accuracies = {}, {}, {}
                 for task, batch in batches.items():
                     logits, pooled = self.model(task, batch["input_ids"], batch["attention_mask"],

@@ -17,7 +17,9 @@ def read_train_records(run_dir):
 
 def test_count_flops_counts_a_matrix_product():
     a, b = torch.randn(8, 16), torch.randn(16, 4)
-    assert hardware.count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+    product, flops = hardware.count_flops(lambda: a @ b)
+    assert flops == 2 * 8 * 16 * 4
+    assert product.shape == (8, 4)
 
 
 def test_matmul_peak_is_a_rate():
