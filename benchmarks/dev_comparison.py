@@ -107,14 +107,14 @@ def weight_trajectory(directory: Path, every: int = 20) -> dict:
 def dev_frames(config_path: str) -> dict:
     """The dev rows every run of the comparison is scored on (`Trainer` samples them the same way)."""
     from clue_mtl.config import load_config
-    from clue_mtl.train import task_frames
+    from clue_mtl.data import task_frames
 
     config = load_config(ROOT / config_path, [f"data.data_dir={ROOT / 'data'}"])
     return {task: task_frames(config.data, task).dev for task in TASKS}
 
 
 def score_ensemble(directories: list[Path]) -> dict:
-    from clue_mtl.evaluate import leaderboard_score, task_report
+    from clue_mtl.metrics import leaderboard_score, task_report
     from clue_mtl.inference import LoadedRun, ensemble_probabilities
 
     runs = [LoadedRun(directory) for directory in directories]

@@ -22,9 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import AveragingError
-from .model import MODEL_FILE, MODEL_META_FILE
-
-RUN_FILES = ("config.yaml", "split.json", "labels.json")
+from .run_folder import RunFolder
 IGNORED_ENCODER_KEYS = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"}
 
 
@@ -46,66 +44,71 @@ def _first_difference(a, b, where: str) -> str | None:
     return None if a == b else f"{where}: {a!r} vs {b!r}"
 
 
-def _tokenizer_files(run_dir: Path) -> dict[str, bytes]:
-    folder = run_dir / "tokenizer"
+def _tokenizer_files(run: RunFolder) -> dict[str, bytes]:
+    folder = run.tokenizer_dir
     return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
             if path.is_file()}
 
 
+def _run_files(run: RunFolder) -> list[Path]:
+    """What a run folder must hold to be averaged; the first run's are copied to the result."""
+    return [run.best_model_file, run.best_meta_file, run.config_file, run.split_file, run.labels_file,
+            run.tokenizer_dir]
+
+
 def average_weights(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     """Write the uniform average of the runs' `best/` models as a new run folder `out_dir`."""
-    run_dirs = [Path(run_dir) for run_dir in run_dirs]
-    if len(run_dirs) < 2:
+    runs = [RunFolder(run_dir) for run_dir in run_dirs]
+    if len(runs) < 2:
         raise AveragingError("averaging needs at least two runs")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise AveragingError(f"{out_dir} already exists and is not empty")
-    for run_dir in run_dirs:
-        for name in (f"best/{MODEL_FILE}", f"best/{MODEL_META_FILE}", *RUN_FILES, "tokenizer"):
-            if not (run_dir / name).exists():
-                raise AveragingError(f"{run_dir}: missing {name}; is it a finished run folder?")
+    out = RunFolder(out_dir)
+    if out.path.exists() and any(out.path.iterdir()):
+        raise AveragingError(f"{out.path} already exists and is not empty")
+    for run in runs:
+        for path in _run_files(run):
+            if not path.exists():
+                raise AveragingError(f"{run.path}: missing {path.relative_to(run.path)}; is it a finished "
+                                     "run folder?")
 
-    first = run_dirs[0]
-    first_meta = json.loads((first / "best" / MODEL_META_FILE).read_text(encoding="utf-8"))
+    first = runs[0]
+    first_meta = json.loads(first.best_meta_file.read_text(encoding="utf-8"))
     first_tokenizer = _tokenizer_files(first)
-    first_labels = json.loads((first / "labels.json").read_text(encoding="utf-8"))
+    first_labels = first.read_labels()
     sums: dict[str, torch.Tensor] = {}
     reference: dict[str, torch.Tensor] = {}
-    for number, run_dir in enumerate(run_dirs):
-        meta = json.loads((run_dir / "best" / MODEL_META_FILE).read_text(encoding="utf-8"))
+    for number, run in enumerate(runs):
+        meta = json.loads(run.best_meta_file.read_text(encoding="utf-8"))
         difference = _first_difference(_architecture(first_meta), _architecture(meta), "model")
         if difference:
-            raise AveragingError(f"{run_dir} and {first} differ in architecture: {difference}")
-        if json.loads((run_dir / "labels.json").read_text(encoding="utf-8")) != first_labels:
-            raise AveragingError(f"{run_dir} and {first} differ in labels.json")
-        tokenizer = _tokenizer_files(run_dir)
+            raise AveragingError(f"{run.path} and {first.path} differ in architecture: {difference}")
+        if run.read_labels() != first_labels:
+            raise AveragingError(f"{run.path} and {first.path} differ in labels.json")
+        tokenizer = _tokenizer_files(run)
         if tokenizer != first_tokenizer:
             name = next(n for n in sorted(set(tokenizer) | set(first_tokenizer))
                         if tokenizer.get(n) != first_tokenizer.get(n))
-            raise AveragingError(f"{run_dir} and {first} have different tokenizers (tokenizer/{name})")
-        tensors = load_file(run_dir / "best" / MODEL_FILE)
+            raise AveragingError(f"{run.path} and {first.path} have different tokenizers (tokenizer/{name})")
+        tensors = load_file(run.best_model_file)
         if number == 0:
             reference = tensors
             sums = {k: t.double() if t.is_floating_point() else t for k, t in tensors.items()}
             continue
-        _check_same_tensors(reference, tensors, first, run_dir)
+        _check_same_tensors(reference, tensors, first.path, run.path)
         for key, tensor in tensors.items():
             if tensor.is_floating_point():
                 sums[key] += tensor.double()
-    averaged = {k: (s / len(run_dirs)).to(reference[k].dtype) if reference[k].is_floating_point() else s
+    averaged = {k: (s / len(runs)).to(reference[k].dtype) if reference[k].is_floating_point() else s
                 for k, s in sums.items()}
 
-    (out_dir / "best").mkdir(parents=True, exist_ok=True)
-    save_file(averaged, str(out_dir / "best" / MODEL_FILE))
-    shutil.copyfile(first / "best" / MODEL_META_FILE, out_dir / "best" / MODEL_META_FILE)
-    for name in RUN_FILES:
-        shutil.copyfile(first / name, out_dir / name)
-    shutil.copytree(first / "tokenizer", out_dir / "tokenizer")
-    sources = {"method": "uniform", "runs": [str(run_dir.resolve()) for run_dir in run_dirs],
-               "best": [_best(run_dir) for run_dir in run_dirs]}
-    (out_dir / "averaged_from.json").write_text(json.dumps(sources, indent=2, ensure_ascii=False) + "\n",
-                                                encoding="utf-8")
-    return out_dir
+    out.best_dir.mkdir(parents=True, exist_ok=True)
+    save_file(averaged, str(out.best_model_file))
+    for source, target in zip(_run_files(first), _run_files(out)):
+        if source != first.best_model_file:
+            (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
+    sources = {"method": "uniform", "runs": [str(run.path.resolve()) for run in runs],
+               "best": [run.best_evaluation() for run in runs]}
+    out.averaged_from_file.write_text(json.dumps(sources, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return out.path
 
 
 def _check_same_tensors(reference: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
@@ -121,8 +124,3 @@ def _check_same_tensors(reference: dict[str, torch.Tensor], tensors: dict[str, t
         if not a.is_floating_point() and not torch.equal(a, b):
             raise AveragingError(f"tensor {key} ({a.dtype}) differs between {first} and {run_dir}")
 
-
-def _best(run_dir: Path) -> dict | None:
-    from .distill import best_evaluation
-
-    return best_evaluation(run_dir)

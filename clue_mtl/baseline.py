@@ -37,7 +37,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
 from .data import DataError, load_split, save_split, stratified_split
-from .evaluate import format_report, leaderboard_score, task_report
+from .metrics import format_report, leaderboard_score, task_report
+from .run_folder import RunFolder
 from .submission import write_submission
 from .tasks import TASK_NAMES, TASKS, Task, get_task
 
@@ -243,9 +244,8 @@ def save_baseline(run_dir: str | Path, models: dict[str, BaselineModel], dev_ids
     (run_dir / BASELINE_FILE).unlink(missing_ok=True)
     for model in models.values():
         model.save(run_dir)
-    save_split(dev_ids, run_dir / "split.json")
-    labels = {task: list(get_task(task).labels) for task in models}
-    (run_dir / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False), encoding="utf-8")
+    save_split(dev_ids, RunFolder(run_dir).split_file)
+    RunFolder(run_dir).write_labels({task: list(get_task(task).labels) for task in models})
     info = {"format": FORMAT, "kind": "tfidf-char-lr", "tasks": list(models), "settings": settings,
             "dev_macro_f1": {task: report["macro_f1"] for task, report in reports.items()},
             "dev_mean_macro_f1": leaderboard_score(reports)}

@@ -38,6 +38,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from .errors import BlendError
+from .run_folder import RunFolder
 from .tasks import TASK_NAMES, get_task
 
 BLEND_FILE = "blend.json"
@@ -49,7 +50,7 @@ _FLOOR = 1e-6  # probabilities are clipped here before the log: a confident memb
 # ----------------------------------------------------------------------------- the math
 def macro_f1(gold: np.ndarray, predicted: np.ndarray, num_labels: int) -> float:
     """Macro-F1 over all `num_labels` classes (absent or never predicted ones count as 0), as
-    `evaluate.task_report`; fast enough to call thousands of times in the bias search."""
+    `metrics.task_report`; fast enough to call thousands of times in the bias search."""
     confusion = np.bincount(gold * num_labels + predicted, minlength=num_labels * num_labels)
     confusion = confusion.reshape(num_labels, num_labels)
     true_positive = np.diag(confusion).astype(np.float64)
@@ -224,7 +225,7 @@ def split_fingerprints(run_dir: str | Path) -> dict[str, str]:
     """Per task, a digest of a member's dev ids (its `split.json`), to refuse mixing splits."""
     from .data import load_split_ids
 
-    ids = load_split_ids(Path(run_dir) / "split.json")
+    ids = load_split_ids(RunFolder(run_dir).split_file)
     return {task: hashlib.sha256(json.dumps(ids[task], ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
             for task in sorted(ids)}
 
@@ -234,8 +235,9 @@ def member_fingerprint(run_dir: str | Path) -> str:
     so a blend notices a retrained member."""
     run_dir = Path(run_dir)
     files = sorted(run_dir.glob("*.safetensors")) + sorted(run_dir.glob("*.json")) + sorted(run_dir.glob("config.yaml"))
-    for folder in ("best", "tokenizer"):  # the weights, and what turns text into their inputs
-        files += sorted(p for p in (run_dir / folder).glob("*") if p.is_file())
+    folder = RunFolder(run_dir)
+    for directory in (folder.best_dir, folder.tokenizer_dir):  # the weights, and what turns text into their inputs
+        files += sorted(p for p in directory.glob("*") if p.is_file())
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\x00")
@@ -386,8 +388,8 @@ def build_blend(member_dirs: Sequence[str | Path], out: str | Path, *, data_dir:
         for i in chosen:
             if list(members[i].labels[task]) != list(get_task(task).labels):
                 raise BlendError(f"{paths[i]}: its {task} labels are not in the task's order")
-        dev_ids = load_split_ids(paths[chosen[0]] / "split.json")[task]
-        frame = load_dev_rows(data_dir, task, dev_ids, paths[chosen[0]] / "split.json")
+        split_file = RunFolder(paths[chosen[0]]).split_file
+        frame = load_dev_rows(data_dir, task, load_split_ids(split_file)[task], split_file)
         gold = frame["label"].map(get_task(task).label_index()).to_numpy(dtype=np.int64)
         probabilities = []
         for i in chosen:

@@ -1,4 +1,4 @@
-"""The resumable checkpoint and the run folder around it: tensors in safetensors, the rest in JSON.
+"""The resumable checkpoint: tensors in safetensors, the rest in JSON.
 
 Nothing is pickled, so resuming someone else's run folder runs none of their code: tensors are read
 with safetensors, everything else with `json`, and only into structures this module builds
@@ -19,9 +19,8 @@ last, then renamed to `checkpoint-STEP/`; only then are older checkpoints rename
 files present at the sizes it gives, and sweeps whatever a killed save left. Under several
 processes each writes its own RNG file and the main process everything else; every process loads.
 
-A run folder holds one run. Starting afresh where a run is refuses unless `overwrite`, which
-clears it first; resuming compares the config with the folder's `config.yaml` (and the
-checkpoint's fingerprint) and says which settings differ.
+Resuming compares the config's fingerprint with the checkpoint's; `run_folder.RunFolder` claims
+and clears the folder around the checkpoints.
 
 torch and safetensors are imported inside the functions that need them: the command line checks
 a run folder before it imports torch.
@@ -37,8 +36,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import config_differences, read_yaml
-from .errors import CheckpointError, RunFolderError
+from .errors import CheckpointError
 
 FORMAT = 1
 COMPLETE_FILE = "COMPLETE"
@@ -50,9 +48,6 @@ MAX_JSON_BYTES = 64 << 20
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{1,12})")
 LEFTOVER_NAME = re.compile(r"\.checkpoint-\d{1,12}\.(partial|trash)")
 LEGACY_CHECKPOINTS = ("checkpoint", "checkpoint.new")  # Accelerate's pickled state, kit versions <= 0.1
-# What a run leaves in its folder (recipes' outputs); any of them means the folder holds a run.
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "split.json", "labels.json", "tokenizer", "best", "evaluation",
-               "encoder", "source", *LEGACY_CHECKPOINTS)
 
 
 def rng_file(rank: int) -> str:
@@ -345,43 +340,15 @@ def _read_json(path: Path) -> dict:
     return value
 
 
-# ----------------------------------------------------------------------------- the run folder
-def run_entries(run_dir: str | Path) -> list[str]:
-    """What of a run the folder holds (empty for a new or empty folder)."""
+# ----------------------------------------------------------------------------- for the run folder
+def checkpoint_names(run_dir: str | Path) -> list[str]:
+    """The names of the `checkpoint-STEP` folders in `run_dir`, newest first."""
+    return [path.name for _, path in _checkpoints(Path(run_dir))]
+
+
+def remove_entries(run_dir: str | Path, names: list[str]) -> None:
+    """Remove the named entries of `run_dir` and whatever a killed save left (`run_folder.RunFolder.clear`)."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    held = [name for name in RUN_ENTRIES if os.path.lexists(run_dir / name)]
-    return held + [path.name for _, path in _checkpoints(run_dir)]
-
-
-def check_run_folder(run_dir: str | Path, config_values: dict, *, resume: bool, overwrite: bool) -> None:
-    """Raise `RunFolderError` unless a run may start (or resume) in `run_dir` under this config."""
-    run_dir = Path(run_dir)
-    if resume and overwrite:
-        raise RunFolderError("resume and overwrite exclude each other: resume continues the run, overwrite "
-                             "discards it")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunFolderError(f"{run_dir} is a file, not a run folder")
-    if resume:
-        saved_path = run_dir / "config.yaml"
-        if saved_path.is_file():
-            saved = read_yaml(saved_path)
-            differences = config_differences(saved if isinstance(saved, dict) else {}, config_values)
-            if differences:
-                shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
-                raise RunFolderError(f"{run_dir} holds a run under another config ({shown}); resume it with "
-                                     "its own config, or pass --overwrite to start a new run there")
-    elif not overwrite:
-        held = run_entries(run_dir)
-        if held:
-            raise RunFolderError(f"{run_dir} already holds a run ({', '.join(held[:4])}); pass --resume to "
-                                 "continue it or --overwrite to replace it")
-
-
-def clear_run_folder(run_dir: str | Path) -> None:
-    """Remove a run from its folder (what `run_entries` lists and leftovers), for `overwrite`."""
-    run_dir = Path(run_dir)
-    for name in run_entries(run_dir):
+    for name in names:
         _remove_tree(run_dir / name)  # a checkpoint half removed lacks files its COMPLETE lists: not complete
     sweep(run_dir, keep=None)

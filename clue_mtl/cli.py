@@ -81,7 +81,7 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .evaluate import format_report
+    from .metrics import format_report
     from .submission import gold_from_dir, gold_from_specs, score_submission
 
     if not args.gold_dir and not args.gold:
@@ -102,7 +102,7 @@ TINY_ENCODERS = ("tiny-bert", "tiny-xlmr")
 
 def cmd_build_encoder(args) -> int:
     _quiet_libraries()
-    from .encoders import build_tiny_encoder
+    from .testing import build_tiny_encoder
     from .offline_encoders import OFFLINE_ENCODERS, build_offline_encoder
 
     if args.kind in TINY_ENCODERS:
@@ -141,7 +141,7 @@ def cmd_pretrain(args) -> int:
     pretrainer = pretrain(config, args.run_dir, resume=args.resume, overwrite=args.overwrite)
     if pretrainer.accelerator.is_main_process:
         held_out = pretrainer.state.history[-1]
-        encoder = pretrainer.run_dir / "encoder"
+        encoder = pretrainer.folder.encoder_dir
         print(f"held-out masked-LM loss {held_out['loss']:.4f} (step 0: {pretrainer.state.history[0]['loss']:.4f}), "
               f"accuracy {held_out['accuracy']:.4f}; encoder written to {encoder}; "
               f"fine-tune it with `clue-mtl train --set model.encoder={encoder}`")
@@ -159,11 +159,11 @@ def _config(args):
 
 
 def _check_run_folder(args, config) -> None:
-    from .checkpoint import check_run_folder
     from .config import config_to_dict
+    from .run_folder import RunFolder
 
-    run_dir = Path(args.run_dir or Path(config.output_dir) / config.name)
-    check_run_folder(run_dir, config_to_dict(config), resume=args.resume, overwrite=args.overwrite)
+    folder = RunFolder(args.run_dir or Path(config.output_dir) / config.name)
+    folder.check_claim(config_to_dict(config), resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_train(args) -> int:
@@ -189,7 +189,8 @@ def cmd_evaluate(args) -> int:
         print(evaluate_blend(args.blend, plots=not args.no_plots)["report"])
         print(f"report and figures in {Path(args.blend) / 'evaluation'}")
         return 0
-    from .evaluate import evaluate_run, format_report
+    from .evaluate import evaluate_run
+    from .metrics import format_report
 
     result = evaluate_run(args.run, data_dir=args.data_dir, plots=not args.no_plots)
     print(format_report(result["reports"]))

@@ -128,7 +128,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     encoder: str = "artifacts/e5-small"  # hub name or local folder
-    pooling: str = "mean"                # first | mean | max | mean_max; see model.POOLINGS
+    pooling: str = "mean"                # first | mean | max | mean_max; see pooling.POOLINGS
     task_pooling: dict[str, str] = field(default_factory=dict)  # per-task override
     dropout: float = 0.1
     head_hidden: int = 0                 # 0: a linear head; >0: one hidden layer of that size
@@ -559,7 +559,7 @@ def validate_pretrain(config: PretrainConfig) -> None:
 
 def _validate_choices(config: RunConfig) -> None:
     """Names chosen from the kit's registries: poolings and weighting methods with their parameters."""
-    from .model import POOLINGS
+    from .pooling import POOLINGS
     from .weighting import build_weighting
 
     for where, pooling in [("model.pooling", config.model.pooling)] + [

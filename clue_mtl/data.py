@@ -15,13 +15,16 @@ import stat
 import unicodedata
 from collections import Counter
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from .errors import DataError
 from .tasks import TASKS, Task, get_task
+
+if TYPE_CHECKING:
+    from .config import DataConfig
 
 SPLITS = ("train", "a", "b")
 MAX_PROBLEMS_PER_FILE = 20
@@ -402,3 +405,29 @@ def _describe(frame: pd.DataFrame, task: Task) -> str:
         return f"{len(frame):,} rows, ids {frame['id'].iloc[0]}..{frame['id'].iloc[-1]}"
     counts = frame["label"].value_counts()
     return f"{len(frame):,} rows; " + ", ".join(f"{label} {counts.get(label, 0):,}" for label in task.labels)
+
+
+# ----------------------------------------------------------------------------- a run's rows
+def sample_rows(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+    """At most `limit` rows, stratified by label, in a deterministic order."""
+    if limit is None or len(frame) <= limit:
+        return frame
+    _, sample = stratified_split(frame, limit / len(frame), seed)
+    return sample
+
+
+class TaskFrames(NamedTuple):
+    train: pd.DataFrame      # the training rows a run trains on (`max_train_rows` sampled)
+    dev: pd.DataFrame        # the dev rows it evaluates on during training (`max_dev_rows` sampled)
+    dev_ids: list[str]       # the whole dev split's ids, saved for `evaluate`
+
+
+def task_frames(data: DataConfig, task: str) -> TaskFrames:
+    """Split a task's training file into training and dev rows as every run does."""
+    frame = load_split(data.data_dir, task, "train")
+    train_frame, dev_frame = stratified_split(frame, data.dev_fraction, data.split_seed)
+    if dev_frame.empty:
+        raise DataError(f"{task}: the dev split is empty ({len(frame)} rows, dev_fraction "
+                        f"{data.dev_fraction}); raise data.dev_fraction")
+    return TaskFrames(sample_rows(train_frame, data.max_train_rows, data.split_seed),
+                      sample_rows(dev_frame, data.max_dev_rows, data.split_seed), dev_frame["id"].tolist())

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .config import read_yaml
 from .errors import SoftLabelError
+from .run_folder import RunFolder
 from .tasks import TASK_NAMES, get_task
 
 METADATA_KEY = "clue_mtl.soft_labels"
@@ -159,31 +160,16 @@ def write_soft_labels(run_dirs: Sequence[str | Path], out_path: str | Path, data
 
 def _teacher_record(run_dir: Path, tasks: list[str]) -> dict:
     """The run folder, its resolved config, its best dev evaluation, and its sources if averaged."""
+    folder = RunFolder(run_dir)
     record = {
-        "run_dir": str(Path(run_dir).resolve()),
+        "run_dir": str(folder.path.resolve()),
         "tasks": tasks,
-        "config": read_yaml(run_dir / "config.yaml"),
-        "best": best_evaluation(run_dir),
+        "config": read_yaml(folder.config_file),
+        "best": folder.best_evaluation(),
     }
-    averaged = run_dir / "averaged_from.json"
-    if averaged.exists():
-        record["averaged_from"] = json.loads(averaged.read_text(encoding="utf-8"))
+    if folder.averaged_from_file.exists():
+        record["averaged_from"] = json.loads(folder.averaged_from_file.read_text(encoding="utf-8"))
     return record
-
-
-def best_evaluation(run_dir: str | Path) -> dict | None:
-    """The run's first evaluation with the highest dev mean macro-F1 (the one `best/` holds), or None."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return None
-    best = None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line) if line.strip() else {}
-        if record.get("kind") == "eval" and (best is None or record["mean_macro_f1"] > best["mean_macro_f1"]):
-            best = record
-    if best is None:
-        return None
-    return {"step": best["step"], "mean_macro_f1": best["mean_macro_f1"], "macro_f1": best.get("macro_f1", {})}
 
 
 def read_soft_labels(path: str | Path) -> SoftLabels:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,11 @@ from transformers import AutoTokenizer
 
 from .batching import encode_frame, inference_batches
 from .config import RunConfig, load_config
+from .data import load_split, read_task_file
 from .hardware import resolve_precision
 from .model import MultiTaskModel
+from .run_folder import RunFolder
+from .submission import write_submission
 
 
 @torch.no_grad()
@@ -65,14 +67,15 @@ class LoadedRun:
     """A finished run folder: its config, tokenizer and best model."""
 
     def __init__(self, run_dir: str | Path, device: str | torch.device | None = None):
-        self.run_dir = Path(run_dir)
+        self.folder = RunFolder(run_dir)
+        self.run_dir = self.folder.path
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if not (self.run_dir / "best" / "model.safetensors").exists():
-            raise FileNotFoundError(f"{self.run_dir} holds no trained model (expected best/model.safetensors)")
-        self.config: RunConfig = load_config(self.run_dir / "config.yaml")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.run_dir / "tokenizer")
-        self.model = MultiTaskModel.load(self.run_dir / "best").to(device).eval()
-        self.labels: dict[str, list[str]] = json.loads((self.run_dir / "labels.json").read_text(encoding="utf-8"))
+        if not self.folder.has_model():
+            raise FileNotFoundError(f"{self.run_dir} holds no trained model (expected {self.folder.best_model_file})")
+        self.config: RunConfig = load_config(self.folder.config_file)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder.tokenizer_dir)
+        self.model = MultiTaskModel.load(self.folder.best_dir).to(device).eval()
+        self.labels: dict[str, list[str]] = self.folder.read_labels()
         # bf16 where the run trained in it and this machine multiplies in it; float32 elsewhere
         # (emulated bf16 is many times slower, and float32 loses nothing).
         device_type = torch.device(device).type
@@ -107,9 +110,6 @@ def predict_submission(run_dirs: list[str | Path], out: str | Path, *, split: st
     Test files come from `test_files` (task -> path) or else from `data_dir` (default: the first
     run's data folder) under the competition's names for `split`.
     """
-    from .data import load_split, read_task_file
-    from .submission import write_submission
-
     runs = [LoadedRun(run_dir) for run_dir in run_dirs]
     tasks = runs[0].tasks
     for run in runs[1:]:

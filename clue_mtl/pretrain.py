@@ -44,12 +44,13 @@ from accelerate.utils import set_seed
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
+from .accelerator import fresh_accelerator
 from .batching import EncodedTask, TaskStream, tokenizer_fingerprint
 from .config import ConfigError, PretrainConfig, save_config
 from .masking import WholeWordMaskCollator
 from .optim import adamw
 from .recipe import RunRecipe
-from .train import fresh_accelerator
+from .run_folder import RunFolder
 from .vocab import corpus_texts, trim_vocabulary
 
 CACHE_DIR = Path("artifacts/cache")
@@ -242,7 +243,7 @@ class Pretrainer(RunRecipe):
                  overwrite: bool = False, accelerator: Accelerator | None = None, show_progress: bool = True,
                  cache_dir: str | Path | None = CACHE_DIR):
         self.config = config
-        self.run_dir = Path(run_dir or Path(config.output_dir) / config.name)
+        self.folder = RunFolder(run_dir or Path(config.output_dir) / config.name)
         self.resume = resume
         self.show_progress = show_progress
         self.cache_dir = cache_dir
@@ -267,9 +268,9 @@ class Pretrainer(RunRecipe):
                                                                cfg.data.max_held_out)
         self.source = cfg.model.encoder
         if cfg.model.trim_vocab:
-            self.source = str(self.run_dir / "source")
+            self.source = str(self.folder.source_dir)
             with accelerator.main_process_first():
-                if not (self.run_dir / "source" / "vocabulary_trim.json").exists():
+                if not (self.folder.source_dir / "vocabulary_trim.json").exists():
                     report = trim_vocabulary(cfg.model.encoder, self.source, texts)
                     accelerator.print(f"trimmed {cfg.model.encoder}: {report}")
         self.tokenizer = AutoTokenizer.from_pretrained(self.source)
@@ -398,13 +399,13 @@ class Pretrainer(RunRecipe):
 
     # ----------------------------------------------------------------------------- run files
     def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.run_dir / "config.yaml")
-        (self.run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
+        self.folder.path.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.folder.config_file)
+        self.folder.metrics_file.write_text("", encoding="utf-8")
 
     def save_encoder(self) -> Path:
         """`run_dir/encoder`: the masked-LM model (dropout as in the source config) and tokenizer."""
-        directory = self.run_dir / "encoder"
+        directory = self.folder.encoder_dir
         if self.accelerator.is_main_process:
             model = self.masked_lm
             training_dropout = {name: getattr(model.config, name) for name in self.saved_dropout}

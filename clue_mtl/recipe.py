@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .config import config_fingerprint, config_to_dict
 from .errors import RunFolderError, TrainingDiverged
+from .run_folder import RunFolder
 
-METRICS_FILE = "metrics.jsonl"
 # metrics-log fields that are timings: they differ between two runs of the same steps
 TIMING_KEYS = frozenset({"steps_per_second", "samples_per_second", "model_flops_per_second", "fraction_of_peak"})
 
@@ -22,7 +22,7 @@ TIMING_KEYS = frozenset({"steps_per_second", "samples_per_second", "model_flops_
 class RunRecipe:
     """A base for recipes (`train.Trainer`, `pretrain.Pretrainer`).
 
-    Subclasses set `config` (with `train.steps`, `log_every`, `eval_every`), `run_dir`,
+    Subclasses set `config` (with `train.steps`, `log_every`, `eval_every`), `folder` (a `RunFolder`),
     `accelerator`, `resume`, `show_progress`, `state` (a dataclass with `step` and `to_dict()`)
     and `state_class`, and implement `train_step`, `_log_step`, `_evaluate_and_checkpoint` and
     `_write_run_files`, and list what the checkpoint holds besides the model in
@@ -30,19 +30,22 @@ class RunRecipe:
     A non-finite loss or weight stops training (`TrainingDiverged`) before anything is saved.
     """
 
-    run_dir: Path
+    folder: RunFolder
     accelerator: Accelerator
     state_class: type
     progress_name: str = "train"
     _checkpoint_step: int = -1
 
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.path
+
     def _claim_run_dir(self, overwrite: bool) -> None:
         """Refuse a folder holding another run (or this run under another config); clear it for `overwrite`."""
-        checkpoint.check_run_folder(self.run_dir, config_to_dict(self.config), resume=self.resume,
-                                    overwrite=overwrite)
+        self.folder.check_claim(config_to_dict(self.config), resume=self.resume, overwrite=overwrite)
         self.accelerator.wait_for_everyone()
         if overwrite and self.accelerator.is_main_process:
-            checkpoint.clear_run_folder(self.run_dir)
+            self.folder.clear()
         self.accelerator.wait_for_everyone()
 
     def _checkpoint_components(self) -> dict:
@@ -93,8 +96,7 @@ class RunRecipe:
 
     def _append_metrics(self, record: dict) -> None:
         if self.accelerator.is_main_process:
-            with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as file:
-                file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.folder.append_metrics(record)
 
     def save_checkpoint(self) -> None:
         """`checkpoint-STEP/` beside the last checkpoint, swapped in so that no kill strands the run."""
@@ -120,7 +122,7 @@ class RunRecipe:
 
     def _truncate_metrics_after(self, step: int) -> None:
         """Drop metrics an interrupted run logged after its last checkpoint, and a last line a kill cut short."""
-        path = self.run_dir / METRICS_FILE
+        path = self.folder.metrics_file
         if not (self.accelerator.is_main_process and path.exists()):
             return
         lines = path.read_text(encoding="utf-8", errors="replace").split("\n")

@@ -18,8 +18,9 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from .data import read_task_file
 from .errors import SubmissionError
-from .evaluate import leaderboard_score, task_report
+from .metrics import leaderboard_score, task_report
 from .tasks import TASK_NAMES, TASKS, Task, get_task
 
 ID_MODES = ("file", "row")
@@ -298,7 +299,7 @@ def score_submission(path: str | Path, gold: Mapping[str, pd.DataFrame]) -> dict
 
     gold: task name -> DataFrame with `id` and `label` columns; only these tasks are scored (each
     must be in the zip). Missing or extra ids raise SubmissionError naming counts and examples.
-    Returns {"reports": {task: evaluate.task_report(...)}, "mean": mean macro-F1 of those tasks}.
+    Returns {"reports": {task: metrics.task_report(...)}, "mean": mean macro-F1 of those tasks}.
     """
     if not gold:
         raise SubmissionError("no gold labels to score against")
@@ -336,8 +337,6 @@ def score_submission(path: str | Path, gold: Mapping[str, pd.DataFrame]) -> dict
 
 
 def _read_gold_file(path: Path, task: Task) -> pd.DataFrame:
-    from .data import read_task_file
-
     frame = read_task_file(path, task, labelled=True)
     return frame[["id", "label"]].astype(str).reset_index(drop=True)
 

@@ -10,49 +10,38 @@ Trade-offs: the encoder runs once per task per step (less padding, separate grap
 gradients) rather than once over a mixed batch; the batch stream is indexed by step, so resuming
 needs no data-loader state.
 
-Run folder:
-    config.yaml      the resolved config
-    split.json       the dev ids per task
-    labels.json      each task's labels in head order
-    metrics.jsonl    one JSON object per logged step or evaluation
-    tokenizer/       the encoder's tokenizer
-    best/            the best model by dev mean macro-F1 (model.safetensors, model.json)
-    checkpoint-STEP/ the latest full training state, for --resume (`checkpoint.py`)
+The run folder's layout is `run_folder.py`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
-import pandas as pd
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from transformers import get_linear_schedule_with_warmup
 
+from .accelerator import fresh_accelerator
 from .adversarial import FGM
 from .batching import EncodedTask, MultiTaskBatches, encode_frame, task_batch_sizes, tokenizer_fingerprint
-from .config import DataConfig, RunConfig, save_config, validate
-from .data import DataError, load_split, save_split, stratified_split
-from .distill import annealed_mix, distillation_loss, read_soft_labels
+from .config import RunConfig, save_config, validate
+from .data import save_split, task_frames
+from .distill import read_soft_labels
 from .ema import ExponentialMovingAverage
 from .encoders import encoder_layers, keep_bottom_layers, load_encoder
-from .evaluate import leaderboard_score
-from .hardware import PRECISION_DTYPES, ThroughputMeter, count_flops, matmul_peak, resolve_precision
+from .hardware import PRECISION_DTYPES, ThroughputMeter, count_flops, matmul_peak
 from .inference import predict_logits
+from .losses import class_weights, task_loss
+from .metrics import leaderboard_score, task_report
 from .model import MultiTaskModel, build_model
 from .optim import adamw, parameter_groups
 from .recipe import RunRecipe
+from .run_folder import RunFolder
 from .tasks import get_task
 from .weighting import StepContext, build_weighting
 
@@ -71,54 +60,6 @@ class TrainerState:
         return self.__dict__.copy()
 
 
-def sample_rows(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
-    """At most `limit` rows, stratified by label, in a deterministic order."""
-    if limit is None or len(frame) <= limit:
-        return frame
-    _, sample = stratified_split(frame, limit / len(frame), seed)
-    return sample
-
-
-class TaskFrames(NamedTuple):
-    train: pd.DataFrame      # the training rows a run trains on (`max_train_rows` sampled)
-    dev: pd.DataFrame        # the dev rows it evaluates on during training (`max_dev_rows` sampled)
-    dev_ids: list[str]       # the whole dev split's ids, saved for `evaluate`
-
-
-def task_frames(data: DataConfig, task: str) -> TaskFrames:
-    """Split a task's training file into training and dev rows as every run does."""
-    frame = load_split(data.data_dir, task, "train")
-    train_frame, dev_frame = stratified_split(frame, data.dev_fraction, data.split_seed)
-    if dev_frame.empty:
-        raise DataError(f"{task}: the dev split is empty ({len(frame)} rows, dev_fraction "
-                        f"{data.dev_fraction}); raise data.dev_fraction")
-    return TaskFrames(sample_rows(train_frame, data.max_train_rows, data.split_seed),
-                      sample_rows(dev_frame, data.max_dev_rows, data.split_seed), dev_frame["id"].tolist())
-
-
-def class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
-    """Inverse square-root frequency, normalised to mean 1 (a mild push toward macro-F1)."""
-    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
-    weights = 1.0 / np.sqrt(np.maximum(counts, 1.0))
-    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
-
-
-def fresh_accelerator(**kwargs) -> Accelerator:
-    """An Accelerator for this run.
-
-    `mixed_precision="auto"` becomes what the hardware runs fast (`hardware.resolve_precision`).
-    Without a GPU it asks for the CPU explicitly, which is what makes Accelerate form a gloo
-    process group when several CPU processes are launched. In a single process (a notebook, a
-    test) the global state of an earlier run is reset first, so one session can switch precision.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        AcceleratorState._reset_state(reset_partial_state=True)
-    on_cpu = not torch.accelerator.is_available()
-    if "mixed_precision" in kwargs:
-        kwargs["mixed_precision"] = resolve_precision(kwargs["mixed_precision"], "cpu" if on_cpu else None)
-    return Accelerator(cpu=on_cpu, **kwargs)
-
-
 class Trainer(RunRecipe):
     """Build with a config and a run folder, then call `train()`."""
 
@@ -128,7 +69,7 @@ class Trainer(RunRecipe):
                  overwrite: bool = False, accelerator: Accelerator | None = None, show_progress: bool = True):
         validate(config)  # a config built in code gets the checks a loaded one had
         self.config = config
-        self.run_dir = Path(run_dir or Path(config.output_dir) / config.name)
+        self.folder = RunFolder(run_dir or Path(config.output_dir) / config.name)
         self.resume = resume
         self.show_progress = show_progress
         train = config.train
@@ -296,14 +237,8 @@ class Trainer(RunRecipe):
         return {task: loss.detach() for task, loss in losses.items()}, total
 
     def _task_loss(self, task: str, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Cross-entropy on the gold label, mixed with the teachers' soft label when distilling."""
-        if "teacher_probs" not in batch:
-            return F.cross_entropy(logits.float(), batch["labels"], weight=self.class_weights[task])
-        distill = self.config.distill
-        mix = distill.mix if distill.mode == "fixed" else annealed_mix(self.state.step, self.config.train.steps)
-        return distillation_loss(logits.float(), batch["labels"], batch["teacher_probs"], mix=mix,
-                                 temperature=distill.temperature, kind=distill.kind,
-                                 class_weight=self.class_weights[task])
+        return task_loss(logits, batch, class_weight=self.class_weights[task], distill=self.config.distill,
+                         step=self.state.step, steps=self.config.train.steps)
 
     def _adversarial_backward(self, batches: dict[str, dict[str, torch.Tensor]]) -> None:
         """FGM: perturb the word embeddings along their gradient, add the perturbed losses'
@@ -350,8 +285,6 @@ class Trainer(RunRecipe):
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
         """Dev macro-F1 per task and their mean (all processes take part; every one gets the result)."""
-        from .evaluate import task_report
-
         reports = {}
         for task, data in self.dev_data.items():
             logits = predict_logits(self.model, task, data, pad_id=self.tokenizer.pad_token_id,
@@ -385,7 +318,7 @@ class Trainer(RunRecipe):
                            + (" best" if improved else ""))
         if improved and accelerator.is_main_process:
             with self._evaluation_weights():
-                self.unwrapped.save(self.run_dir / "best")
+                self.unwrapped.save(self.folder.best_dir)
         self.save_checkpoint()
         patience = cfg.train.early_stopping_patience
         return patience > 0 and self.state.evaluations_without_gain >= patience
@@ -398,13 +331,13 @@ class Trainer(RunRecipe):
 
     # ----------------------------------------------------------------------------- run files
     def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.run_dir / "config.yaml")
-        save_split(self.dev_ids, self.run_dir / "split.json")
-        labels = {task: list(get_task(task).labels) for task in self.config.data.tasks}
-        (self.run_dir / "labels.json").write_text(json.dumps(labels, indent=2), encoding="utf-8")
-        self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
-        (self.run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
+        folder = self.folder
+        folder.path.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, folder.config_file)
+        save_split(self.dev_ids, folder.split_file)
+        folder.write_labels({task: list(get_task(task).labels) for task in self.config.data.tasks})
+        self.tokenizer.save_pretrained(folder.tokenizer_dir)
+        folder.metrics_file.write_text("", encoding="utf-8")
 
 
 def train(config: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,

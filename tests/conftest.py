@@ -37,7 +37,7 @@ def small_data_dir(data_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
-    from clue_mtl.encoders import build_tiny_encoder
+    from clue_mtl.testing import build_tiny_encoder
 
     return build_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"), kind="bert", seed=0)
 

@@ -15,6 +15,7 @@ from clue_mtl import checkpoint
 from clue_mtl.config import save_config
 from clue_mtl.errors import CheckpointError, ConfigError, RunFolderError
 from clue_mtl.recipe import TIMING_KEYS
+from clue_mtl.run_folder import RunFolder
 from clue_mtl.train import Trainer
 
 FILE_OPERATIONS = ("_make_dir", "_write_bytes", "_write_model", "_rename", "_remove_tree")
@@ -28,8 +29,7 @@ def small_config(tiny_config, small_data_dir):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in record.items() if k not in TIMING_KEYS} for record in RunFolder(run_dir).metrics()]
 
 
 def same_tensors(a: Path, b: Path) -> bool:

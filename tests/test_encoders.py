@@ -9,9 +9,10 @@ import pytest
 from safetensors.numpy import load_file
 from torch import nn
 
-from clue_mtl import encoders, offline_encoders
+from clue_mtl import encoders, offline_encoders, testing
 from clue_mtl.errors import EncoderError
-from clue_mtl.encoders import build_tiny_encoder, encoder_layers, ensure_encoder, load_encoder
+from clue_mtl.encoders import encoder_layers, ensure_encoder, load_encoder
+from clue_mtl.testing import build_tiny_encoder
 
 ZH = ["今天天气很好，我们去公园散步吧。", "这家餐厅的菜太难吃了，服务也很差！",
       "北京大学成立于1898年，是中国最早的国立综合性大学。", "股市今日大涨，沪指收复3000点。",
@@ -64,8 +65,8 @@ def test_tiny_bert_is_deterministic(tmp_path):
 
 
 def test_builtin_vocab_covers_common_text():
-    vocab = encoders.char_vocab()
-    assert vocab[:5] == encoders.BERT_SPECIALS and len(vocab) == len(set(vocab))
+    vocab = testing.char_vocab()
+    assert vocab[:5] == testing.BERT_SPECIALS and len(vocab) == len(set(vocab))
     assert {"的", "是", "，", "a", "##a", "7", "##7"} <= set(vocab)
 
 
@@ -73,7 +74,7 @@ def test_builtin_vocab_covers_common_text():
 def test_tiny_xlmr_uses_the_real_tokenizer(tiny_xlmr):
     path, (model, tok) = tiny_xlmr
     assert type(model).__name__ == "XLMRobertaModel" and type(tok).__name__ == "XLMRobertaTokenizer"
-    assert len(tok) == encoders.E5_TOKENIZER_PIECES == model.config.vocab_size
+    assert len(tok) == offline_encoders.E5_TOKENIZER_PIECES == model.config.vocab_size
     enc = tok("今天天气很好", "我喜欢吃苹果")
     assert tok.convert_ids_to_tokens(enc["input_ids"]) == PAIR_TOKENS
     assert "token_type_ids" not in enc

@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from clue_mtl.evaluate import format_report, leaderboard_score, plot_confusion, task_report
+from clue_mtl.evaluate import plot_confusion
+from clue_mtl.metrics import format_report, leaderboard_score, task_report
 from clue_mtl.tasks import OCEMOTION, OCNLI, TNEWS
 
 # OCNLI, 6 rows, classes 0/1/2:

@@ -27,7 +27,7 @@ def hand_spans(text):
 def bert_tokenizer():
     from transformers import BertTokenizer
 
-    from clue_mtl.encoders import char_vocab
+    from clue_mtl.testing import char_vocab
 
     vocab = char_vocab()
     return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})

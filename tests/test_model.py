@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from clue_mtl.encoders import load_encoder
-from clue_mtl.model import POOLINGS, MultiTaskModel, build_model, pool_mean
+from clue_mtl.model import MultiTaskModel, build_model
+from clue_mtl.pooling import POOLINGS, pool_mean
 
 
 def test_poolings_respect_the_mask():

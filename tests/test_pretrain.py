@@ -9,10 +9,12 @@ from safetensors.torch import load_file
 
 from clue_mtl.cli import main
 from clue_mtl.config import ConfigError, load_pretrain_config, save_config
-from clue_mtl.encoders import build_tiny_encoder, load_encoder
+from clue_mtl.encoders import load_encoder
 from clue_mtl.errors import CheckpointError
 from clue_mtl.pretrain import Pretrainer, held_out_split, sample_texts
 from clue_mtl.recipe import TIMING_KEYS
+from clue_mtl.run_folder import RunFolder
+from clue_mtl.testing import build_tiny_encoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -39,7 +41,7 @@ def pretrain_config(data_dir, tiny_bert, tmp_path):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return RunFolder(run_dir).metrics()
 
 
 def held_out_losses(run_dir: Path) -> list[float]:

@@ -11,11 +11,12 @@ from safetensors.torch import load_file
 
 from clue_mtl.errors import CheckpointError
 from clue_mtl.recipe import TIMING_KEYS
+from clue_mtl.run_folder import RunFolder
 from clue_mtl.train import Trainer, train
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return RunFolder(run_dir).metrics()
 
 
 def test_training_writes_a_complete_run_folder(tiny_config):

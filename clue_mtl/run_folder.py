@@ -1,0 +1,156 @@
+"""The run folder: where a recipe keeps its files, claiming a folder for a run, reading a run back.
+
+    config.yaml       the resolved config
+    split.json        the dev ids per task (fine-tuning runs)
+    labels.json       each task's labels in head order
+    metrics.jsonl     one JSON object per logged step or evaluation
+    tokenizer/        the encoder's tokenizer
+    best/             the best model by dev mean macro-F1 (model.safetensors, model.json)
+    evaluation/       `evaluate`'s reports and plots
+    averaged_from.json  the sources of a weight-averaged run (`average-weights`)
+    encoder/          a pre-training run's result; source/ its trimmed starting encoder
+    checkpoint-STEP/  the latest full training state, for resume (`checkpoint.py`)
+
+Every module that reads or writes these names asks a `RunFolder` for the path. Nothing here
+imports torch: the command line checks a folder before it loads a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import checkpoint
+from .config import config_differences, read_yaml
+from .errors import RunFolderError
+
+MODEL_FILE = "model.safetensors"   # in best/ and in every saved model folder (`MultiTaskModel.save`)
+MODEL_META_FILE = "model.json"
+# What a run leaves in its folder (recipes' outputs); any of them means the folder holds a run.
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "split.json", "labels.json", "tokenizer", "best", "evaluation",
+               "encoder", "source", *checkpoint.LEGACY_CHECKPOINTS)
+
+
+class RunFolder:
+    """One run's folder: `RunFolder(path).metrics_file` and so on name its files."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # ------------------------------------------------------------------------- the layout
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def split_file(self) -> Path:
+        return self.path / "split.json"
+
+    @property
+    def labels_file(self) -> Path:
+        return self.path / "labels.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.path / "best"
+
+    @property
+    def best_model_file(self) -> Path:
+        return self.best_dir / MODEL_FILE
+
+    @property
+    def best_meta_file(self) -> Path:
+        return self.best_dir / MODEL_META_FILE
+
+    @property
+    def averaged_from_file(self) -> Path:
+        return self.path / "averaged_from.json"
+
+    @property
+    def evaluation_dir(self) -> Path:
+        return self.path / "evaluation"
+
+    @property
+    def encoder_dir(self) -> Path:
+        return self.path / "encoder"
+
+    @property
+    def source_dir(self) -> Path:
+        return self.path / "source"
+
+    # ------------------------------------------------------------------------- reading a run
+    def has_model(self) -> bool:
+        return self.best_model_file.is_file()
+
+    def read_labels(self) -> dict[str, list[str]]:
+        return json.loads(self.labels_file.read_text(encoding="utf-8"))
+
+    def write_labels(self, labels: dict[str, list[str]]) -> None:
+        self.labels_file.write_text(json.dumps(labels, indent=2, ensure_ascii=False), encoding="utf-8")
+
+    def metrics(self) -> list[dict]:
+        """Every record of the metrics log (empty when there is none)."""
+        if not self.metrics_file.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics_file, "a", encoding="utf-8") as file:
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def best_evaluation(self) -> dict | None:
+        """The first evaluation with the highest dev mean macro-F1 (the one `best/` holds), or None."""
+        best = None
+        for record in self.metrics():
+            if record.get("kind") == "eval" and (best is None or record["mean_macro_f1"] > best["mean_macro_f1"]):
+                best = record
+        if best is None:
+            return None
+        return {"step": best["step"], "mean_macro_f1": best["mean_macro_f1"], "macro_f1": best.get("macro_f1", {})}
+
+    # ------------------------------------------------------------------------- claiming the folder
+    def entries(self) -> list[str]:
+        """What of a run the folder holds (empty for a new or empty folder)."""
+        if not self.path.is_dir():
+            return []
+        held = [name for name in RUN_ENTRIES if os.path.lexists(self.path / name)]
+        return held + checkpoint.checkpoint_names(self.path)
+
+    def check_claim(self, config_values: dict, *, resume: bool, overwrite: bool) -> None:
+        """Raise `RunFolderError` unless a run may start (or resume) here under this config."""
+        if resume and overwrite:
+            raise RunFolderError("resume and overwrite exclude each other: resume continues the run, overwrite "
+                                 "discards it")
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"{self.path} is a file, not a run folder")
+        if resume:
+            if self.config_file.is_file():
+                saved = read_yaml(self.config_file)
+                differences = config_differences(saved if isinstance(saved, dict) else {}, config_values)
+                if differences:
+                    shown = "; ".join(differences[:4]) + (
+                        f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+                    raise RunFolderError(f"{self.path} holds a run under another config ({shown}); resume it "
+                                         "with its own config, or pass --overwrite to start a new run there")
+        elif not overwrite:
+            held = self.entries()
+            if held:
+                raise RunFolderError(f"{self.path} already holds a run ({', '.join(held[:4])}); pass --resume "
+                                     "to continue it or --overwrite to replace it")
+
+    def clear(self) -> None:
+        """Remove the run from the folder (what `entries` lists and leftovers), for `overwrite`."""
+        checkpoint.remove_entries(self.path, self.entries())
