@@ -109,12 +109,12 @@ def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to
             prepare(trainer)
         started = time.perf_counter()
         for _ in range(warmup):
-            trainer.train_step()
+            trainer.run_step()
         warmup_seconds = time.perf_counter() - started
         tokens = 0
         started = time.perf_counter()
         for _ in range(steps):
-            trainer.train_step()
+            trainer.run_step()
             tokens += trainer.step_tokens
         seconds = time.perf_counter() - started
         result = {
@@ -132,7 +132,7 @@ def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to
             result["model_flops_per_second"] = result["model_flops_per_step"] / result["step_seconds"]
         if quality_steps:
             while trainer.state.step < quality_steps:
-                trainer.train_step()
+                trainer.run_step()
             scores = trainer.evaluate()
             result["quality_steps"] = quality_steps
             result["dev_mean_macro_f1"] = scores["mean_macro_f1"]

@@ -105,7 +105,7 @@ def profile(steps: int, warmup: int) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, run_dir, show_progress=False)
         for _ in range(warmup):
-            trainer.train_step()
+            trainer.run_step()
         started = time.perf_counter()
         for step in range(trainer.state.step, trainer.state.step + steps):
             trainer.batches[step]
@@ -113,7 +113,7 @@ def profile(steps: int, warmup: int) -> dict:
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             started = time.perf_counter()
             for _ in range(steps):
-                trainer.train_step()
+                trainer.run_step()
             wall = (time.perf_counter() - started) / steps
     seconds = {name: 0.0 for name in CATEGORIES}
     seconds["other operators"] = 0.0

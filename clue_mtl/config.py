@@ -25,6 +25,10 @@ import yaml
 from .errors import ConfigError
 # `auto`: `hardware.resolve_precision` picks bf16 where the hardware has it (resolved at run time).
 PRECISIONS = ("no", "bf16", "fp16", "auto")
+# `transformers.get_scheduler` names that need only warmup and total steps
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "trackio")  # `tracking.py`: Accelerate's trackers
 
 MAX_YAML_BYTES = 1 << 20
 MAX_YAML_DEPTH = 32
@@ -33,7 +37,7 @@ MAX_BATCH = 1 << 16                     # rows per step, micro-batches per step:
 MAX_LENGTH = 1 << 16                    # tokens per row, hidden units of a head
 MAX_STEPS = 10**9
 # Settings that change nothing a run computes: a run may resume with other values of these.
-RESUMABLE_KEYS = ("name", "output_dir", "train.num_threads")
+RESUMABLE_KEYS = ("name", "output_dir", "train.num_threads", "train.report_to")
 
 
 # ----------------------------------------------------------------------------- bounded YAML
@@ -155,6 +159,7 @@ class TrainConfig:
     layer_lr_decay: float = 1.0          # <1: lower layers learn more slowly
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
+    scheduler: str = "linear"            # after warmup: linear | cosine | constant_with_warmup | ... (SCHEDULERS)
     grad_clip: float = 1.0
     grad_accumulation: int = 1
     mixed_precision: str = "no"          # no | bf16 | fp16 | auto (bf16 where the hardware has it, else no)
@@ -167,6 +172,7 @@ class TrainConfig:
     fused_optimizer: bool = True         # AdamW's fused kernel where torch has one (CPU, CUDA); false: the per-tensor loop
     ema_decay: float = 0.0               # >0: evaluate and save an exponential moving average of the weights
     fgm_epsilon: float = 0.0             # >0: FGM adversarial training on the word embeddings
+    report_to: str = "none"              # none | tensorboard | wandb | mlflow | trackio (`tracking.py`)
     seed: int = 42
 
 
@@ -428,6 +434,7 @@ def validate(config: RunConfig) -> None:
     need(0 <= config.model.head_hidden <= MAX_LENGTH, f"model.head_hidden must lie in [0, {MAX_LENGTH:,}]")
     need(config.train.steps <= MAX_STEPS, f"train.steps must be at most {MAX_STEPS:,}")
     _validate_numbers(config.train, need)
+    _validate_schedule_and_tracking(config.train, need)
     need(config.train.batch_size <= MAX_BATCH, f"train.batch_size must be at most {MAX_BATCH:,}")
     need(config.train.grad_accumulation <= MAX_BATCH, f"train.grad_accumulation must be at most {MAX_BATCH:,}")
     need(config.train.head_lr >= 0, "train.head_lr must not be negative")
@@ -457,6 +464,11 @@ def _check_finite(config: Any, prefix: str = "") -> None:
             _check_finite(value, f"{prefix}{item.name}.")
         elif isinstance(value, (float, dict, list)):
             _checked_any(value, prefix + item.name)
+
+
+def _validate_schedule_and_tracking(train: Any, need) -> None:
+    need(train.scheduler in SCHEDULERS, f"train.scheduler must be one of {', '.join(SCHEDULERS)}")
+    need(train.report_to in REPORT_TO, f"train.report_to must be one of {', '.join(REPORT_TO)}")
 
 
 def _validate_numbers(train: Any, need) -> None:
@@ -502,6 +514,7 @@ class PretrainTrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
+    scheduler: str = "linear"            # after warmup: linear | cosine | constant_with_warmup | ... (SCHEDULERS)
     grad_clip: float = 1.0
     mixed_precision: str = "no"          # no | bf16 | fp16 | auto (bf16 where the hardware has it, else no)
     length_grouping: bool = True
@@ -509,6 +522,7 @@ class PretrainTrainConfig:
     eval_batch_size: int = 64
     log_every: int = 10
     num_threads: int = 0
+    report_to: str = "none"              # none | tensorboard | wandb | mlflow | trackio (`tracking.py`)
     seed: int = 42
 
 
@@ -555,6 +569,7 @@ def validate_pretrain(config: PretrainConfig) -> None:
     need(data.max_length <= MAX_LENGTH, f"data.max_length must be at most {MAX_LENGTH:,}")
     need(train.steps <= MAX_STEPS, f"train.steps must be at most {MAX_STEPS:,}")
     _validate_numbers(train, need)
+    _validate_schedule_and_tracking(train, need)
 
 
 def _validate_choices(config: RunConfig) -> None:

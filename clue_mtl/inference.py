@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from .batching import encode_frame, inference_batches
@@ -22,8 +24,9 @@ from .submission import write_submission
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, task: str, data, *, pad_id: int, batch_size: int = 64,
-                   accelerator: Accelerator | None = None, bf16: bool = False) -> np.ndarray:
-    """Float32 logits for every row of `data`, in row order.
+                   accelerator: Accelerator | None = None, bf16: bool = False,
+                   progress: str | None = None) -> np.ndarray:
+    """Float32 logits for every row of `data`, in row order; `progress` names a progress bar.
 
     Under several processes each takes every n-th length-sorted batch and the pieces are gathered.
     The unwrapped model runs, since DDP's forward is a collective and ranks may hold different
@@ -40,8 +43,11 @@ def predict_logits(model: torch.nn.Module, task: str, data, *, pad_id: int, batc
         autocast = accelerator.autocast()
     else:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    with autocast:
+    bar = tqdm(total=math.ceil(len(data) / batch_size), desc=progress, leave=False, dynamic_ncols=True,
+               disable=progress is None or rank != 0)
+    with autocast, bar:
         for number, (rows, batch) in enumerate(inference_batches(data, batch_size, pad_id)):
+            bar.update(1)
             if number % world != rank:
                 continue
             batch = {key: value.to(device) for key, value in batch.items()}
@@ -64,11 +70,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class LoadedRun:
-    """A finished run folder: its config, tokenizer and best model."""
+    """A finished run folder: its config, tokenizer and best model; `show_progress` draws a bar
+    over each prediction."""
 
-    def __init__(self, run_dir: str | Path, device: str | torch.device | None = None):
+    def __init__(self, run_dir: str | Path, device: str | torch.device | None = None, *, show_progress: bool = True):
         self.folder = RunFolder(run_dir)
         self.run_dir = self.folder.path
+        self.show_progress = show_progress
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if not self.folder.has_model():
             raise FileNotFoundError(f"{self.run_dir} holds no trained model (expected {self.folder.best_model_file})")
@@ -89,7 +97,7 @@ class LoadedRun:
     def probabilities(self, task: str, frame: pd.DataFrame, batch_size: int = 64) -> np.ndarray:
         data = encode_frame(self.tokenizer, frame, task, max_length=self.config.data.max_length)
         logits = predict_logits(self.model, task, data, pad_id=self.tokenizer.pad_token_id, batch_size=batch_size,
-                                bf16=self.bf16)
+                                bf16=self.bf16, progress=f"{task} {self.run_dir.name}" if self.show_progress else None)
         return softmax(logits)
 
 

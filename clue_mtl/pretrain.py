@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_scheduler
 
 from .accelerator import fresh_accelerator
 from .batching import EncodedTask, TaskStream, tokenizer_fingerprint
@@ -51,6 +51,7 @@ from .masking import WholeWordMaskCollator
 from .optim import adamw
 from .recipe import RunRecipe
 from .run_folder import RunFolder
+from .tracking import accelerator_kwargs
 from .vocab import corpus_texts, trim_vocabulary
 
 CACHE_DIR = Path("artifacts/cache")
@@ -251,7 +252,8 @@ class Pretrainer(RunRecipe):
         if train.num_threads > 0:
             torch.set_num_threads(train.num_threads)
         self.accelerator = accelerator or fresh_accelerator(
-            mixed_precision=train.mixed_precision, step_scheduler_with_optimizer=False)
+            mixed_precision=train.mixed_precision, step_scheduler_with_optimizer=False,
+            **accelerator_kwargs(train.report_to, self.folder))
         self._claim_run_dir(overwrite)
         set_seed(train.seed)
         self.state = PretrainState()
@@ -314,8 +316,8 @@ class Pretrainer(RunRecipe):
         optimizer = adamw([{"params": decay, "weight_decay": cfg.train.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr,
                           device_type=accelerator.device.type, precision=accelerator.mixed_precision)
-        scheduler = get_linear_schedule_with_warmup(
-            optimizer, math.ceil(cfg.train.warmup_ratio * cfg.train.steps), cfg.train.steps)
+        scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_training_steps=cfg.train.steps,
+                                  num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.steps))
         self.model, self.optimizer, self.scheduler = accelerator.prepare(MaskedLMObjective(model), optimizer, scheduler)
 
     def _checkpoint_components(self) -> dict:
@@ -338,7 +340,6 @@ class Pretrainer(RunRecipe):
     def train_step(self) -> None:
         """One optimiser step of masked-LM training; sums for the log accumulate in the state."""
         loss, correct, tokens = self._optimizer_step()
-        self.state.step += 1
         self.state.window = [w + float(v) for w, v in zip(self.state.window, (loss, correct, tokens))]
 
     def _optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -14,20 +15,21 @@ from . import checkpoint
 from .config import config_fingerprint, config_to_dict
 from .errors import RunFolderError, TrainingDiverged
 from .run_folder import RunFolder
+from .tracking import flat_record, hyperparameters
 
 # metrics-log fields that are timings: they differ between two runs of the same steps
 TIMING_KEYS = frozenset({"steps_per_second", "samples_per_second", "model_flops_per_second", "fraction_of_peak"})
 
 
-class RunRecipe:
-    """A base for recipes (`train.Trainer`, `pretrain.Pretrainer`).
+class RunRecipe(ABC):
+    """A base for recipes (`train.Trainer`, `pretrain.Pretrainer`): the step loop, the metrics
+    log and the resumable checkpoint.
 
-    Subclasses set `config` (with `train.steps`, `log_every`, `eval_every`), `folder` (a `RunFolder`),
-    `accelerator`, `resume`, `show_progress`, `state` (a dataclass with `step` and `to_dict()`)
-    and `state_class`, and implement `train_step`, `_log_step`, `_evaluate_and_checkpoint` and
-    `_write_run_files`, and list what the checkpoint holds besides the model in
-    `_checkpoint_components` (`checkpoint.py` writes it: safetensors and JSON, no pickle).
-    A non-finite loss or weight stops training (`TrainingDiverged`) before anything is saved.
+    Subclasses set `config` (with `train.steps`, `log_every`, `eval_every`), `folder` (a
+    `RunFolder`), `accelerator`, `resume`, `show_progress` and `state` (an instance of
+    `state_class`, a dataclass with `step` and `to_dict()`), and implement the abstract methods.
+    `run_step` advances `state.step` after each `train_step`. A non-finite loss or weight stops
+    training (`TrainingDiverged`) before anything is saved.
     """
 
     folder: RunFolder
@@ -40,40 +42,45 @@ class RunRecipe:
     def run_dir(self) -> Path:
         return self.folder.path
 
-    def _claim_run_dir(self, overwrite: bool) -> None:
-        """Refuse a folder holding another run (or this run under another config); clear it for `overwrite`."""
-        self.folder.check_claim(config_to_dict(self.config), resume=self.resume, overwrite=overwrite)
-        self.accelerator.wait_for_everyone()
-        if overwrite and self.accelerator.is_main_process:
-            self.folder.clear()
-        self.accelerator.wait_for_everyone()
+    # ------------------------------------------------------------------------- what a recipe does
+    @abstractmethod
+    def train_step(self):
+        """One optimiser step at `state.step` (not yet advanced); returns what `_log_step` reads."""
 
+    @abstractmethod
+    def _log_step(self, step_output, steps_per_second: float) -> dict[str, str]:
+        """Append a train record to the metrics log; return the progress bar's postfix."""
+
+    @abstractmethod
+    def _evaluate_and_checkpoint(self, progress) -> bool:
+        """Evaluate, keep what is best, save the checkpoint; True to stop early."""
+
+    @abstractmethod
+    def _write_run_files(self) -> None:
+        """The run folder's files of a fresh run (config, split, tokenizer, an empty metrics log)."""
+
+    @abstractmethod
     def _checkpoint_components(self) -> dict:
         """Name -> object with `state_dict`/`load_state_dict` that the checkpoint holds besides the model."""
-        raise NotImplementedError
 
-    def _all_checkpoint_components(self) -> dict:
-        components = dict(self._checkpoint_components())
-        if self.accelerator.scaler is not None:  # fp16
-            components["scaler"] = self.accelerator.scaler
-        return components
+    def _before_training(self, progress) -> None:
+        """A hook before the first step of this call (e.g. a baseline evaluation)."""
 
+    def _after_training(self) -> None:
+        """A hook after the loop (e.g. exporting the trained model)."""
+
+    # ------------------------------------------------------------------------- the loop
     def train(self, until_step: int | None = None):
         """Train to `config.train.steps`, or stop at `until_step` with a checkpoint to resume from."""
-        accelerator, cfg = self.accelerator, self.config.train
+        cfg = self.config.train
         last_step = min(until_step or cfg.steps, cfg.steps)
-        if self.resume:
-            self.load_checkpoint()
-        elif accelerator.is_main_process:
-            self._write_run_files()
-        accelerator.wait_for_everyone()
-
+        self._start_or_resume()
         progress = tqdm(total=cfg.steps, initial=self.state.step, desc=self.progress_name, dynamic_ncols=True,
-                        disable=not (self.show_progress and accelerator.is_main_process))
+                        disable=not (self.show_progress and self.accelerator.is_main_process))
         self._before_training(progress)
         started, steps_at_start = time.perf_counter(), self.state.step
         while self.state.step < last_step:
-            output = self.train_step()
+            output = self.run_step()
             progress.update(1)
             finished = self.state.step == cfg.steps
             if self.state.step % cfg.log_every == 0 or finished:
@@ -83,20 +90,52 @@ class RunRecipe:
                 break  # early stopping
         progress.close()
         if self.state.step < cfg.steps and self._checkpoint_step != self.state.step:
-            self.save_checkpoint()
+            self.save_checkpoint()  # interrupted by `until_step`: resumable from here
         self._after_training()
-        accelerator.wait_for_everyone()
+        if self._tracking:
+            self.accelerator.end_training()
+        self.accelerator.wait_for_everyone()
         return self.state
 
-    def _before_training(self, progress) -> None:
-        """A hook before the first step of this call (e.g. a baseline evaluation)."""
+    def run_step(self):
+        """`train_step`, then the step counter advanced; returns the step's output."""
+        output = self.train_step()
+        self.state.step += 1
+        return output
 
-    def _after_training(self) -> None:
-        """A hook after the loop (e.g. exporting the trained model)."""
+    def _start_or_resume(self) -> None:
+        if self.resume:
+            self.load_checkpoint()
+        elif self.accelerator.is_main_process:
+            self._write_run_files()
+        self.accelerator.wait_for_everyone()
+        if self._tracking:
+            self.accelerator.init_trackers(self.config.name, config=hyperparameters(config_to_dict(self.config)))
+
+    @property
+    def _tracking(self) -> bool:
+        return self.config.train.report_to != "none"
+
+    # ------------------------------------------------------------------------- the run folder
+    def _claim_run_dir(self, overwrite: bool) -> None:
+        """Refuse a folder holding another run (or this run under another config); clear it for `overwrite`."""
+        self.folder.check_claim(config_to_dict(self.config), resume=self.resume, overwrite=overwrite)
+        self.accelerator.wait_for_everyone()
+        if overwrite and self.accelerator.is_main_process:
+            self.folder.clear()
+        self.accelerator.wait_for_everyone()
+
+    def _all_checkpoint_components(self) -> dict:
+        components = dict(self._checkpoint_components())
+        if self.accelerator.scaler is not None:  # fp16
+            components["scaler"] = self.accelerator.scaler
+        return components
 
     def _append_metrics(self, record: dict) -> None:
         if self.accelerator.is_main_process:
             self.folder.append_metrics(record)
+        if self._tracking:
+            self.accelerator.log(flat_record(record), step=record["step"])
 
     def save_checkpoint(self) -> None:
         """`checkpoint-STEP/` beside the last checkpoint, swapped in so that no kill strands the run."""

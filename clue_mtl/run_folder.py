@@ -7,6 +7,7 @@
     tokenizer/        the encoder's tokenizer
     best/             the best model by dev mean macro-F1 (model.safetensors, model.json)
     evaluation/       `evaluate`'s reports and plots
+    tracking/         TensorBoard's events (`train.report_to: tensorboard`)
     averaged_from.json  the sources of a weight-averaged run (`average-weights`)
     encoder/          a pre-training run's result; source/ its trimmed starting encoder
     checkpoint-STEP/  the latest full training state, for resume (`checkpoint.py`)
@@ -29,7 +30,7 @@ MODEL_FILE = "model.safetensors"   # in best/ and in every saved model folder (`
 MODEL_META_FILE = "model.json"
 # What a run leaves in its folder (recipes' outputs); any of them means the folder holds a run.
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "split.json", "labels.json", "tokenizer", "best", "evaluation",
-               "encoder", "source", *checkpoint.LEGACY_CHECKPOINTS)
+               "tracking", "encoder", "source", *checkpoint.LEGACY_CHECKPOINTS)
 
 
 class RunFolder:
@@ -81,6 +82,10 @@ class RunFolder:
     @property
     def evaluation_dir(self) -> Path:
         return self.path / "evaluation"
+
+    @property
+    def tracking_dir(self) -> Path:
+        return self.path / "tracking"
 
     @property
     def encoder_dir(self) -> Path:

@@ -2,7 +2,7 @@
 
 Features: one shared encoder and a head per task; every step carries a batch of every task
 (sizes by a sampling rule); a pluggable loss-weighting strategy with its own optimiser; AdamW with
-decay/no-decay groups and layer-wise learning-rate decay; warmup and linear decay; gradient
+decay/no-decay groups and layer-wise learning-rate decay; warmup and a learning-rate schedule (`transformers.get_scheduler`); gradient
 clipping and accumulation; bf16/fp16; evaluation every N steps by mean macro-F1 with the best
 checkpoint kept and early stopping; exact resume (`resume=True`).
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_scheduler
 
 from .accelerator import fresh_accelerator
 from .adversarial import FGM
@@ -43,6 +43,7 @@ from .optim import adamw, parameter_groups
 from .recipe import RunRecipe
 from .run_folder import RunFolder
 from .tasks import get_task
+from .tracking import accelerator_kwargs
 from .weighting import StepContext, build_weighting
 
 CACHE_DIR = Path("artifacts/cache")
@@ -58,6 +59,10 @@ class TrainerState:
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
+
+
+def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [parameter for parameter in module.parameters() if parameter.requires_grad]
 
 
 class Trainer(RunRecipe):
@@ -77,7 +82,7 @@ class Trainer(RunRecipe):
             torch.set_num_threads(train.num_threads)
         self.accelerator = accelerator or fresh_accelerator(
             mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.grad_accumulation,
-            step_scheduler_with_optimizer=False,
+            step_scheduler_with_optimizer=False, **accelerator_kwargs(train.report_to, self.folder),
         )
         self._claim_run_dir(overwrite)
         if train.mixed_precision == "auto" and show_progress:
@@ -136,8 +141,8 @@ class Trainer(RunRecipe):
                                   weight_decay=cfg.train.weight_decay, layer_lr_decay=cfg.train.layer_lr_decay)
         optimizer = adamw(groups, device_type=accelerator.device.type, fused=cfg.train.fused_optimizer,
                           precision=accelerator.mixed_precision)
-        scheduler = get_linear_schedule_with_warmup(
-            optimizer, math.ceil(cfg.train.warmup_ratio * cfg.train.steps), cfg.train.steps)
+        scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_training_steps=cfg.train.steps,
+                                  num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.steps))
         self.weighting = build_weighting(cfg.weighting.method, cfg.data.tasks, cfg.weighting.params)
         self.weighting.to(accelerator.device)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -190,51 +195,70 @@ class Trainer(RunRecipe):
         return output
 
     def _optimizer_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        cfg, accelerator = self.config, self.accelerator
-        unwrapped = self.unwrapped
-        shared = [p for p in unwrapped.encoder.parameters() if p.requires_grad]
-        heads = [p for p in unwrapped.heads.parameters() if p.requires_grad]
-        last_layer = [p for p in encoder_layers(unwrapped.encoder)[-1].parameters() if p.requires_grad]
+        """The life of one step: for each micro-batch, the tasks' forward passes and losses, the
+        weighting's backward (and FGM's), then the optimisers once the gradients are complete."""
+        accumulation = self.config.train.grad_accumulation
         self.model.train()
-        accumulation = cfg.train.grad_accumulation
         self.step_tokens = 0
         for micro in range(accumulation):
-            batches = self.batches[self.state.step * accumulation + micro]
-            with accelerator.accumulate(self.model), self._gradient_sync_context():
-                batches = {task: {k: v.to(accelerator.device) for k, v in batch.items()}
-                           for task, batch in batches.items()}
-                self.step_tokens += sum(int(batch["input_ids"].numel()) for batch in batches.values())
-                losses, features, accuracies = {}, {}, {}
-                for task, batch in batches.items():
-                    logits, pooled = self.model(task, batch["input_ids"], batch["attention_mask"],
-                                                batch.get("token_type_ids"))
-                    losses[task] = self._task_loss(task, logits, batch)
-                    features[task] = pooled
-                    accuracies[task] = (logits.detach().argmax(-1) == batch["labels"]).float().mean()
+            batches = self._micro_batches(micro)
+            with self.accelerator.accumulate(self.model), self._gradient_sync_context():
+                losses, features, accuracies = self._forward_losses(batches)
                 self._stop_if_not_finite(losses)
-                context = StepContext(
-                    backward=accelerator.backward, shared_parameters=shared, last_shared_parameters=last_layer,
-                    features=features, step=self.state.step, accuracies=accuracies, head_parameters=heads,
-                    reduce_mean=lambda tensor: accelerator.reduce(tensor, "mean"),
-                    micro_batch=micro, micro_batches=accumulation,
-                )
-                total = self.weighting.backward(losses, context)
+                total = self.weighting.backward(losses, self._step_context(features, accuracies, micro))
                 if self.fgm is not None:
                     self._adversarial_backward(batches)
-                if accelerator.sync_gradients and cfg.train.grad_clip > 0:
-                    accelerator.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if accelerator.sync_gradients:
-                    self.scheduler.step()
-                    if self.ema is not None and not accelerator.optimizer_step_was_skipped:
-                        self.ema.update()
-                    if self.weighting_optimizer is not None:
-                        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep Adam's state clean
-                            self.weighting_optimizer.step()
-                        self.weighting_optimizer.zero_grad(set_to_none=True)
-        self.state.step += 1
+                self._apply_gradients()
         return {task: loss.detach() for task, loss in losses.items()}, total
+
+    def _micro_batches(self, micro: int) -> dict[str, dict[str, torch.Tensor]]:
+        """This step's `micro`-th batch of every task, on the device; counts its padded tokens."""
+        index = self.state.step * self.config.train.grad_accumulation + micro
+        batches = {task: {key: value.to(self.accelerator.device) for key, value in batch.items()}
+                   for task, batch in self.batches[index].items()}
+        self.step_tokens += sum(int(batch["input_ids"].numel()) for batch in batches.values())
+        return batches
+
+    def _forward_losses(self, batches: dict[str, dict[str, torch.Tensor]]):
+        """One encoder pass per task: its loss, its pooled features and its batch accuracy."""
+        losses, features, accuracies = {}, {}, {}
+        for task, batch in batches.items():
+            logits, features[task] = self.model(task, batch["input_ids"], batch["attention_mask"],
+                                                batch.get("token_type_ids"))
+            losses[task] = self._task_loss(task, logits, batch)
+            accuracies[task] = (logits.detach().argmax(-1) == batch["labels"]).float().mean()
+        return losses, features, accuracies
+
+    def _step_context(self, features, accuracies, micro: int) -> StepContext:
+        """What a weighting strategy may read: the shared parameters (all, and the last layer's),
+        the heads, the features, the step, and the means over processes."""
+        unwrapped = self.unwrapped
+        return StepContext(
+            backward=self.accelerator.backward, shared_parameters=_trainable(unwrapped.encoder),
+            last_shared_parameters=_trainable(encoder_layers(unwrapped.encoder)[-1]), features=features,
+            step=self.state.step, accuracies=accuracies, head_parameters=_trainable(unwrapped.heads),
+            reduce_mean=lambda tensor: self.accelerator.reduce(tensor, "mean"),
+            micro_batch=micro, micro_batches=self.config.train.grad_accumulation,
+        )
+
+    def _apply_gradients(self) -> None:
+        """Clip and step the model's optimiser (Accelerate skips it until the last micro-batch);
+        after the last one, the schedule, the EMA and the weighting's own optimiser."""
+        accelerator = self.accelerator
+        if accelerator.sync_gradients and self.config.train.grad_clip > 0:
+            accelerator.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            return
+        self.scheduler.step()
+        skipped = accelerator.optimizer_step_was_skipped  # fp16 overflow: keep EMA and Adam's state clean
+        if self.ema is not None and not skipped:
+            self.ema.update()
+        if self.weighting_optimizer is not None:
+            if not skipped:
+                self.weighting_optimizer.step()
+            self.weighting_optimizer.zero_grad(set_to_none=True)
 
     def _task_loss(self, task: str, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return task_loss(logits, batch, class_weight=self.class_weights[task], distill=self.config.distill,

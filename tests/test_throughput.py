@@ -47,7 +47,7 @@ def test_the_fused_optimizer_trains_as_the_loop_does(tiny_config):
         trainer = Trainer(tiny_config(f"train.fused_optimizer={str(fused).lower()}", "model.dropout=0.0",
                                       f"name=fused-{fused}"), show_progress=False)
         assert trainer.optimizer.optimizer.defaults["fused"] is (True if fused else None)
-        losses = [sum(trainer.train_step()[0].values()).item() for _ in range(4)]
+        losses = [sum(trainer.run_step()[0].values()).item() for _ in range(4)]
         results[fused] = losses, {k: v.detach().clone() for k, v in trainer.unwrapped.state_dict().items()}
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-4)
     for key, value in results[False][1].items():
@@ -87,7 +87,7 @@ def test_the_progress_bar_shows_rows_per_second_and_the_fraction_of_peak(tiny_co
     assert all(r["samples_per_second"] > 0 for r in records[1:])
     assert trainer.meter.flops_per_token > 0
     assert all(0 < r["fraction_of_peak"] <= 1 for r in records[1:])
-    postfix = trainer._log_step(trainer.train_step(), 1.0)
+    postfix = trainer._log_step(trainer.run_step(), 1.0)
     assert set(postfix) == {"ocnli", "ocemotion", "tnews", "rows/s", "peak"}
     assert float(postfix["rows/s"]) > 0 and postfix["peak"].endswith("%")
     quiet = Trainer(tiny_config("train.steps=2", "train.eval_every=100", "name=quiet"), show_progress=False)

@@ -81,11 +81,23 @@ def test_early_stopping_stops(tiny_config):
     assert trainer.state.step == 3  # the first evaluation sets the best; two more without gain stop
 
 
-def test_bf16_on_cpu_trains(tiny_config):
-    trainer = train(tiny_config("train.mixed_precision=bf16", "train.steps=2", "train.eval_every=2"),
-                    show_progress=False)
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_the_encoder_computes_in_the_precision_asked_for(tiny_config, precision, dtype):
+    """bf16 on a CPU runs the encoder's matrix products in bf16 (autocast), and float32 does not;
+    the weights the optimiser updates stay float32 either way."""
+    trainer = Trainer(tiny_config(f"train.mixed_precision={precision}", "train.steps=2", "train.eval_every=2",
+                                  f"name={precision}"), show_progress=False)
+    seen = set()
+    linears = [m for m in trainer.unwrapped.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [m.register_forward_hook(lambda module, args, output: seen.add(output.dtype)) for m in linears]
+    trainer.train()
+    for hook in hooks:
+        hook.remove()
+    assert trainer.accelerator.mixed_precision == precision
+    assert seen == {dtype}
+    assert all(p.dtype == torch.float32 for p in trainer.unwrapped.parameters())
     losses = [m["loss"] for m in read_metrics(trainer.run_dir) if m["kind"] == "train"]
-    assert all(math.isfinite(v) for row in losses for v in row.values())
+    assert len(losses) == 2 and all(math.isfinite(v) for row in losses for v in row.values())
 
 
 @pytest.mark.parametrize("method", ["equal", "uncertainty", "pcgrad"])
@@ -111,19 +123,6 @@ def test_two_cpu_processes_hold_identical_weights(tiny_config, tmp_path, method)
     assert ranks[0]["task_weights"] == ranks[1]["task_weights"]
     if method == "uncertainty":
         assert ranks[0]["task_weights"] != {"ocnli": 1.0, "ocemotion": 1.0, "tnews": 1.0}
-
-
-@pytest.mark.parametrize("method", ["fixed", "uncertainty", "gradnorm", "dwa", "dtp", "pcgrad", "mgda", "famo"])
-def test_every_weighting_method_trains_and_logs_its_weights(tiny_config, method):
-    params = {"dwa": ["weighting.params={window: 2}"], "fixed": ["weighting.params={weights: {ocnli: 2.0}}"]}
-    trainer = train(tiny_config(f"weighting.method={method}", "train.steps=5", "train.eval_every=5",
-                                "train.mixed_precision=bf16", *params.get(method, [])), show_progress=False)
-    records = [m for m in read_metrics(trainer.run_dir) if m["kind"] == "train"]
-    assert len(records) == 5
-    for record in records:
-        assert all(math.isfinite(v) for v in record["loss"].values())
-        assert set(record["weights"]) == {"ocnli", "ocemotion", "tnews"}
-        assert all(math.isfinite(w) for w in record["weights"].values())
 
 
 @pytest.mark.parametrize("method", ["dwa", "famo"])
@@ -189,7 +188,7 @@ def test_bert_segment_ids_reach_the_encoder_in_training_fgm_and_evaluation(tiny_
                 segments[row, seps[0] + 1:seps[1] + 1] = 1
         return segments
 
-    trainer.train_step()
+    trainer.run_step()
     assert len(calls) == 6   # three tasks, twice (FGM)
     trainer.evaluate()
     for call in calls:

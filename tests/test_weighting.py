@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -10,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from clue_mtl.run_folder import RunFolder
+from clue_mtl.train import Trainer
 from clue_mtl.weighting import METHODS, StepContext, build_weighting
 from clue_mtl.weighting.gradnorm import GradNorm
 from clue_mtl.weighting.mgda import min_norm_weights
@@ -304,93 +305,31 @@ def test_gradient_methods_average_over_processes_through_reduce_mean():
 
 # ------------------------------------------------------------------------------------------------ training
 TASKS = {"t1": 3, "t2": 4, "t3": 2}
-PARAMS = {"dwa": {"window": 2}}
-
-
-class TinyModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
-        self.heads = nn.ModuleDict({task: nn.Linear(8, labels) for task, labels in TASKS.items()})
-
-    def forward(self, task, x):
-        return self.heads[task](self.encoder(x))
-
-
-def batches(steps: int):
-    generator = torch.Generator().manual_seed(1234)
-    return [{task: (torch.randn(5, 6, generator=generator), torch.randint(labels, (5,), generator=generator))
-             for task, labels in TASKS.items()} for _ in range(steps)]
-
-
-def build(method: str, seed: int):
-    torch.manual_seed(seed)
-    model = TinyModel()
-    weighting = build_weighting(method, list(TASKS), PARAMS.get(method))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    weighting_parameters = list(weighting.parameters())
-    weighting_optimizer = torch.optim.Adam(weighting_parameters, lr=0.025) if weighting_parameters else None
-    return model, weighting, optimizer, weighting_optimizer
-
-
-def train(objects, data, start: int, stop: int) -> list[torch.Tensor]:
-    """The trainer's step, as in clue_mtl.train: weighting.backward, clip, both optimisers, zero-grad."""
-    model, weighting, optimizer, weighting_optimizer = objects
-    totals = []
-    for step in range(start, stop):
-        losses, accuracies = {}, {}
-        for task, (x, y) in data[step].items():
-            logits = model(task, x)
-            losses[task] = F.cross_entropy(logits, y)
-            accuracies[task] = (logits.argmax(-1) == y).float().mean()
-        step_context = StepContext(
-            backward=lambda t: t.backward(), shared_parameters=list(model.encoder.parameters()),
-            last_shared_parameters=list(model.encoder[2].parameters()), features={}, step=step,
-            accuracies=accuracies, head_parameters=list(model.heads.parameters()))
-        totals.append(weighting.backward(losses, step_context))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if weighting_optimizer is not None:
-            weighting_optimizer.step()
-            weighting_optimizer.zero_grad(set_to_none=True)
-    return totals
-
-
-def checkpoint(objects) -> bytes:
-    buffer = io.BytesIO()
-    torch.save([None if o is None else o.state_dict() for o in objects], buffer)
-    return buffer.getvalue()
-
-
-def restore(objects, blob: bytes):
-    states = torch.load(io.BytesIO(blob))
-    for o, state in zip(objects, states):
-        if o is not None:
-            o.load_state_dict(state)
-    return objects
+PARAMS = {"dwa": "weighting.params={window: 1}", "fixed": "weighting.params={weights: {ocnli: 2.0}}"}
+LEARNED = {"uncertainty", "gradnorm", "dwa", "dtp", "famo", "mgda"}  # weights that move during training
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_trains_without_nan_and_resumes_exactly(method):
-    steps, stop = 8, 4
-    data = batches(steps)
-    straight = build(method, seed=0)
-    totals = train(straight, data, 0, steps)
-    assert all(torch.isfinite(t).all() for t in totals)
-    assert all(math.isfinite(w) for w in straight[1].task_weights().values())
+def test_every_method_trains_through_the_trainer_and_resumes_exactly(tiny_config, tmp_path, method):
+    """The real training step (`Trainer`), bf16: finite losses and weights in every record, learned
+    weights that move, and a run interrupted at step 2 that ends where the straight one does."""
+    config = tiny_config(f"weighting.method={method}", "train.steps=4", "train.eval_every=4",
+                         "train.mixed_precision=bf16", *([PARAMS[method]] if method in PARAMS else []))
+    straight = Trainer(config, tmp_path / "straight", show_progress=False)
+    straight.train()
+    Trainer(config, tmp_path / "resumed", show_progress=False).train(until_step=2)
+    resumed = Trainer(config, tmp_path / "resumed", resume=True, show_progress=False)
+    resumed.train()
 
-    first = build(method, seed=0)
-    first_totals = train(first, data, 0, stop)
-    blob = checkpoint(first)
-    resumed = restore(build(method, seed=99), blob)  # fresh objects, other initial values
-    resumed_totals = train(resumed, data, stop, steps)
-
-    for a, b in zip(totals, first_totals + resumed_totals):
-        assert torch.equal(a, b)
-    for name, tensor in straight[0].state_dict().items():
-        assert torch.equal(tensor, resumed[0].state_dict()[name]), name
-    straight_state, resumed_state = straight[1].state_dict(), resumed[1].state_dict()
+    records = [m for m in RunFolder(tmp_path / "straight").metrics() if m["kind"] == "train"]
+    assert [m["step"] for m in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(v) for m in records for v in [*m["loss"].values(), *m["weights"].values()])
+    assert all(set(m["weights"]) == {"ocnli", "ocemotion", "tnews"} for m in records)
+    if method in LEARNED:
+        assert records[-1]["weights"] != records[0]["weights"]
+    for name, tensor in straight.unwrapped.state_dict().items():
+        assert torch.equal(tensor, resumed.unwrapped.state_dict()[name]), name
+    straight_state, resumed_state = straight.weighting.state_dict(), resumed.weighting.state_dict()
     assert straight_state.keys() == resumed_state.keys()
     for name, tensor in straight_state.items():
         assert torch.equal(tensor, resumed_state[name]), name
@@ -404,14 +343,15 @@ def test_trains_without_nan_and_resumes_exactly(method):
     ("famo", {"logits", "min_losses", "previous_losses", "has_previous", "weights"}),
     ("mgda", {"weights"}),
 ])
-def test_all_state_is_in_the_state_dict(method, keys):
-    objects = build(method, seed=0)
-    train(objects, batches(3), 0, 3)
-    state = objects[1].state_dict()
+def test_all_state_is_in_the_state_dict(tiny_config, tmp_path, method, keys):
+    trainer = Trainer(tiny_config(f"weighting.method={method}", "train.steps=3", "train.eval_every=3",
+                                  *([PARAMS[method]] if method in PARAMS else [])), tmp_path, show_progress=False)
+    trainer.train()
+    state = trainer.weighting.state_dict()
     assert set(state) == keys
-    fresh = build_weighting(method, list(TASKS), PARAMS.get(method))
+    fresh = build_weighting(method, ["ocnli", "ocemotion", "tnews"], trainer.config.weighting.params)
     fresh.load_state_dict(state)
-    assert objects[1].task_weights() == fresh.task_weights()
+    assert trainer.weighting.task_weights() == fresh.task_weights()
 
 
 @pytest.mark.parametrize("method, params", [
