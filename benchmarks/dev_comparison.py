@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, ensure_trimmed_encoder, write_results  # noqa: E402
+from clue_mtl.run_folder import RunFolder  # noqa: E402
 
 CONFIG = "configs/compare.yaml"
 RUNS = ROOT / "runs" / "compare"
@@ -67,10 +68,7 @@ def run_dir(variant: str, seed: int) -> Path:
 
 
 def final_eval(directory: Path) -> dict | None:
-    path = directory / "metrics.jsonl"
-    if not path.exists():
-        return None
-    evals = [json.loads(line) for line in path.read_text().splitlines() if '"kind": "eval"' in line]
+    evals = [record for record in RunFolder(directory).metrics() if record["kind"] == "eval"]
     return evals[-1] if evals else None
 
 
@@ -96,8 +94,7 @@ def train_variant(variant: str, seed: int, threads: int) -> dict:
 
 def weight_trajectory(directory: Path, every: int = 20) -> dict:
     """Each task's loss weight and training loss every `every` steps, for the notebook's pictures."""
-    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()
-               if '"kind": "train"' in line]
+    records = [record for record in RunFolder(directory).metrics() if record["kind"] == "train"]
     records = [r for r in records if r["step"] % every == 0]
     return {"step": [r["step"] for r in records],
             "weights": {t: [round(r["weights"][t], 4) for r in records] for t in records[0]["weights"]},
@@ -132,7 +129,7 @@ def derived_variant(variant: str, seeds: list[int]) -> dict:
     from clue_mtl.averaging import average_weights
 
     averaged = RUNS / variant
-    if not (averaged / "best").exists():
+    if not RunFolder(averaged).has_model():
         average_weights(members, averaged)
     return score_ensemble([averaged])
 

@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, write_results  # noqa: E402
+from clue_mtl.run_folder import RunFolder  # noqa: E402
 
 TASKS = ("ocnli", "ocemotion", "tnews")
 RECORD = RESULTS / "main_job.json"
@@ -74,7 +75,7 @@ def cmd_run(args) -> None:
     subprocess.run(command, cwd=ROOT, check=True)
     seconds = time.perf_counter() - started
     run_dir = ROOT / config.output_dir / config.name
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    metrics = RunFolder(run_dir).metrics()
     speeds = [r["steps_per_second"] for r in metrics if r["kind"] == "train"]
     entry = blend_entry(blend_dir)
     entry.update({

@@ -18,11 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, peak_rss_mb, write_results  # noqa: E402
+from clue_mtl.run_folder import RunFolder  # noqa: E402
 
 
 def make_run(run_dir: Path) -> None:
-    import json
-
     from clue_mtl.config import load_config, save_config
     from clue_mtl.encoders import ensure_encoder, load_encoder
     from clue_mtl.model import build_model
@@ -32,10 +31,11 @@ def make_run(run_dir: Path) -> None:
     encoder_dir = ensure_encoder(ROOT / config.model.encoder)
     encoder, tokenizer = load_encoder(encoder_dir)
     run_dir.mkdir(parents=True)
-    build_model(encoder, config.data.tasks, pooling=config.model.pooling).save(run_dir / "best")
-    tokenizer.save_pretrained(run_dir / "tokenizer")
-    save_config(config, run_dir / "config.yaml")
-    (run_dir / "labels.json").write_text(json.dumps({t: list(TASKS[t].labels) for t in config.data.tasks}))
+    folder = RunFolder(run_dir)
+    build_model(encoder, config.data.tasks, pooling=config.model.pooling).save(folder.best_dir)
+    tokenizer.save_pretrained(folder.tokenizer_dir)
+    save_config(config, folder.config_file)
+    folder.write_labels({t: list(TASKS[t].labels) for t in config.data.tasks})
 
 
 def int8_check(run_dir: Path, split: str) -> dict:
@@ -56,14 +56,15 @@ def int8_check(run_dir: Path, split: str) -> dict:
         warnings.simplefilter("ignore")  # torch.ao's deprecation notice
         quantised = torch.ao.quantization.quantize_dynamic(run.model, {torch.nn.Linear}, dtype=torch.qint8)
     models = {"float32": run.model, "int8": quantised}
-    dev_ids = load_split_ids(run_dir / "split.json")
+    split_file = RunFolder(run_dir).split_file
+    dev_ids = load_split_ids(split_file)
     figures = {"run": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir), "tasks": {}}
     for task in run.tasks:
         def encoded(frame):
             return encode_frame(run.tokenizer, frame, task, max_length=run.config.data.max_length)
 
         test = encoded(load_split(ROOT / "data", task, split))
-        dev_frame = load_dev_rows(ROOT / "data", task, dev_ids[task], run_dir / "split.json")
+        dev_frame = load_dev_rows(ROOT / "data", task, dev_ids[task], split_file)
         dev = encoded(dev_frame)
         gold = np.array([run.labels[task].index(str(label)) for label in dev_frame["label"]])
         row = {}

@@ -11,7 +11,6 @@ benchmarks/results/pretrain_mlm.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, write_results  # noqa: E402
+from clue_mtl.run_folder import RunFolder  # noqa: E402
 
 
 def run_pretraining(config: str, overrides: list[str]) -> tuple[Path, float]:
@@ -65,10 +65,10 @@ def main() -> None:
         how = " ".join(["clue-mtl pretrain --config", args.config, *(f"--set {s}" for s in args.set)])
     else:
         run_dir, seconds, how = ROOT / args.existing, args.seconds, args.how
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = RunFolder(run_dir).metrics()
     evals = [r for r in records if r["kind"] == "eval"]
     speeds = [r["steps_per_second"] for r in records if r["kind"] == "train"]
-    config = (run_dir / "config.yaml").read_text()
+    config = RunFolder(run_dir).config_file.read_text()
     figures = {"before": evals[0], "after": evals[-1], "evaluations": evals, "seconds": seconds,
                "steps_per_second": speeds[-1] if speeds else None, "how": how, "run_dir": str(run_dir.relative_to(ROOT)),
                "config": config}

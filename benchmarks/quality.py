@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, write_results  # noqa: E402
+from clue_mtl.run_folder import RunFolder  # noqa: E402
 
 TASKS = ("ocnli", "ocemotion", "tnews")
 
@@ -45,8 +46,9 @@ def baseline_entry() -> dict:
 
 
 def run_entry(run_dir: Path, seconds: float, how: str) -> dict:
-    report = json.loads((run_dir / "evaluation" / "report.json").read_text())
-    config = (run_dir / "config.yaml").read_text()
+    folder = RunFolder(run_dir)
+    report = json.loads((folder.evaluation_dir / "report.json").read_text())
+    config = folder.config_file.read_text()
     return {"macro_f1": {t: report["reports"][t]["macro_f1"] for t in TASKS}, "mean": report["mean_macro_f1"],
             "seconds": seconds, "how": how, "run_dir": str(run_dir.relative_to(ROOT)), "config": config}
 

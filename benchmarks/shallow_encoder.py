@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, alternate_children, time_training_steps, write_results  # noqa: E402
+from clue_mtl.run_folder import RunFolder  # noqa: E402
 
 BASE = [f"data.data_dir={ROOT / 'data'}", f"model.encoder={ROOT / 'artifacts/e5-small'}", "data.max_train_rows=4000",
         "train.eval_every=1000000", "model.attention_dropout=0.0"]
@@ -48,7 +49,7 @@ def member_row(record: dict, name: str) -> tuple:
 
     entry, _, member = name.partition("@")
     f1 = record[entry]["members"][member]
-    config = load_config(ROOT / record[entry]["runs"][0] / "config.yaml")
+    config = load_config(RunFolder(ROOT / record[entry]["runs"][0]).config_file)
     return member, f1, config.train.steps, config.train.seed, record[entry]["biased_cross_fitted"]
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, alternate_children, run_child, time_training_steps, write_results  # noqa: E402
+from clue_mtl.run_folder import RunFolder  # noqa: E402
 
 BASE = [
     f"data.data_dir={ROOT / 'data'}", f"model.encoder={ROOT / 'artifacts/e5-small'}", "data.max_length=128", "train.batch_size=24",
@@ -143,7 +144,7 @@ def quality_rows(names: list[str]) -> list[str]:
         entry, _, member = name.partition("@")
         f1 = record[entry]["members"][member]
         mean = sum(f1.values()) / len(f1)
-        steps = load_config(ROOT / record[entry]["runs"][0] / "config.yaml").train.steps
+        steps = load_config(RunFolder(ROOT / record[entry]["runs"][0]).config_file).train.steps
         lines.append(f"| {member} | {steps} | {f1['ocnli']:.4f} | {f1['ocemotion']:.4f} | {f1['tnews']:.4f} | {mean:.4f} |")
     for label, c in record.get("_comparisons", {}).items():
         if all(name in label for name in names):

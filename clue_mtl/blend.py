@@ -234,8 +234,8 @@ def member_fingerprint(run_dir: str | Path) -> str:
     """A digest of the files a member predicts with (weights, tokenizer, config, labels, split),
     so a blend notices a retrained member."""
     run_dir = Path(run_dir)
-    files = sorted(run_dir.glob("*.safetensors")) + sorted(run_dir.glob("*.json")) + sorted(run_dir.glob("config.yaml"))
     folder = RunFolder(run_dir)
+    files = sorted(run_dir.glob("*.safetensors")) + sorted(run_dir.glob("*.json")) + [folder.config_file]
     for directory in (folder.best_dir, folder.tokenizer_dir):  # the weights, and what turns text into their inputs
         files += sorted(p for p in directory.glob("*") if p.is_file())
     digest = hashlib.sha256()
