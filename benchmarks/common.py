@@ -127,7 +127,7 @@ def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to
         if count_flops:  # one more step, counted: FLOPs per padded token, times the timed steps' tokens
             from clue_mtl.hardware import count_flops as counted
 
-            _, flops = counted(trainer.train_step)
+            _, flops = counted(trainer.run_step)
             result["model_flops_per_step"] = flops / trainer.step_tokens * tokens / steps
             result["model_flops_per_second"] = result["model_flops_per_step"] / result["step_seconds"]
         if quality_steps:

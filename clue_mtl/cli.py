@@ -191,10 +191,11 @@ def cmd_evaluate(args) -> int:
         return 0
     from .evaluate import evaluate_run
     from .metrics import format_report
+    from .run_folder import RunFolder
 
     result = evaluate_run(args.run, data_dir=args.data_dir, plots=not args.no_plots)
     print(format_report(result["reports"]))
-    print(f"report and figures in {Path(args.run) / 'evaluation'}")
+    print(f"report and figures in {RunFolder(args.run).evaluation_dir}")
     return 0
 
 

@@ -38,6 +38,10 @@ MAX_LENGTH = 1 << 16                    # tokens per row, hidden units of a head
 MAX_STEPS = 10**9
 # Settings that change nothing a run computes: a run may resume with other values of these.
 RESUMABLE_KEYS = ("name", "output_dir", "train.num_threads", "train.report_to")
+# Keys added since runs were first saved, each with the value that does what runs did before it:
+# a saved config without the key is the same run as one holding that value (fingerprints leave
+# the key out at that value, so checkpoints saved before it still resume).
+ADDED_KEYS = {"train.scheduler": "linear"}
 
 
 # ----------------------------------------------------------------------------- bounded YAML
@@ -387,13 +391,14 @@ def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_fingerprint(values: dict[str, Any]) -> str:
     """A digest of what a config makes a run compute (`RESUMABLE_KEYS` left out)."""
-    flat = {k: v for k, v in _flatten(values).items() if k not in RESUMABLE_KEYS}
+    flat = {k: v for k, v in _flatten(values).items()
+            if k not in RESUMABLE_KEYS and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key: saved -> current` for every setting (outside `RESUMABLE_KEYS`) the two configs differ in."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = ADDED_KEYS | _flatten(saved), ADDED_KEYS | _flatten(current)
     missing = object()
     return [f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
             for key in sorted(set(old) | set(new))

@@ -92,9 +92,8 @@ class RunRecipe(ABC):
         if self.state.step < cfg.steps and self._checkpoint_step != self.state.step:
             self.save_checkpoint()  # interrupted by `until_step`: resumable from here
         self._after_training()
-        if self._tracking:
-            self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
+        self._finish_tracking()
         return self.state
 
     def run_step(self):
@@ -109,12 +108,19 @@ class RunRecipe(ABC):
         elif self.accelerator.is_main_process:
             self._write_run_files()
         self.accelerator.wait_for_everyone()
-        if self._tracking:
+        if self._tracking and not self.accelerator.trackers:  # once, however many `train` calls
             self.accelerator.init_trackers(self.config.name, config=hyperparameters(config_to_dict(self.config)))
 
     @property
     def _tracking(self) -> bool:
         return self.config.train.report_to != "none"
+
+    def _finish_tracking(self) -> None:
+        """Close the trackers' writers. Not `Accelerator.end_training`, which also ends the
+        process group that a caller's next barrier still needs."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers = []
 
     # ------------------------------------------------------------------------- the run folder
     def _claim_run_dir(self, overwrite: bool) -> None:

@@ -1,4 +1,4 @@
-"""Test fixtures: tiny random encoders with locally built tokenizers (`build-encoder tiny`).
+"""Test fixtures: tiny random encoders with locally built tokenizers (`build-encoder tiny-bert`, `tiny-xlmr`).
 
 kind "bert" builds a character vocabulary over given texts or a built-in set of common Chinese
 characters, letters and digits; kind "xlmr" reuses the real e5 tokenizer.

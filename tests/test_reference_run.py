@@ -20,8 +20,14 @@ import pytest
 from clue_mtl.train import Trainer
 
 REFERENCE = Path(__file__).with_name("reference_run.json")
-SETTINGS = ("train.mixed_precision=no", "train.steps=6", "train.eval_every=3", "model.dropout=0.1",
-            "weighting.method=uncertainty")
+CASES = {
+    "uncertainty": ("train.mixed_precision=no", "train.steps=6", "train.eval_every=3", "model.dropout=0.1",
+                    "weighting.method=uncertainty"),
+    # accumulation, EMA and a weighting optimiser: the order of the steps after the last micro-batch
+    "famo-accumulation-ema": ("train.mixed_precision=no", "train.steps=6", "train.eval_every=3",
+                              "model.dropout=0.1", "weighting.method=famo", "train.grad_accumulation=2",
+                              "train.ema_decay=0.9"),
+}
 RELATIVE_TOLERANCE = 2e-3
 
 
@@ -48,8 +54,9 @@ def _close(expected, got, where: str) -> None:
         assert math.isclose(expected, got, rel_tol=RELATIVE_TOLERANCE, abs_tol=1e-6), f"{where}: {expected} vs {got}"
 
 
-def test_a_tiny_run_and_its_resume_reproduce_the_stored_values(tiny_config, tmp_path):
-    config = tiny_config(*SETTINGS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_tiny_run_and_its_resume_reproduce_the_stored_values(tiny_config, tmp_path, case):
+    config = tiny_config(*CASES[case])
     Trainer(config, tmp_path / "straight", show_progress=False).train()
     straight = _record(tmp_path / "straight")
 
@@ -58,10 +65,12 @@ def test_a_tiny_run_and_its_resume_reproduce_the_stored_values(tiny_config, tmp_
     resumed = _record(tmp_path / "resumed")
 
     if os.environ.get("CLUE_MTL_WRITE_REFERENCE") == "1":
-        REFERENCE.write_text(json.dumps({"settings": SETTINGS, **straight}, indent=2) + "\n")
-        pytest.skip(f"wrote {REFERENCE.name}")
-    stored = json.loads(REFERENCE.read_text())
-    assert tuple(stored.pop("settings")) == SETTINGS
+        stored = json.loads(REFERENCE.read_text()) if REFERENCE.exists() else {}
+        stored[case] = {"settings": CASES[case], **straight}
+        REFERENCE.write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
+        pytest.skip(f"wrote {case} to {REFERENCE.name}")
+    stored = dict(json.loads(REFERENCE.read_text())[case])
+    assert tuple(stored.pop("settings")) == CASES[case]
     _close(stored, straight, "straight")
     _close(stored, resumed, "resumed")  # the steps after the resume are the stored ones too
     assert len(straight["loss"]) == 6 and len(straight["macro_f1"]) == 2
