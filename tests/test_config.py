@@ -103,3 +103,17 @@ def test_quickstart_m3e_is_the_quickstart_on_m3e():
         del config["name"], config["model"]["encoder"], config["model"]["freeze_word_embeddings"]
         del config["train"]["steps"]
     assert m3e == quickstart
+
+
+def test_a_key_added_later_reads_as_its_old_behaviour_when_a_saved_config_lacks_it():
+    """Runs saved before `train.scheduler` existed trained with the linear schedule: they resume."""
+    from clue_mtl.config import ADDED_KEYS, config_differences, config_fingerprint
+
+    current = config_to_dict(load_config())
+    saved = {**current, "train": {k: v for k, v in current["train"].items() if k != "scheduler"}}
+    assert ADDED_KEYS["train.scheduler"] == current["train"]["scheduler"] == "linear"
+    assert config_differences(saved, current) == []
+    assert config_fingerprint(saved) == config_fingerprint(current)
+    cosine = config_to_dict(load_config(overrides=["train.scheduler=cosine"]))
+    assert config_differences(saved, cosine) == ["train.scheduler: 'linear' -> 'cosine'"]
+    assert config_fingerprint(saved) != config_fingerprint(cosine)
