@@ -235,7 +235,8 @@ def member_fingerprint(run_dir: str | Path) -> str:
     so a blend notices a retrained member."""
     run_dir = Path(run_dir)
     folder = RunFolder(run_dir)
-    files = sorted(run_dir.glob("*.safetensors")) + sorted(run_dir.glob("*.json")) + [folder.config_file]
+    files = sorted(run_dir.glob("*.safetensors")) + sorted(run_dir.glob("*.json"))
+    files += [folder.config_file] if folder.config_file.exists() else []  # a baseline folder has none
     for directory in (folder.best_dir, folder.tokenizer_dir):  # the weights, and what turns text into their inputs
         files += sorted(p for p in directory.glob("*") if p.is_file())
     digest = hashlib.sha256()
