@@ -108,7 +108,7 @@ class RunRecipe(ABC):
         elif self.accelerator.is_main_process:
             self._write_run_files()
         self.accelerator.wait_for_everyone()
-        if self._tracking and not self.accelerator.trackers:  # once, however many `train` calls
+        if self._tracking and not self.accelerator.trackers:  # a caller's accelerator may track already
             self.accelerator.init_trackers(self.config.name, config=hyperparameters(config_to_dict(self.config)))
 
     @property
