@@ -244,8 +244,9 @@ def save_baseline(run_dir: str | Path, models: dict[str, BaselineModel], dev_ids
     (run_dir / BASELINE_FILE).unlink(missing_ok=True)
     for model in models.values():
         model.save(run_dir)
-    save_split(dev_ids, RunFolder(run_dir).split_file)
-    RunFolder(run_dir).write_labels({task: list(get_task(task).labels) for task in models})
+    folder = RunFolder(run_dir)
+    save_split(dev_ids, folder.split_file)
+    folder.write_labels({task: list(get_task(task).labels) for task in models})
     info = {"format": FORMAT, "kind": "tfidf-char-lr", "tasks": list(models), "settings": settings,
             "dev_macro_f1": {task: report["macro_f1"] for task, report in reports.items()},
             "dev_mean_macro_f1": leaderboard_score(reports)}

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError
-from .tasks import TASKS, Task, get_task
+from .tasks import TASKS, Task, as_task
 
 if TYPE_CHECKING:
     from .config import DataConfig
@@ -63,10 +63,6 @@ class _Problems:
         raise DataError(lines)
 
 
-def _as_task(task: Task | str) -> Task:
-    return task if isinstance(task, Task) else get_task(task)
-
-
 def _text_names(task: Task) -> tuple[str, ...]:
     return ("sentence1", "sentence2") if task.text_columns == 2 else ("text",)
 
@@ -82,7 +78,7 @@ def read_task_file(path: str | Path, task: Task | str, *, labelled: bool,
     Rows stay in file order. With `normalize`, texts go through `task.normalize`, the same function
     at training and at prediction.
     """
-    task = _as_task(task)
+    task = as_task(task)
     problems = _Problems(path)
     rows = _tsv_rows(_read_lines(path, problems), task, labelled, problems)
     _check_rows(rows, task, labelled, problems)
@@ -97,7 +93,7 @@ def read_clue_jsonl(path: str | Path, task: Task | str, *, labelled: bool = True
     Ids come from an `id` field where there is one, else the line number. OCNLI pairs labelled "-"
     (no annotator consensus) are skipped.
     """
-    task = _as_task(task)
+    task = as_task(task)
     problems = _Problems(path)
     rows = []
     for number, line in _read_lines(path, problems):
@@ -276,7 +272,7 @@ def _to_frame(rows: list[_Row], task: Task, labelled: bool, normalize: bool) -> 
 
 def resolve_data_file(data_dir: str | Path, task: Task | str, split: str) -> Path:
     """The path of a task's training file (split "train") or test file ("a" or "b") in `data_dir`."""
-    task = _as_task(task)
+    task = as_task(task)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     name = task.train_file if split == "train" else task.test_file(split)
@@ -356,7 +352,7 @@ def save_split(dev_ids: dict[str, list[str]], path: str | Path) -> None:
 
 def load_dev_rows(data_dir: str | Path, task: Task | str, dev_ids: list[str], split_file: str | Path) -> pd.DataFrame:
     """The training file's rows with the ids of `split_file` (a run's `split.json`), in that order."""
-    task = _as_task(task)
+    task = as_task(task)
     frame = load_split(data_dir, task, "train")
     missing = sorted(set(dev_ids) - set(frame["id"]))
     if missing:

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .metrics import as_task, checked_labels, format_report, leaderboard_score, task_report
-from .tasks import Task
+from .metrics import checked_labels, format_report, leaderboard_score, task_report
+from .tasks import Task, as_task
 
 
 def plot_confusion(task: Task | str, gold: Sequence[Any], pred: Sequence[Any], path: str | Path) -> Path:

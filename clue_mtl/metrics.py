@@ -14,11 +14,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from .tasks import Task, get_task
-
-
-def as_task(task: Task | str) -> Task:
-    return task if isinstance(task, Task) else get_task(task)
+from .tasks import Task, as_task
 
 
 def checked_labels(task: Task, values: Sequence[Any], what: str) -> list[str]:

@@ -17,8 +17,6 @@ from .errors import RunFolderError, TrainingDiverged
 from .run_folder import RunFolder
 from .tracking import flat_record, hyperparameters
 
-# metrics-log fields that are timings: they differ between two runs of the same steps
-TIMING_KEYS = frozenset({"steps_per_second", "samples_per_second", "model_flops_per_second", "fraction_of_peak"})
 
 
 class RunRecipe(ABC):

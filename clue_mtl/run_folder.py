@@ -31,6 +31,8 @@ MODEL_META_FILE = "model.json"
 # What a run leaves in its folder (recipes' outputs); any of them means the folder holds a run.
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "split.json", "labels.json", "tokenizer", "best", "evaluation",
                "tracking", "encoder", "source", *checkpoint.LEGACY_CHECKPOINTS)
+# metrics-log fields that are timings: they differ between two runs of the same steps
+TIMING_KEYS = frozenset({"steps_per_second", "samples_per_second", "model_flops_per_second", "fraction_of_peak"})
 
 
 class RunFolder:
@@ -105,12 +107,16 @@ class RunFolder:
     def write_labels(self, labels: dict[str, list[str]]) -> None:
         self.labels_file.write_text(json.dumps(labels, indent=2, ensure_ascii=False), encoding="utf-8")
 
-    def metrics(self) -> list[dict]:
-        """Every record of the metrics log (empty when there is none)."""
+    def metrics(self, *, timings: bool = True) -> list[dict]:
+        """Every record of the metrics log (empty when there is none); `timings=False` leaves out
+        the fields that differ between two runs of the same steps (`TIMING_KEYS`)."""
         if not self.metrics_file.exists():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
-                if line.strip()]
+        records = [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
+        if timings:
+            return records
+        return [{key: value for key, value in record.items() if key not in TIMING_KEYS} for record in records]
 
     def append_metrics(self, record: dict) -> None:
         with open(self.metrics_file, "a", encoding="utf-8") as file:

@@ -100,3 +100,8 @@ def get_task(name: str) -> Task:
         return TASKS[name.lower()]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; the tasks are {', '.join(TASK_NAMES)}") from None
+
+
+def as_task(task: Task | str) -> Task:
+    """A task given by itself or by name."""
+    return task if isinstance(task, Task) else get_task(task)

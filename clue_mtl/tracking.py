@@ -17,18 +17,15 @@ from .config import REPORT_TO
 from .errors import ConfigError
 from .run_folder import RunFolder
 
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
-
-
 def accelerator_kwargs(report_to: str, folder: RunFolder) -> dict:
-    """`log_with` and `project_dir` for `Accelerator(...)`; nothing for `none`."""
+    """`log_with` and `project_dir` for `Accelerator(...)`; nothing for `none`. Each tracker's
+    package has the tracker's name."""
     if report_to == "none":
         return {}
-    if report_to not in PACKAGES:
+    if report_to not in REPORT_TO:
         raise ConfigError(f"train.report_to: unknown tracker {report_to!r}; choose from {', '.join(REPORT_TO)}")
-    package = PACKAGES[report_to]
-    if importlib.util.find_spec(package) is None:
-        raise ConfigError(f"train.report_to={report_to} needs the {package} package (pip install {package}), "
+    if importlib.util.find_spec(report_to) is None:
+        raise ConfigError(f"train.report_to={report_to} needs the {report_to} package (pip install {report_to}), "
                           "or set train.report_to=none")
     return {"log_with": report_to, "project_dir": str(folder.tracking_dir)}
 

@@ -153,6 +153,11 @@ class Trainer(RunRecipe):
                                     if weighting_parameters else None)
         self.ema = ExponentialMovingAverage(self.unwrapped, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.fgm = FGM(self.unwrapped, cfg.train.fgm_epsilon) if cfg.train.fgm_epsilon else None
+        # what the gradient-level weighting methods act on; fixed once the embeddings are frozen or not
+        encoder = self.unwrapped.encoder
+        self._shared_parameters = _trainable(encoder)
+        self._last_shared_parameters = _trainable(encoder_layers(encoder)[-1])
+        self._head_parameters = _trainable(self.unwrapped.heads)
         self.class_weights = {
             task: class_weights(data.labels, get_task(task).num_labels).to(accelerator.device)
             if cfg.train.class_weighting else None
@@ -232,11 +237,10 @@ class Trainer(RunRecipe):
     def _step_context(self, features, accuracies, micro: int) -> StepContext:
         """What a weighting strategy may read: the shared parameters (all, and the last layer's),
         the heads, the features, the step, and the means over processes."""
-        unwrapped = self.unwrapped
         return StepContext(
-            backward=self.accelerator.backward, shared_parameters=_trainable(unwrapped.encoder),
-            last_shared_parameters=_trainable(encoder_layers(unwrapped.encoder)[-1]), features=features,
-            step=self.state.step, accuracies=accuracies, head_parameters=_trainable(unwrapped.heads),
+            backward=self.accelerator.backward, shared_parameters=self._shared_parameters,
+            last_shared_parameters=self._last_shared_parameters, features=features,
+            step=self.state.step, accuracies=accuracies, head_parameters=self._head_parameters,
             reduce_mean=lambda tensor: self.accelerator.reduce(tensor, "mean"),
             micro_batch=micro, micro_batches=self.config.train.grad_accumulation,
         )

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from clue_mtl import checkpoint
 from clue_mtl.config import save_config
 from clue_mtl.errors import CheckpointError, ConfigError, RunFolderError
-from clue_mtl.recipe import TIMING_KEYS
 from clue_mtl.run_folder import RunFolder
 from clue_mtl.train import Trainer
 
@@ -29,7 +28,7 @@ def small_config(tiny_config, small_data_dir):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in record.items() if k not in TIMING_KEYS} for record in RunFolder(run_dir).metrics()]
+    return RunFolder(run_dir).metrics(timings=False)
 
 
 def same_tensors(a: Path, b: Path) -> bool:

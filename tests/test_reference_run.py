@@ -32,7 +32,8 @@ RELATIVE_TOLERANCE = 2e-3
 
 
 def _record(run_dir: Path) -> dict:
-    """The figures of a run's metrics log that do not depend on timing."""
+    """The figures of a run's metrics log that do not depend on timing (read without `RunFolder`,
+    so that the kit before the refactor can write the stored values)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {
         "loss": [record["loss"] for record in records if record["kind"] == "train"],
