@@ -38,9 +38,16 @@ def write_results(name: str, figures: dict, markdown: str) -> None:
         "name": name, "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "figures": figures,
     }
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    _write_whole(RESULTS / f"{name}.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    _write_whole(RESULTS / f"{name}.md", markdown.rstrip() + "\n")
     print(markdown)
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write beside `path`, then rename over it: a killed benchmark leaves the old results whole."""
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def run_child(args: list[str]) -> dict:
