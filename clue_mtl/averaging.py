@@ -1,7 +1,7 @@
 """Uniform weight averaging of several runs' best models ("model soup") into a new run folder.
 
-The runs must share an architecture: the same tensors (names, shapes, dtypes), the same heads and
-pooling, the same encoder config and the same tokenizer files. Floating-point tensors are averaged
+The runs must share an architecture: the same tensors (names, shapes, dtypes), the same per-task structure
+(heads, features, pooling, private layers and adapters), the same encoder config and the same tokenizer files. Floating-point tensors are averaged
 in float64 and stored in their own dtype; other tensors must be equal and are copied.
 
 The result is an ordinary run folder (config.yaml, split.json, labels.json, tokenizer/ from the
@@ -22,13 +22,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import AveragingError
+from .model import model_structure
 from .run_folder import RunFolder
 IGNORED_ENCODER_KEYS = {"_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"}
 
 
 def _architecture(meta: dict) -> dict:
+    """What two models must share to be averaged: tasks, every head's and private part's structure, encoder."""
+    meta = model_structure(meta)
     encoder = {k: v for k, v in meta["encoder_config"].items() if k not in IGNORED_ENCODER_KEYS}
-    return {"task_labels": meta["task_labels"], "pooling": meta["pooling"], "head_hidden": meta["head_hidden"],
+    return {"task_labels": meta["task_labels"], "heads": meta["heads"], "private": meta["private"],
             "encoder_config": encoder}
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .structure import HeadConfig, PrivateConfig, validate_structure
 # `auto`: `hardware.resolve_precision` picks bf16 where the hardware has it (resolved at run time).
 PRECISIONS = ("no", "bf16", "fp16", "auto")
 # `transformers.get_scheduler` names that need only warmup and total steps
@@ -41,7 +42,7 @@ RESUMABLE_KEYS = ("name", "output_dir", "train.num_threads", "train.report_to")
 # Keys added since runs were first saved, each with the value that does what runs did before it:
 # a saved config without the key is the same run as one holding that value (fingerprints leave
 # the key out at that value, so checkpoints saved before it still resume).
-ADDED_KEYS = {"train.scheduler": "linear"}
+ADDED_KEYS = {"train.scheduler": "linear", "model.heads": {}, "model.private": {}}
 
 
 # ----------------------------------------------------------------------------- bounded YAML
@@ -136,10 +137,14 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     encoder: str = "artifacts/e5-small"  # hub name or local folder
-    pooling: str = "mean"                # first | mean | max | mean_max; see pooling.POOLINGS
+    pooling: str = "mean"                # first | mean | max | mean_max | attention; see pooling.py
     task_pooling: dict[str, str] = field(default_factory=dict)  # per-task override
     dropout: float = 0.1
     head_hidden: int = 0                 # 0: a linear head; >0: one hidden layer of that size
+    # per-task structure (structure.py): e.g. {ocnli: {type: san, steps: 5}, tnews: {features: scalar_mix}}
+    heads: dict[str, HeadConfig] = field(default_factory=dict)
+    # per-task private capacity (shared-private): e.g. {ocnli: {type: layers, layers: 2}, tnews: {type: lora}}
+    private: dict[str, PrivateConfig] = field(default_factory=dict)
     freeze_word_embeddings: bool = False # keep the (large) token embedding matrix fixed
     num_layers: int = 0                  # >0: keep only the encoder's bottom N layers (shallower, faster)
     attention_dropout: float | None = None  # dropout on the attention probabilities; None keeps the encoder's (0.1 in BERT/XLM-R)
@@ -218,6 +223,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         raise errors[0]
     if annotation is Any:
         return _checked_any(value, key)
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, f"{key}.")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -458,6 +465,7 @@ def validate(config: RunConfig) -> None:
     need(config.distill.temperature > 0, "distill.temperature must be positive")
     bad_pooling = [t for t in config.model.task_pooling if t not in config.data.tasks]
     need(not bad_pooling, f"model.task_pooling names tasks not trained: {bad_pooling}")
+    validate_structure(config.model, config.data.tasks, need)
     _validate_choices(config)  # last: it imports the models and weighting methods (torch)
 
 
@@ -467,6 +475,9 @@ def _check_finite(config: Any, prefix: str = "") -> None:
         value = getattr(config, item.name)
         if dataclasses.is_dataclass(value):
             _check_finite(value, f"{prefix}{item.name}.")
+        elif isinstance(value, dict) and all(dataclasses.is_dataclass(v) for v in value.values()):
+            for key, entry in value.items():  # model.heads, model.private
+                _check_finite(entry, f"{prefix}{item.name}.{key}.")
         elif isinstance(value, (float, dict, list)):
             _checked_any(value, prefix + item.name)
 
@@ -579,13 +590,13 @@ def validate_pretrain(config: PretrainConfig) -> None:
 
 def _validate_choices(config: RunConfig) -> None:
     """Names chosen from the kit's registries: poolings and weighting methods with their parameters."""
-    from .pooling import POOLINGS
+    from .structure import POOLING_NAMES
     from .weighting import build_weighting
 
     for where, pooling in [("model.pooling", config.model.pooling)] + [
             (f"model.task_pooling.{t}", p) for t, p in config.model.task_pooling.items()]:
-        if pooling not in POOLINGS:
-            raise ConfigError(f"{where}: unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
+        if pooling not in POOLING_NAMES:
+            raise ConfigError(f"{where}: unknown pooling {pooling!r}; choose from {', '.join(POOLING_NAMES)}")
     try:
         weighting = build_weighting(config.weighting.method, config.data.tasks, config.weighting.params)
     except ValueError as error:

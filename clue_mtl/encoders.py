@@ -126,22 +126,30 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 # --------------------------------------------------------------------------------------------
 # layers, bottom to top
 # --------------------------------------------------------------------------------------------
-def _layer_list(model: nn.Module) -> nn.ModuleList:
+def layer_slot(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the encoder's list of transformer layers, and the attribute holding it
+    (so a task can run the encoder with a list of its own: `private.PrivateLayers`)."""
     for path in ("encoder.layer", "transformer.layer", "encoder.layers", "layers", "layer"):
-        obj = model
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-        if isinstance(obj, nn.ModuleList) and len(obj):
-            return obj
+        *parents, name = path.split(".")
+        owner = model
+        for attr in parents:
+            owner = getattr(owner, attr, None)
+        if isinstance(getattr(owner, name, None), nn.ModuleList) and len(getattr(owner, name)):
+            return owner, name
     # best effort: the longest ModuleList whose members all share one class
     best = None
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1:
-            if best is None or len(mod) > len(best):
-                best = mod
+    for owner_name, owner in model.named_modules():
+        for name, mod in owner.named_children():
+            if isinstance(mod, nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1:
+                if best is None or len(mod) > len(getattr(*best)):
+                    best = (owner, name)
     if best is None:
         raise ValueError(f"no list of transformer layers found in {type(model).__name__}")
     return best
+
+
+def _layer_list(model: nn.Module) -> nn.ModuleList:
+    return getattr(*layer_slot(model))
 
 
 def keep_bottom_layers(model: nn.Module, count: int) -> None:

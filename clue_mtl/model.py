@@ -1,7 +1,13 @@
-"""The multi-task model: one shared Hugging Face encoder, one pooled dense head per task."""
+"""The multi-task model: one shared Hugging Face encoder, each task's private part and its head.
+
+The structure is per task (`structure.py`): the features a head reads (`features.py`), the head's
+network (`heads.py`) and the task's private share of the encoder (`private.py`). The resolved
+structure is saved beside the weights (`best/model.json`), so a run loads without flags.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -10,86 +16,148 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
-from .pooling import POOLINGS
+from .config import ModelConfig
+from .encoders import encoder_layers, keep_bottom_layers
+from .heads import AnswerHead, build_head
+from .private import PrivateLayers, TaskAdapters, is_adapter
 from .run_folder import MODEL_FILE, MODEL_META_FILE
-
-
-
-class TaskHead(nn.Module):
-    """Pooling, dropout and a linear classifier, optionally after one tanh hidden layer."""
-
-    def __init__(self, hidden_size: int, num_labels: int, pooling: str, dropout: float, head_hidden: int = 0):
-        super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; choose from {', '.join(POOLINGS)}")
-        self.pooling = pooling
-        width = hidden_size * (2 if pooling == "mean_max" else 1)
-        layers: list[nn.Module] = [nn.Dropout(dropout)]
-        if head_hidden > 0:
-            layers += [nn.Linear(width, head_hidden), nn.Tanh(), nn.Dropout(dropout)]
-            width = head_hidden
-        layers.append(nn.Linear(width, num_labels))
-        self.classifier = nn.Sequential(*layers)
-
-    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return POOLINGS[self.pooling](hidden, mask)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.classifier(pooled)
+from .structure import resolve_heads, resolve_private
+from .tasks import get_task
 
 
 class MultiTaskModel(nn.Module):
     """A shared encoder and one head per task; `forward(task, ...)` runs the encoder on one task's batch.
 
     The encoder runs once per task per step, so each task's batch is padded only to its own
-    longest row and the tasks' graphs stay separate (per-task gradients come cheap).
+    longest row, the tasks' graphs stay separate (per-task gradients come cheap), and each task
+    can run its own layers and adapters.
+
+    heads: each task's resolved head spec (`structure.resolve_heads`); private: the tasks' private
+    parts (`structure.resolve_private`); sep_token_id: where a pair's first segment ends, for SAN
+    heads of encoders without segment ids (XLM-R).
     """
 
-    def __init__(self, encoder: PreTrainedModel, task_labels: dict[str, int], *, pooling: dict[str, str],
-                 dropout: float = 0.1, head_hidden: int = 0):
+    def __init__(self, encoder: PreTrainedModel, task_labels: dict[str, int], *, heads: dict[str, dict],
+                 private: dict[str, dict] | None = None, dropout: float = 0.1, sep_token_id: int | None = None):
         super().__init__()
+        private = dict(private or {})
+        encoder_config = encoder.config.to_dict()  # before any cut: what `load` rebuilds from
+        depths = {t: spec["layers"] for t, spec in private.items() if spec["type"] == "layers"}
+        self.private = PrivateLayers(encoder, depths) if depths else None
+        if depths and set(depths) == set(task_labels):  # the shared top layers would serve no task
+            keep_bottom_layers(encoder, self.private.full_depth - min(depths.values()))
+        lora = {t: spec for t, spec in private.items() if spec["type"] == "lora"}
+        self.adapters = TaskAdapters(encoder, lora) if lora else None  # after the copies: they get none
         self.encoder = encoder
-        hidden_size = encoder.config.hidden_size
+        num_states = (self.private.full_depth if self.private else len(encoder_layers(encoder)) - 1) + 1
         self.heads = nn.ModuleDict({
-            task: TaskHead(hidden_size, n, pooling[task], dropout, head_hidden) for task, n in task_labels.items()
+            task: build_head(heads[task], hidden_size=encoder.config.hidden_size, num_states=num_states,
+                             num_labels=n, dropout=dropout)
+            for task, n in task_labels.items()
         })
-        self.meta = {"task_labels": dict(task_labels), "pooling": dict(pooling), "dropout": dropout,
-                     "head_hidden": head_hidden}
+        self.sep_token_id = sep_token_id
+        self.meta = {"task_labels": dict(task_labels), "heads": {t: heads[t] for t in task_labels},
+                     "private": private, "dropout": dropout, "sep_token_id": sep_token_id,
+                     "encoder_config": encoder_config}
 
     @property
     def tasks(self) -> list[str]:
         return list(self.heads)
 
-    def encode(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The task's pooled shared representation. `token_type_ids` (segment ids of a BERT-style
-        pair) reach the encoder only when given, so encoders without them are called as before."""
-        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
-        return self.heads[task].pool(hidden, attention_mask)
-
     def forward(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.encode(task, input_ids, attention_mask, token_type_ids)
-        return self.heads[task](pooled), pooled
+        """The task's logits and the vector its classifier read. `token_type_ids` (segment ids of a
+        BERT-style pair) reach the encoder only when given, so encoders without them are called as before."""
+        head = self.heads[task]
+        states = self.hidden_states(task, input_ids, attention_mask, token_type_ids,
+                                    every_layer=head.features.needs_all_layers)
+        segments = None
+        if isinstance(head, AnswerHead):
+            segments = pair_segments(input_ids, token_type_ids, self.sep_token_id)
+        return head(states, attention_mask, segments)
 
+    def hidden_states(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      token_type_ids: torch.Tensor | None = None, every_layer: bool = False) -> list[torch.Tensor]:
+        """[embeddings, layer 1, ..., top] token states as the task's encoder computes them (with its
+        private layers and adapters); only [top] unless `every_layer`."""
+        segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        if self.adapters is not None:
+            self.adapters.activate(task)
+        with self.private.running(task) if self.private else contextlib.nullcontext():
+            recorded: list[torch.Tensor] = []
+            hooks = [module.register_forward_hook(lambda _m, _i, out: recorded.append(
+                out[0] if isinstance(out, tuple) else out)) for module in encoder_layers(self.encoder)] \
+                if every_layer else []
+            try:
+                top = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
+            finally:
+                for hook in hooks:
+                    hook.remove()
+        return [*recorded[:-1], top]  # the encoder's own output on top (a final norm included)
+
+    # ------------------------------------------------------------------ what weighting and optimiser see
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The encoder's own parameters, without any task's adapters."""
+        return [p for n, p in self.encoder.named_parameters() if not is_adapter(n)]
+
+    def last_shared_layer_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in encoder_layers(self.encoder)[-1].named_parameters() if not is_adapter(n)]
+
+    def task_parameters(self) -> list[nn.Parameter]:
+        """Everything a single task owns: heads, private layers, adapters."""
+        shared = {id(p) for p in self.shared_parameters()}
+        return [p for p in self.parameters() if id(p) not in shared]
+
+    def encoder_stacks(self) -> list[list[nn.Module]]:
+        """Each task's [embeddings, layer 1, ..., layer N] as it runs them (layer-wise rates)."""
+        embeddings, *shared = encoder_layers(self.encoder)
+        stacks = []
+        for task in self.tasks:
+            stack = self.private.stack(task) if self.private else None
+            stacks.append([embeddings, *(shared if stack is None else stack)])
+        return stacks
+
+    # ------------------------------------------------------------------ saving and loading
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        meta = dict(self.meta, encoder_config=self.encoder.config.to_dict())
-        (directory / MODEL_META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        (directory / MODEL_META_FILE).write_text(json.dumps(self.meta, indent=2, ensure_ascii=False), encoding="utf-8")
         save_model(self, str(directory / MODEL_FILE))
 
     @classmethod
     def load(cls, directory: str | Path) -> "MultiTaskModel":
         directory = Path(directory)
-        meta = json.loads((directory / MODEL_META_FILE).read_text(encoding="utf-8"))
-        encoder_config = dict(meta.pop("encoder_config"))
+        meta = model_structure(json.loads((directory / MODEL_META_FILE).read_text(encoding="utf-8")))
+        encoder_config = dict(meta["encoder_config"])
         config = AutoConfig.for_model(encoder_config.pop("model_type"), **encoder_config)
-        model = cls(encoder_from_config(config), meta["task_labels"], pooling=meta["pooling"],
-                    dropout=meta["dropout"], head_hidden=meta["head_hidden"])
+        model = cls(encoder_from_config(config), meta["task_labels"], heads=meta["heads"], private=meta["private"],
+                    dropout=meta["dropout"], sep_token_id=meta["sep_token_id"])
         load_model(model, str(directory / MODEL_FILE))
         return model
+
+
+def model_structure(meta: dict) -> dict:
+    """A saved model's meta with its structure complete: models saved before per-task structures
+    had only `pooling` and `head_hidden`, and meant a linear (or MLP) head on the last layer."""
+    if "heads" in meta:
+        return meta
+    kind = "mlp" if meta.get("head_hidden") else "linear"
+    heads = {task: {"type": kind, "features": "last", "pooling": pooling, "samples": 1,
+                    **({"hidden": meta["head_hidden"]} if kind == "mlp" else {})}
+             for task, pooling in meta["pooling"].items()}
+    return {**meta, "heads": heads, "private": {}, "sep_token_id": None}
+
+
+def pair_segments(input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, sep_token_id: int | None
+                  ) -> torch.Tensor:
+    """0 on a pair's first segment, 1 on the second: the segment ids where the encoder has them,
+    else everything after each row's first separator (XLM-R's `<s> a </s></s> b </s>`)."""
+    if token_type_ids is not None and bool(token_type_ids.any()):
+        return token_type_ids
+    if sep_token_id is None:
+        raise ValueError("a SAN head on an encoder without segment ids needs the tokenizer's sep_token_id")
+    is_sep = (input_ids == sep_token_id).long()
+    return ((is_sep.cumsum(1) - is_sep) > 0).long()
 
 
 def encoder_from_config(config) -> PreTrainedModel:
@@ -100,13 +168,13 @@ def encoder_from_config(config) -> PreTrainedModel:
         return AutoModel.from_config(config)
 
 
-def build_model(encoder: PreTrainedModel, tasks: list[str], *, pooling: str = "mean",
-                task_pooling: dict[str, str] | None = None, dropout: float = 0.1,
-                head_hidden: int = 0) -> MultiTaskModel:
-    from .tasks import get_task
+def build_model(encoder: PreTrainedModel, tasks: list[str], model_config: ModelConfig | None = None, *,
+                sep_token_id: int | None = None, **settings) -> MultiTaskModel:
+    """The model a `ModelConfig` describes (or the default one with `settings` such as
+    `pooling="first"`, `head_hidden=8`, `task_pooling={...}`, `dropout`) over `encoder`."""
 
-    task_pooling = task_pooling or {}
+    model_config = model_config or ModelConfig(**settings)
     return MultiTaskModel(
-        encoder, {t: get_task(t).num_labels for t in tasks},
-        pooling={t: task_pooling.get(t, pooling) for t in tasks}, dropout=dropout, head_hidden=head_hidden,
+        encoder, {t: get_task(t).num_labels for t in tasks}, heads=resolve_heads(model_config, tasks),
+        private=resolve_private(model_config), dropout=model_config.dropout, sep_token_id=sep_token_id,
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .encoders import encoder_layers
+from .private import is_adapter
 
 
 def parameter_groups(model: nn.Module, *, lr: float, head_lr: float, weight_decay: float,
@@ -14,21 +14,24 @@ def parameter_groups(model: nn.Module, *, lr: float, head_lr: float, weight_deca
     """Groups for a `MultiTaskModel`.
 
     Encoder layer i of n (the embeddings are layer 0) learns at lr * layer_lr_decay ** (n - i), as
-    in BAM! and ELECTRA; parameters above the last layer learn at lr; the heads at head_lr. Vectors
-    (biases, LayerNorm weights) take no weight decay.
+    in BAM! and ELECTRA; a task's private copy of a layer learns as the layer it copies. Parameters
+    above the last layer learn at lr. What a task trains from scratch learns at head_lr: its head
+    and its LoRA adapters (which start at zero, as a head does). Vectors (biases, LayerNorm
+    weights) take no weight decay.
     """
-    layers = encoder_layers(model.encoder)
-    depth = len(layers) - 1
     scale_of: dict[int, float] = {}
-    for i, layer in enumerate(layers):
-        for parameter in layer.parameters():
-            scale_of[id(parameter)] = layer_lr_decay ** (depth - i)
+    for layers in model.encoder_stacks():
+        depth = len(layers) - 1
+        for i, layer in enumerate(layers):
+            for parameter in layer.parameters():
+                scale_of[id(parameter)] = layer_lr_decay ** (depth - i)
 
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        rate = head_lr if name.startswith("heads.") else lr * scale_of.get(id(parameter), 1.0)
+        from_scratch = name.startswith("heads.") or is_adapter(name)
+        rate = head_lr if from_scratch else lr * scale_of.get(id(parameter), 1.0)
         groups.setdefault((rate, parameter.ndim >= 2), []).append(parameter)
     return [
         {"params": params, "lr": rate, "weight_decay": weight_decay if decays else 0.0}

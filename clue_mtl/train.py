@@ -33,7 +33,7 @@ from .config import RunConfig, save_config, validate
 from .data import save_split, task_frames
 from .distill import read_soft_labels
 from .ema import ExponentialMovingAverage
-from .encoders import encoder_layers, keep_bottom_layers, load_encoder
+from .encoders import keep_bottom_layers, load_encoder
 from .hardware import PRECISION_DTYPES, ThroughputMeter, count_flops, matmul_peak
 from .inference import predict_logits
 from .losses import class_weights, task_loss
@@ -61,8 +61,8 @@ class TrainerState:
         return self.__dict__.copy()
 
 
-def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [parameter for parameter in module.parameters() if parameter.requires_grad]
+def _trainable(parameters: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    return [parameter for parameter in parameters if parameter.requires_grad]
 
 
 class Trainer(RunRecipe):
@@ -131,9 +131,7 @@ class Trainer(RunRecipe):
 
     def _setup_model(self) -> None:
         cfg, accelerator = self.config, self.accelerator
-        model = build_model(self._encoder, cfg.data.tasks, pooling=cfg.model.pooling,
-                            task_pooling=cfg.model.task_pooling, dropout=cfg.model.dropout,
-                            head_hidden=cfg.model.head_hidden)
+        model = build_model(self._encoder, cfg.data.tasks, cfg.model, sep_token_id=self.tokenizer.sep_token_id)
         del self._encoder
         if cfg.model.freeze_word_embeddings:
             model.encoder.get_input_embeddings().weight.requires_grad_(False)
@@ -154,10 +152,11 @@ class Trainer(RunRecipe):
         self.ema = ExponentialMovingAverage(self.unwrapped, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.fgm = FGM(self.unwrapped, cfg.train.fgm_epsilon) if cfg.train.fgm_epsilon else None
         # what the gradient-level weighting methods act on; fixed once the embeddings are frozen or not
-        encoder = self.unwrapped.encoder
-        self._shared_parameters = _trainable(encoder)
-        self._last_shared_parameters = _trainable(encoder_layers(encoder)[-1])
-        self._head_parameters = _trainable(self.unwrapped.heads)
+        # (private layers and adapters are a task's own: with the heads, not shared)
+        model = self.unwrapped
+        self._shared_parameters = _trainable(model.shared_parameters())
+        self._last_shared_parameters = _trainable(model.last_shared_layer_parameters())
+        self._head_parameters = _trainable(model.task_parameters())
         self.class_weights = {
             task: class_weights(data.labels, get_task(task).num_labels).to(accelerator.device)
             if cfg.train.class_weighting else None

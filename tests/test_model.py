@@ -36,7 +36,7 @@ def test_save_load_round_trip(tiny_bert, tmp_path):
     model.save(tmp_path / "m")
     loaded = MultiTaskModel.load(tmp_path / "m").eval()
     assert loaded.tasks == ["ocnli", "tnews"]
-    assert loaded.heads["tnews"].pooling == "first"
+    assert loaded.heads["tnews"].pooling.name == "first"
     for task in ("ocnli", "tnews"):
         expected, _ = model(task, batch["input_ids"], batch["attention_mask"])
         got, _ = loaded(task, batch["input_ids"], batch["attention_mask"])
