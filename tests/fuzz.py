@@ -315,6 +315,9 @@ def bad_values(kind: str) -> list:
         return [-1, 10**400, 2**64, 1.5, "many", *common]
     if kind == "str":
         return [3, 1.5, None, *common]
+    if kind == "structure":  # model.heads, model.private: task -> mapping of settings
+        return [3, "san", None, [1], {"ocnli": 3}, {"ocnli": {"type": 5}}, {"ocnli": {"type": "nope"}},
+                {"ocnli": {"steps": -1}}, {"ocnli": {"layers": 1.5}}, {"tnews": {"rank": 0}}, {"cmnli": {}}]
     return ["ocnli", 3, None, [], ["nope"]]  # data.tasks
 
 
@@ -327,7 +330,7 @@ KEYS = {  # key -> kind of value, for every setting that is a number, a name or 
     "model.dropout": "float", "model.head_hidden": "bounded_int", "weighting.lr": "float",
     "distill.mix": "float", "distill.temperature": "float",
     "train.sampling": "str", "train.mixed_precision": "str", "model.pooling": "str", "weighting.method": "str",
-    "data.tasks": "tasks",
+    "data.tasks": "tasks", "model.heads": "structure", "model.private": "structure",
 }
 BOMB = "".join(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9) if prev else ', '.join(['x'] * 9)}]\n"
                for prev, name in zip([None, "a", "b", "c", "d", "e", "f", "g", "h"], "abcdefghi"))

@@ -97,19 +97,28 @@ def test_the_encoder_computes_in_the_precision_asked_for(tiny_config, precision,
     assert len(losses) == 2 and all(math.isfinite(v) for row in losses for v in row.values())
 
 
-@pytest.mark.parametrize("method", ["equal", "uncertainty", "pcgrad"])
-def test_two_cpu_processes_hold_identical_weights(tiny_config, tmp_path, method):
+# every head type and private part over the three tasks (test_structures' mixed structure)
+STRUCTURE = ["model.heads={ocnli: {type: san, steps: 3, features: scalar_mix}, "
+             "ocemotion: {type: bilstm, hidden: 8}, tnews: {type: attention, heads: 2, pooling: attention}}",
+             "model.private={ocnli: {type: lora, rank: 4}, ocemotion: {type: layers, layers: 1}}"]
+DDP_CASES = [("equal", ()), ("uncertainty", ()), ("pcgrad", ()), ("equal", STRUCTURE), ("pcgrad", STRUCTURE)]
+
+
+@pytest.mark.parametrize("method, structure", DDP_CASES, ids=["equal", "uncertainty", "pcgrad", "equal-structures",
+                                                               "pcgrad-structures"])
+def test_two_cpu_processes_hold_identical_weights(tiny_config, tmp_path, method, structure):
     """DDP over gloo on two CPU processes: after a few steps both ranks hold the same model and
-    task weights (a loss-level method, a learned one, and one that writes gradients by hand)."""
-    tracking = ["train.report_to=tensorboard"] if method == "equal" else []  # trackers end without a lost group
+    task weights (a loss-level method, a learned one, and one that writes gradients by hand; and
+    per-task structures with private layers and adapters, where no parameter may go unused)."""
+    tracking = ["train.report_to=tensorboard"] if method == "equal" and not structure else []  # trackers end without a lost group
     config = tiny_config("train.steps=3", "train.eval_every=3", "train.batch_size=12", f"weighting.method={method}",
-                         *tracking)
+                         *tracking, *structure)
     from clue_mtl.config import save_config
 
     save_config(config, tmp_path / "config.yaml")
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = str(29613 + ["equal", "uncertainty", "pcgrad"].index(method))
+    port = str(29613 + DDP_CASES.index((method, structure)))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
          str(worker), str(tmp_path / "config.yaml"), str(tmp_path / "out")],
