@@ -213,7 +213,7 @@ def cmd_report(args) -> None:
 
 def summarise(figures: dict) -> str:
     speed = figures["speed"]
-    lines = ["# Model structures at equal wall time (configs/quickstart.yaml, e5-small, bf16, CPU)", "",
+    lines = [f"# Model structures at equal wall time ({CONFIG}, e5-small, {speed['default']['precision']}, CPU)", "",
              f"The default trains {DEFAULT_STEPS} steps; each variant the steps its speed buys in the same time. "
              f"Macro-F1 on {DEV_ROWS:,} stratified dev rows per task at the last step, averaged over seeds; "
              "the interval is the paired bootstrap (95%, dev rows resampled) of the variant minus the default, "

@@ -35,6 +35,17 @@ def _architecture(meta: dict) -> dict:
             "encoder_config": encoder}
 
 
+def _refuse_adapters(run: RunFolder) -> None:
+    """LoRA adapters do not average: the mean of B times the mean of A is not the mean of B A,
+    and each run starts A from its own random draw."""
+    meta = model_structure(json.loads(run.best_meta_file.read_text(encoding="utf-8"))) \
+        if run.best_meta_file.exists() else {"private": {}}
+    lora = sorted(task for task, spec in meta["private"].items() if spec["type"] == "lora")
+    if lora:
+        raise AveragingError(f"{run.path}: {', '.join(lora)} use LoRA adapters (model.private), whose "
+                             "weights do not average; ensemble the runs' predictions instead")
+
+
 def _first_difference(a, b, where: str) -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in list(a) + [k for k in b if k not in a]:
@@ -68,6 +79,7 @@ def average_weights(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path
     if out.path.exists() and any(out.path.iterdir()):
         raise AveragingError(f"{out.path} already exists and is not empty")
     for run in runs:
+        _refuse_adapters(run)
         for path in _run_files(run):
             if not path.exists():
                 raise AveragingError(f"{run.path}: missing {path.relative_to(run.path)}; is it a finished "

@@ -8,7 +8,9 @@
 
 Every head's classifier is a dropout-led stack; with `samples > 1` (multi-sample dropout, Inoue
 2019) training averages the logits of that many passes through it, each with its own dropout
-masks, and prediction makes one pass (dropout is off). `build_head` takes the resolved spec of
+masks, and prediction makes one pass (dropout is off). The paper averages the passes' losses;
+averaging logits (as most public implementations do) keeps one loss per task for the weighting
+methods and the distillation mix, at the cost of a slightly different gradient. `build_head` takes the resolved spec of
 `structure.resolve_heads`. A head returns its logits and the vector its classifier read.
 """
 

@@ -81,18 +81,17 @@ class MultiTaskModel(nn.Module):
         """[embeddings, layer 1, ..., top] token states as the task's encoder computes them (with its
         private layers and adapters); only [top] unless `every_layer`."""
         segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        if self.adapters is not None:
-            self.adapters.activate(task)
-        with self.private.running(task) if self.private else contextlib.nullcontext():
+        with contextlib.ExitStack() as running:
+            if self.adapters is not None:
+                running.enter_context(self.adapters.active(task))
+            if self.private is not None:
+                running.enter_context(self.private.running(task))
             recorded: list[torch.Tensor] = []
-            hooks = [module.register_forward_hook(lambda _m, _i, out: recorded.append(
-                out[0] if isinstance(out, tuple) else out)) for module in encoder_layers(self.encoder)] \
-                if every_layer else []
-            try:
-                top = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
-            finally:
-                for hook in hooks:
-                    hook.remove()
+            if every_layer:  # each module's output, recorded as it is computed
+                for module in encoder_layers(self.encoder):
+                    running.callback(module.register_forward_hook(
+                        lambda _module, _inputs, out: recorded.append(out[0] if isinstance(out, tuple) else out)).remove)
+            top = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
         return [*recorded[:-1], top]  # the encoder's own output on top (a final norm included)
 
     # ------------------------------------------------------------------ what weighting and optimiser see
@@ -101,7 +100,12 @@ class MultiTaskModel(nn.Module):
         return [p for n, p in self.encoder.named_parameters() if not is_adapter(n)]
 
     def last_shared_layer_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in encoder_layers(self.encoder)[-1].named_parameters() if not is_adapter(n)]
+        """The top layer every task runs (GradNorm's W): below the deepest private copies."""
+        layers = encoder_layers(self.encoder)  # [embeddings, layer 1, ..., layer N]
+        top = len(layers) - 1
+        if self.private is not None:
+            top = self.private.full_depth - max(len(copies) for copies in self.private.copies.values())
+        return [p for n, p in layers[top].named_parameters() if not is_adapter(n)]
 
     def task_parameters(self) -> list[nn.Parameter]:
         """Everything a single task owns: heads, private layers, adapters."""
@@ -173,6 +177,8 @@ def build_model(encoder: PreTrainedModel, tasks: list[str], model_config: ModelC
     """The model a `ModelConfig` describes (or the default one with `settings` such as
     `pooling="first"`, `head_hidden=8`, `task_pooling={...}`, `dropout`) over `encoder`."""
 
+    if model_config is not None and settings:
+        raise TypeError(f"build_model: pass a model config or settings, not both ({', '.join(settings)})")
     model_config = model_config or ModelConfig(**settings)
     return MultiTaskModel(
         encoder, {t: get_task(t).num_labels for t in tasks}, heads=resolve_heads(model_config, tasks),

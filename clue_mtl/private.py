@@ -6,7 +6,8 @@ layers would train on nothing (and leave DDP with unused parameters), so the mod
 
 `lora`: the task's own low-rank adapters (Hu et al. 2021, through peft) on the shared encoder's
 attention projections, switched on for the task's forward pass only; the shared weights still
-train. A few thousand parameters per task instead of a layer's two million.
+train. On e5-small, rank 8 on the query and value projections is 147k parameters per task,
+against 1.8M for one private layer.
 
 Both are task parameters, not shared ones: the gradient-level weighting methods (PCGrad, MGDA,
 GradNorm's last shared layer) never see them.
@@ -92,9 +93,17 @@ class TaskAdapters:
         self._layers = [module for module in encoder.modules() if isinstance(module, BaseTunerLayer)]
         self._parameters = [p for n, p in encoder.named_parameters() if is_adapter(n)]
 
-    def activate(self, task: str) -> None:
-        """Only `task`'s adapters (none for a task without) take part in the next forward pass."""
-        names = [task] if task in self.tasks else []
+    @contextlib.contextmanager
+    def active(self, task: str):
+        """Only `task`'s adapters (none for a task without) take part in forward passes inside the
+        block; outside it, none do (the plain shared encoder)."""
+        self._switch([task] if task in self.tasks else [])
+        try:
+            yield
+        finally:
+            self._switch([])
+
+    def _switch(self, names: list[str]) -> None:
         for layer in self._layers:
             layer.set_adapter(names)
         # peft's switch also sets requires_grad off on the inactive adapters; autograd skips a leaf
@@ -102,3 +111,4 @@ class TaskAdapters:
         # task's forward, so all adapters stay trainable.
         for parameter in self._parameters:
             parameter.requires_grad_(True)
+        # (ending with none active is safe: the graph of a forward pass keeps the adapters it used)

@@ -4,7 +4,9 @@ plain dictionaries the model is built from and saved with.
 
 A task without an entry gets the hard-sharing head of the official baseline: the model-wide
 pooling (or `model.task_pooling`) over the last layer and a linear classifier (an MLP where
-`model.head_hidden` is set). Settings that do not apply to a head's type are refused rather than
+`model.head_hidden` is set). The model-wide settings are the defaults of every entry, too: an
+entry without a type is linear (or an MLP of `model.head_hidden` units), one without a pooling
+pools as `model.task_pooling` or `model.pooling` say. Settings that do not apply to a head's type are refused rather than
 ignored, so `{type: linear, steps: 5}` is an error, not a silent SAN that never was.
 
 No torch here: configs are validated before anything heavy is imported.
@@ -27,13 +29,13 @@ TYPE_SETTINGS = {"linear": (), "mlp": ("hidden",), "bilstm": ("hidden",), "atten
 HEAD_DEFAULTS = {"layers": 4, "hidden": 256, "heads": 4, "steps": 5, "step_dropout": 0.1}
 PRIVATE_DEFAULTS = {"layers": {"layers": 1}, "lora": {"rank": 8, "targets": None}}
 MAX_SAMPLES = 64
-MAX_STEPS = 64
+MAX_SAN_STEPS = 64
 
 
 @dataclass
 class HeadConfig:
     """`model.heads.<task>`; a setting left null takes its default (`HEAD_DEFAULTS`)."""
-    type: str = "linear"                 # linear | mlp | bilstm | attention | san (sentence pairs)
+    type: str | None = None              # linear | mlp | bilstm | attention | san (pairs); null: mlp where model.head_hidden is set, else linear
     features: str = "last"               # last | scalar_mix (softmax mix of every layer) | concat (top `layers`)
     layers: int | None = None            # concat: how many of the top layers (4)
     pooling: str | None = None           # first | mean | max | mean_max | attention; null: model.pooling
@@ -63,7 +65,9 @@ def validate_structure(model: Any, tasks: list[str], need: Callable[[bool, str],
         need(not strangers, f"model.{section} names tasks not trained: {strangers}")
     for task, head in model.heads.items():
         where = f"model.heads.{task}"
-        need(head.type in HEAD_TYPES, f"{where}.type must be one of {', '.join(HEAD_TYPES)}")
+        need(head.type is None or head.type in HEAD_TYPES, f"{where}.type must be one of {', '.join(HEAD_TYPES)}")
+        if head.type is None:
+            head = dataclasses.replace(head, type="mlp" if model.head_hidden else "linear")
         need(head.features in FEATURES, f"{where}.features must be one of {', '.join(FEATURES)}")
         need(head.pooling is None or head.pooling in POOLING_NAMES,
              f"{where}.pooling must be one of {', '.join(POOLING_NAMES)}")
@@ -75,11 +79,13 @@ def validate_structure(model: Any, tasks: list[str], need: Callable[[bool, str],
         need(head.type != "san" or get_task(task).text_columns == 2,
              f"{where}: the SAN answer module reads sentence pairs; {task} has single texts")
         need(head.type != "san" or head.pooling is None, f"{where}.pooling: a SAN head attends, it does not pool")
+        need(head.type != "san" or task not in model.task_pooling,
+             f"model.task_pooling.{task}: a SAN head attends, it does not pool")
         need(1 <= head.samples <= MAX_SAMPLES, f"{where}.samples must lie in [1, {MAX_SAMPLES}]")
         need(head.layers is None or 1 <= head.layers <= 1024, f"{where}.layers must lie in [1, 1024]")
         need(head.hidden is None or 1 <= head.hidden <= 1 << 16, f"{where}.hidden must lie in [1, 65536]")
         need(head.heads is None or 1 <= head.heads <= 256, f"{where}.heads must lie in [1, 256]")
-        need(head.steps is None or 1 <= head.steps <= MAX_STEPS, f"{where}.steps must lie in [1, {MAX_STEPS}]")
+        need(head.steps is None or 1 <= head.steps <= MAX_SAN_STEPS, f"{where}.steps must lie in [1, {MAX_SAN_STEPS}]")
         need(head.step_dropout is None or 0 <= head.step_dropout < 1, f"{where}.step_dropout must lie in [0, 1)")
     for task, private in model.private.items():
         where = f"model.private.{task}"
@@ -99,7 +105,9 @@ def resolve_heads(model: Any, tasks: list[str]) -> dict[str, dict[str, Any]]:
     """Every task's head as a complete plain dictionary (the model's build and save format)."""
     resolved = {}
     for task in tasks:
-        head = model.heads.get(task) or HeadConfig(type="mlp" if model.head_hidden else "linear")
+        head = model.heads.get(task) or HeadConfig()
+        if head.type is None:
+            head = dataclasses.replace(head, type="mlp" if model.head_hidden else "linear")
         spec = dataclasses.asdict(head)
         spec["pooling"] = head.pooling or model.task_pooling.get(task, model.pooling)
         if head.type == "san":

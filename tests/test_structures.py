@@ -17,6 +17,8 @@ from clue_mtl.inference import LoadedRun
 from clue_mtl.model import MultiTaskModel, build_model, pair_segments
 from clue_mtl.encoders import encoder_layers, load_encoder
 from clue_mtl.optim import parameter_groups
+from clue_mtl.pooling import POOLINGS
+from clue_mtl.structure import POOLING_NAMES, resolve_heads
 from clue_mtl.run_folder import RunFolder
 from clue_mtl.train import Trainer
 from clue_mtl.weighting import METHODS
@@ -58,11 +60,25 @@ def pair_batch(tiny_bert):
     ("model.private={ocnli: {type: lora, layers: 2}}", "layers do(es) not apply to private lora"),
     ("model.private={ocnli: {type: adapters}}", "model.private.ocnli.type must be one of"),
     ("model.pooling=attn", "unknown pooling 'attn'"),
+    ("model.task_pooling={ocnli: max}\nmodel.heads={ocnli: {type: san}}", "model.task_pooling.ocnli: a SAN head attends"),
 ])
 def test_structure_settings_are_strict(override, message):
     with pytest.raises(ConfigError) as error:
-        load_config(overrides=[override])
+        load_config(overrides=override.split("\n"))
     assert message in str(error.value)
+
+
+def test_model_wide_settings_are_the_defaults_of_every_head_entry():
+    config = load_config(overrides=["model.head_hidden=8", "model.task_pooling={tnews: max}",
+                                    "model.heads={tnews: {features: scalar_mix}, ocnli: {type: san}}"])
+    heads = resolve_heads(config.model, config.data.tasks)
+    assert heads["tnews"] == {"type": "mlp", "features": "scalar_mix", "pooling": "max", "samples": 1, "hidden": 8}
+    assert heads["ocemotion"] == {"type": "mlp", "features": "last", "pooling": "mean", "samples": 1, "hidden": 8}
+    assert heads["ocnli"] == {"type": "san", "features": "last", "samples": 1, "steps": 5, "step_dropout": 0.1}
+
+
+def test_the_structure_module_names_the_poolings_the_pooling_module_has():
+    assert set(POOLING_NAMES) == {*POOLINGS, "attention"}
 
 
 @pytest.mark.parametrize("override, message", [
@@ -140,6 +156,45 @@ def test_private_layers_start_as_the_shared_ones_and_are_not_shared_parameters(t
     assert not torch.allclose(private("ocnli", **batch)[0], plain("ocnli", **batch)[0], atol=1e-6)
 
 
+def test_a_private_tasks_recorded_layers_are_those_of_an_encoder_with_its_copies(tiny_bert):
+    import copy
+
+    model = tiny_model(tiny_bert, "model.private={ocnli: {type: layers, layers: 1}}", tasks=["ocnli", "tnews"])
+    with torch.no_grad():
+        for parameter in model.private.parameters():
+            parameter.mul_(1.5)
+    reference = copy.deepcopy(model.encoder)
+    reference.encoder.layer[-1] = copy.deepcopy(model.private.copies["ocnli"][0])
+    batch = pair_batch(tiny_bert)
+    states = model.hidden_states("ocnli", **batch, every_layer=True)
+    expected = reference(**batch, output_hidden_states=True).hidden_states
+    assert len(states) == len(expected) == 3
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(states, expected))
+    assert not torch.allclose(states[-1], model.hidden_states("tnews", **batch)[-1])
+
+
+@pytest.mark.parametrize("private", ["{ocemotion: {type: layers, layers: 1}}",
+                                     "{ocnli: {type: lora, rank: 2}, tnews: {type: layers, layers: 1}}"])
+def test_the_last_shared_layer_is_one_every_tasks_loss_reaches(tiny_bert, private):
+    model = tiny_model(tiny_bert, f"model.private={private}").train()
+    last = model.last_shared_layer_parameters()
+    assert last and not {id(p) for p in last} & {id(p) for p in model.task_parameters()}
+    batch = pair_batch(tiny_bert)
+    for task in model.tasks:
+        logits, _ = model(task, **batch)
+        grads = torch.autograd.grad(logits.logsumexp(-1).sum(), last, allow_unused=True)
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), task
+
+
+def test_default_heads_keep_the_parameter_names_of_models_saved_before_structures(tiny_bert):
+    linear = tiny_model(tiny_bert, tasks=["ocnli"])
+    mlp = tiny_model(tiny_bert, "model.head_hidden=8", tasks=["ocnli"])
+    head_keys = lambda model: sorted(k for k in model.state_dict() if k.startswith("heads."))  # noqa: E731
+    assert head_keys(linear) == ["heads.ocnli.classifier.1.bias", "heads.ocnli.classifier.1.weight"]
+    assert head_keys(mlp) == ["heads.ocnli.classifier.1.bias", "heads.ocnli.classifier.1.weight",
+                              "heads.ocnli.classifier.4.bias", "heads.ocnli.classifier.4.weight"]
+
+
 def test_when_every_task_has_private_top_layers_the_shared_top_is_cut(tiny_bert):
     model = tiny_model(tiny_bert, *MIXES["all private"])
     assert len(encoder_layers(model.encoder)) - 1 == 1  # 2 layers, the top one private to every task
@@ -165,6 +220,8 @@ def test_lora_adapters_are_each_tasks_own(tiny_bert):
             if "lora_B.ocnli" in name:
                 parameter.add_(0.5)
     after = {task: model(task, **batch)[0] for task in model.tasks}
+    plain = model.encoder(**batch).last_hidden_state  # outside a task's forward: no adapter active
+    assert torch.allclose(plain, model.hidden_states("tnews", **batch)[-1])
     assert not torch.allclose(after["ocnli"], before["ocnli"])
     assert torch.allclose(after["tnews"], before["tnews"]) and torch.allclose(after["ocemotion"], before["ocemotion"])
     groups = parameter_groups(model, lr=1.0, head_lr=10.0, weight_decay=0.0)
@@ -217,8 +274,13 @@ def test_models_saved_before_per_task_structures_still_load(tiny_bert, tmp_path)
     assert loaded.meta["heads"]["tnews"]["pooling"] == "first" and loaded.meta["heads"]["ocnli"]["type"] == "mlp"
 
 
-def test_average_weights_refuses_runs_of_different_structures(tiny_config, tmp_path):
-    for name, extra in [("a", []), ("b", ["model.heads={ocnli: {type: linear, samples: 2}}"])]:
+def test_average_weights_refuses_runs_of_different_structures_and_adapters(tiny_config, tmp_path):
+    runs = {"a": [], "b": ["model.heads={ocnli: {type: linear, samples: 2}}"],
+            "lora": ["model.private={tnews: {type: lora, rank: 2}}"]}
+    for name, extra in runs.items():
         Trainer(tiny_config("train.steps=1", "train.eval_every=1", *extra), tmp_path / name, show_progress=False).train()
     with pytest.raises(AveragingError, match="differ in architecture: model.heads.ocnli.samples"):
         average_weights([tmp_path / "a", tmp_path / "b"], tmp_path / "soup")
+    with pytest.raises(AveragingError, match="tnews use LoRA adapters"):
+        average_weights([tmp_path / "lora", tmp_path / "lora"], tmp_path / "soup")
+    assert not (tmp_path / "soup").exists()
