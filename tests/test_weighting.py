@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from clue_mtl.run_folder import RunFolder
 from clue_mtl.train import Trainer
 from clue_mtl.weighting import METHODS, StepContext, build_weighting
+from clue_mtl.weighting.base import gram_matrix
 from clue_mtl.weighting.gradnorm import GradNorm
 from clue_mtl.weighting.mgda import min_norm_weights
 from clue_mtl.weighting.pcgrad import pcgrad_coefficients
@@ -165,16 +166,71 @@ def test_gradnorm_target_and_weight_direction_by_hand():
     # target = 2 r^1.5 = (1.207363, 2.915726): the slower task b gets the larger target.
     # d/dw sum |w_i n_i - target_i| = sign(G - target) n = (+3, -1): descent raises w_b, lowers w_a.
     theta = nn.Parameter(torch.zeros(2))
-    weighting = build_weighting("gradnorm", ["a", "b"])
+    weighting = build_weighting("gradnorm", ["a", "b"], {"initial_steps": 1})
     directions = {"a": (3.0, 0.0), "b": (0.0, 1.0)}
     weighting.backward(linear_losses(theta, directions, {"a": 2.0, "b": 2.0}), context([theta]))
     weighting.weights.grad, theta.grad = None, None
     weighting.backward(linear_losses(theta, directions, {"a": 1.0, "b": 1.8}), context([theta], step=1))
-    targets = weighting.targets(torch.tensor([3.0, 1.0]), torch.tensor([1.0, 1.8]))
+    targets = weighting.targets(torch.tensor([3.0, 1.0]), torch.tensor([1.0, 1.8]), torch.tensor([2.0, 2.0]))
     assert targets.tolist() == pytest.approx([1.207363, 2.915726], abs=1e-5)
     assert weighting.weights.grad.tolist() == pytest.approx([3.0, -1.0])
     assert theta.grad.tolist() == pytest.approx([3.0, 1.0])  # w_a g_a + w_b g_b with w = (1, 1)
-    assert weighting.initial_losses.tolist() == [2.0, 2.0]
+    assert (weighting.initial_sum / weighting.initial_count).tolist() == [2.0, 2.0]
+
+
+def test_gradnorm_initial_losses_average_the_first_steps_then_hold():
+    # initial_steps 2: L(0) at step 0 = (2, 4); at step 1 = mean((2, 4), (4, 2)) = (3, 3); then fixed.
+    weighting = build_weighting("gradnorm", ["a", "b"], {"initial_steps": 2})
+    seen = []
+    for step, values in enumerate([(2.0, 4.0), (4.0, 2.0), (1.0, 1.0), (9.0, 9.0)]):
+        with torch.no_grad():
+            seen.append(weighting.initial_losses(torch.tensor(values), context(step=step)).tolist())
+    assert seen == [[2.0, 4.0], [3.0, 3.0], [3.0, 3.0], [3.0, 3.0]]
+    # under accumulation one step's micro-batches count as one step: (2, 4) and (4, 2) -> (3, 3)
+    weighting = build_weighting("gradnorm", ["a", "b"], {"initial_steps": 1})
+    for micro, values in enumerate([(2.0, 4.0), (4.0, 2.0)]):
+        with torch.no_grad():
+            estimate = weighting.initial_losses(torch.tensor(values), context(micro_batch=micro, micro_batches=2))
+    assert estimate.tolist() == [3.0, 3.0] and weighting.initial_count.item() == 1
+
+
+def test_gradnorm_norms_are_of_the_gradient_averaged_over_processes():
+    # This rank's gradients at W: a -> (3, 0), b -> (0, 1); the other rank's: a -> (-3, 0), b -> (0, 3).
+    # Norms of the mean gradient: a -> 0, b -> 2 (a mean of per-rank norms would say 3 and 2).
+    theta = nn.Parameter(torch.zeros(2))
+    other = torch.tensor([[-3.0, 0.0], [0.0, 3.0]])
+
+    def reduce_mean(tensor):
+        return (tensor + other) / 2 if tensor.ndim == 2 else tensor
+
+    weighting = build_weighting("gradnorm", ["a", "b"])
+    losses = linear_losses(theta, {"a": (3.0, 0.0), "b": (0.0, 1.0)})
+    norms = weighting.gradient_norms(losses, context([theta], reduce_mean=reduce_mean))
+    assert norms.tolist() == pytest.approx([0.0, 2.0])
+
+
+def test_learned_weights_take_the_mean_gradient_of_a_steps_micro_batches():
+    # uncertainty, s = 0: d/ds = 1 - L per micro-batch; micro-batch losses 3 and 1 -> mean (-2 + 0) / 2 = -1
+    weighting = build_weighting("uncertainty", ["a"])
+    for micro, value in enumerate([3.0, 1.0]):
+        weighting.backward(leaf_losses({"a": value}), context(micro_batch=micro, micro_batches=2))
+    assert weighting.log_variances.grad.tolist() == pytest.approx([-1.0])
+
+
+def test_dtp_advances_its_kpi_once_per_optimiser_step():
+    # decay 0.9. Step 0, micro-batch accuracies 0.5 then 0.7: k = 0.6 after the step (not 0.9*0.5+0.1*0.7).
+    # Step 1, 0.2 then 0.4: the first micro-batch is weighted from 0.9*0.6 + 0.1*0.2 = 0.56, the
+    # second from 0.9*0.6 + 0.1*0.3 = 0.57, which is k after the step.
+    weighting = build_weighting("dtp", ["a"], {"decay": 0.9})
+    weights = []
+    for step, accuracies in enumerate([(0.5, 0.7), (0.2, 0.4)]):
+        for micro, accuracy in enumerate(accuracies):
+            weighting.backward(leaf_losses({"a": 1.0}), context(
+                step=step, micro_batch=micro, micro_batches=2, accuracies={"a": torch.tensor(accuracy)}))
+            weights.append(weighting.weights.item())
+        assert weighting.kpi.item() == pytest.approx([0.6, 0.57][step])
+    expected = [weighting.priorities(torch.tensor(k), 2.0).item() for k in (0.5, 0.6, 0.56, 0.57)]
+    assert weights == pytest.approx(expected, abs=1e-6)
 
 
 def test_gradnorm_gives_the_slower_task_the_larger_weight():
@@ -343,7 +399,7 @@ def test_every_method_trains_through_the_trainer_and_resumes_exactly(tiny_config
 
 @pytest.mark.parametrize("method, keys", [
     ("uncertainty", {"log_variances"}),
-    ("gradnorm", {"weights", "initial_losses", "has_initial"}),
+    ("gradnorm", {"weights", "initial_sum", "initial_count"}),
     ("dwa", {"history", "recorded", "weights"}),
     ("dtp", {"kpi", "observed", "weights"}),
     ("famo", {"logits", "min_losses", "previous_losses", "has_previous", "weights"}),
@@ -367,3 +423,31 @@ def test_all_state_is_in_the_state_dict(tiny_config, tmp_path, method, keys):
 def test_bad_parameters_fail_loudly(method, params):
     with pytest.raises(ValueError):
         build_weighting(method, list(TASKS), params)
+
+
+def test_the_gram_matrix_is_accumulated_in_float64():
+    # a.b = 1e8 - 1 is exact in float64; float32 (24-bit mantissa) rounds it to 1e8
+    task_grads = torch.tensor([[1e4, 1.0], [1e4, -1.0]], dtype=torch.float32)
+    assert (task_grads @ task_grads.T)[0, 1].item() == 1e8
+    gram = gram_matrix(task_grads, chunk=1)
+    assert gram.dtype == torch.float64 and gram[0, 1].item() == 99_999_999.0
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_steps_once_per_optimiser_step_under_accumulation(tiny_config, tmp_path, method):
+    """Two micro-batches per step through the real trainer: finite weights, and histories, counts
+    and moving averages advanced once per optimiser step, not per micro-batch."""
+    trainer = Trainer(tiny_config(f"weighting.method={method}", "train.steps=3", "train.eval_every=3",
+                                  "train.grad_accumulation=2", *([PARAMS[method]] if method in PARAMS else [])),
+                      tmp_path, show_progress=False)
+    trainer.train()
+    records = [m for m in RunFolder(tmp_path).metrics() if m["kind"] == "train"]
+    assert [m["step"] for m in records] == [1, 2, 3]
+    assert all(math.isfinite(w) for m in records for w in m["weights"].values())
+    weighting = trainer.weighting
+    counters = {"dwa": lambda: weighting.recorded.item(), "gradnorm": lambda: weighting.initial_count.item()}
+    if method in counters:
+        assert counters[method]() == 3
+    for name, buffer in weighting.named_buffers():
+        if name == "pending":  # a step's micro-batch sums: empty between steps
+            assert buffer.abs().sum().item() == 0, name

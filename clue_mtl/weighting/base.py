@@ -95,6 +95,16 @@ class LossWeighting(nn.Module):
         return context.reduce_mean(self.stacked(losses).detach().float())
 
 
+def gram_matrix(task_grads: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """task_grads @ task_grads.T accumulated in float64 over column chunks: the float64 products
+    the solvers need, without a float64 copy of the whole (tasks x parameters) matrix."""
+    gram = torch.zeros(task_grads.shape[0], task_grads.shape[0], dtype=torch.float64, device=task_grads.device)
+    for block in task_grads.split(chunk, dim=1):
+        block = block.double()
+        gram += block @ block.T
+    return gram
+
+
 def accumulate_grad(parameter: nn.Parameter, grad: torch.Tensor) -> None:
     """Add `grad` to `parameter.grad` (set it when empty), as autograd would."""
     grad = grad.to(parameter.dtype)

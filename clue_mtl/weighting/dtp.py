@@ -25,7 +25,11 @@ class DynamicTaskPrioritization(LossWeighting):
       lower (one confident mistake pulls it down), so it ranks tasks by calibration as much as
       by correctness.
 
-    The current batch is folded into k before its weight is taken. k is clamped to
+    The current batch is folded into k before its weight is taken. k advances once per optimiser
+    step, as DWA's and FAMO's histories do: under gradient accumulation, micro-batch m of a step is
+    weighted from k folded with the mean KPI of micro-batches 0..m, and the step's mean KPI is
+    folded in for good at its last micro-batch (so `decay` means the same per step with and without
+    accumulation). k is clamped to
     [1e-4, 1 - 1e-4] so the logarithm stays finite. Everything is computed on the device from
     values averaged over processes: no `.item()` and no host round trip per step.
 
@@ -47,6 +51,8 @@ class DynamicTaskPrioritization(LossWeighting):
         self.register_buffer("kpi", torch.zeros(len(self.tasks)))
         self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
         self.register_buffer("weights", torch.ones(len(self.tasks)))
+        # the step's micro-batch KPIs so far; empty at every checkpoint (taken between steps)
+        self.register_buffer("pending", torch.zeros(len(self.tasks)), persistent=False)
 
     def observe(self, losses: dict[str, torch.Tensor], context: StepContext) -> torch.Tensor:
         """This step's KPI per task, float32, averaged over processes."""
@@ -66,11 +72,14 @@ class DynamicTaskPrioritization(LossWeighting):
 
     def backward(self, losses: dict[str, torch.Tensor], context: StepContext) -> torch.Tensor:
         with torch.no_grad():
-            current = self.observe(losses, context).to(self.kpi.device)
-            smoothed = self.decay * self.kpi + (1 - self.decay) * current
-            self.kpi.copy_(torch.where(self.observed, smoothed, current))
-            self.observed.fill_(True)
-            self.weights.copy_(self.priorities(self.kpi, self.gamma))
+            self.pending.add_(self.observe(losses, context).to(self.kpi.device))
+            current = self.pending / (context.micro_batch + 1)  # the step's mean KPI so far
+            smoothed = torch.where(self.observed, self.decay * self.kpi + (1 - self.decay) * current, current)
+            self.weights.copy_(self.priorities(smoothed, self.gamma))
+            if context.last_micro_batch:
+                self.kpi.copy_(smoothed)
+                self.observed.fill_(True)
+                self.pending.zero_()
         total = (self.weights * self.stacked(losses)).sum()
         context.backward(total)
         return total.detach()

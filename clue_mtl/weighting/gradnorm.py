@@ -29,25 +29,35 @@ class GradNorm(LossWeighting):
 
     Before each step w is clamped to >= 1e-4 and renormalised to sum to the number of tasks
     (this undoes the previous optimiser step's drift; `task_weights` reports the normalised
-    values). L_i(0), the first step's losses, is kept in a buffer.
+    values). L_i(0) is the mean loss of the first `initial_steps` optimiser steps (LibMTL averages
+    the first epoch): one step's loss is that of a few rows of each task, and a 20% error in it
+    would shift the task's target by about 1.3x for the whole run. Until those steps are seen,
+    L_i(0) is the mean so far.
 
-    DDP: losses and norms are averaged over processes before use, so targets and w's gradient (set
-    by hand, float32, unscaled) are identical on every rank; the model backward goes through
-    `context.backward` as usual. Mixed precision: weights and norms are float32; the norms are
+    DDP: losses and the last layer's per-task gradients are averaged over processes before use,
+    so the norms are those of the global batch's gradient (not a mean of per-rank norms, which
+    would depend on the number of processes), and targets and w's gradient (set by hand, float32,
+    unscaled, averaged over micro-batches as the model's is) are identical on every rank; the
+    model backward goes through `context.backward` as usual. The norms come from each micro-batch,
+    a few rows per task: noisier than a full batch's, which the restoring force smooths over steps. Mixed precision: weights and norms are float32; the norms are
     taken without the fp16 loss scale, which is safe because they pass only through the head and
     the last layer (prefer bf16 if fp16 norms underflow to 0).
 
-    Params: alpha (restoring force, default 1.5).
+    Params: alpha (restoring force, default 1.5), initial_steps (steps averaged into L(0), default 20).
     """
 
     name = "gradnorm"
 
-    def __init__(self, tasks: Sequence[str], *, alpha: float = 1.5):
+    def __init__(self, tasks: Sequence[str], *, alpha: float = 1.5, initial_steps: int = 20):
         super().__init__(tasks)
-        self.alpha = float(alpha)
+        if initial_steps < 1:
+            raise ValueError(f"gradnorm initial_steps must be >= 1, got {initial_steps}")
+        self.alpha, self.initial_steps = float(alpha), int(initial_steps)
         self.weights = nn.Parameter(torch.ones(len(self.tasks)))
-        self.register_buffer("initial_losses", torch.ones(len(self.tasks)))
-        self.register_buffer("has_initial", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("initial_sum", torch.zeros(len(self.tasks)))  # step mean losses, summed
+        self.register_buffer("initial_count", torch.zeros((), dtype=torch.long))  # steps in the sum
+        # the step's micro-batch losses so far; empty at every checkpoint (taken between steps)
+        self.register_buffer("pending", torch.zeros(len(self.tasks)), persistent=False)
 
     @torch.no_grad()
     def renormalize(self) -> None:
@@ -58,16 +68,29 @@ class GradNorm(LossWeighting):
         last = [p for p in context.last_shared_parameters if p.requires_grad]
         if not last:
             raise ValueError("gradnorm needs context.last_shared_parameters (the encoder's last layer)")
-        norms = []
+        rows = []
         for task in self.tasks:
             grads = torch.autograd.grad(losses[task], last, retain_graph=True, allow_unused=True)
-            squares = [g.float().pow(2).sum() for g in grads if g is not None]
-            norms.append(torch.stack(squares).sum().sqrt() if squares else losses[task].new_zeros((), dtype=torch.float32))
-        return context.reduce_mean(torch.stack(norms))
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float()
+                                   for g, p in zip(grads, last)]))
+        return context.reduce_mean(torch.stack(rows)).norm(dim=1)  # the norm of the mean gradient
 
-    def targets(self, norms: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    def initial_losses(self, current: torch.Tensor, context: StepContext) -> torch.Tensor:
+        """L(0): the mean of the first `initial_steps` steps' losses (this step's so far included)."""
+        self.pending.add_(current / context.micro_batches)
+        collecting = self.initial_count < self.initial_steps
+        partial = self.pending * context.micro_batches / (context.micro_batch + 1)
+        estimate = torch.where(collecting, (self.initial_sum + partial) / (self.initial_count + 1),
+                               self.initial_sum / self.initial_count.clamp(min=1))
+        if context.last_micro_batch:
+            self.initial_sum.add_(torch.where(collecting, self.pending, torch.zeros_like(self.pending)))
+            self.initial_count.add_(collecting.long())
+            self.pending.zero_()
+        return estimate
+
+    def targets(self, norms: torch.Tensor, current: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
         """mean(G) * r^alpha, with G = w * norms (detached)."""
-        rates = current / self.initial_losses
+        rates = current / initial
         relative = rates / rates.mean()
         return (self.weights.detach() * norms).mean() * relative ** self.alpha
 
@@ -75,14 +98,13 @@ class GradNorm(LossWeighting):
         self.renormalize()
         current = self.reduced_losses(losses, context)
         with torch.no_grad():
-            self.initial_losses.copy_(torch.where(self.has_initial, self.initial_losses, current))
-            self.has_initial.fill_(True)
+            initial = self.initial_losses(current, context)
         norms = self.gradient_norms(losses, context).detach()
-        targets = self.targets(norms, current)
+        targets = self.targets(norms, current, initial)
         with torch.enable_grad():
             balance = (self.weights * norms - targets).abs().sum()
             (grad,) = torch.autograd.grad(balance, self.weights)
-        accumulate_grad(self.weights, grad)
+        accumulate_grad(self.weights, grad / context.micro_batches)  # averaged, as the model's is
         total = (self.weights.detach() * self.stacked(losses)).sum()
         context.backward(total)
         return total.detach()

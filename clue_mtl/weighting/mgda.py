@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from .base import GradientWeighting, StepContext
+from .base import GradientWeighting, StepContext, gram_matrix
 
 
 def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ class MGDA(GradientWeighting):
 
     def combine(self, task_grads: torch.Tensor, losses: torch.Tensor, context: StepContext
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        gram = (task_grads @ task_grads.T).double().cpu()
+        gram = gram_matrix(task_grads).cpu()
         alpha = min_norm_weights(gram).to(task_grads.device, torch.float32)
         self.weights.copy_(alpha)
         return alpha @ task_grads, (alpha * losses.float()).sum()

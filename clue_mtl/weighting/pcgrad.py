@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .base import GradientWeighting, StepContext
+from .base import GradientWeighting, StepContext, gram_matrix
 
 
 def pcgrad_coefficients(gram: torch.Tensor, orders: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -65,7 +65,7 @@ class PCGrad(GradientWeighting):
 
     def combine(self, task_grads: torch.Tensor, losses: torch.Tensor, context: StepContext
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        gram = (task_grads @ task_grads.T).double()
+        gram = gram_matrix(task_grads)
         coefficients = pcgrad_coefficients(gram, self.orders(context.step))
         return coefficients.to(task_grads.dtype) @ task_grads, losses.sum()
 

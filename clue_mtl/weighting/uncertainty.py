@@ -24,7 +24,13 @@ class UncertaintyWeighting(LossWeighting):
 
     The model's gradient is exp(-s_i) grad L_i (weights detached, through `context.backward`). The
     gradient of s_i, 1 - exp(-s_i) L_i, is set by hand from the losses averaged over processes, in
-    float32 and without the fp16 loss scale, so every rank takes the same step.
+    float32 and without the fp16 loss scale, so every rank takes the same step. Under gradient
+    accumulation it is averaged over the step's micro-batches, as the model's gradient is (so an
+    optimiser other than Adam sees the same scale with and without accumulation).
+
+    The weights are not bounded, as in the paper: exp(-s_i) settles near 1 / L_i, so a task whose
+    loss falls to 0.05 is weighted about 20. Gradient clipping bounds the step such a weight can
+    cause; a competitor who wants a cap can start from `initial_log_variance` or use `fixed`.
 
     Params: initial_log_variance (s_i at the start, 0: weights 1).
     """
@@ -42,7 +48,7 @@ class UncertaintyWeighting(LossWeighting):
         with torch.enable_grad():
             objective = (torch.exp(-s) * self.reduced_losses(losses, context) + s).sum()
             (grad,) = torch.autograd.grad(objective, s)
-        accumulate_grad(s, grad)
+        accumulate_grad(s, grad / context.micro_batches)  # averaged over micro-batches, as the model's is
         return objective.detach()
 
     def task_weights(self) -> dict[str, float]:
