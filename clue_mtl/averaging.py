@@ -58,6 +58,13 @@ def _first_difference(a, b, where: str) -> str | None:
     return None if a == b else f"{where}: {a!r} vs {b!r}"
 
 
+def _split(run: RunFolder) -> dict:
+    try:
+        return json.loads(run.split_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise AveragingError(f"{run.split_file}: not a readable split ({error})") from None
+
+
 def _tokenizer_files(run: RunFolder) -> dict[str, bytes]:
     folder = run.tokenizer_dir
     return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
@@ -89,6 +96,7 @@ def average_weights(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path
     first_meta = json.loads(first.best_meta_file.read_text(encoding="utf-8"))
     first_tokenizer = _tokenizer_files(first)
     first_labels = first.read_labels()
+    first_split = _split(first)
     sums: dict[str, torch.Tensor] = {}
     reference: dict[str, torch.Tensor] = {}
     for number, run in enumerate(runs):
@@ -98,6 +106,9 @@ def average_weights(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path
             raise AveragingError(f"{run.path} and {first.path} differ in architecture: {difference}")
         if run.read_labels() != first_labels:
             raise AveragingError(f"{run.path} and {first.path} differ in labels.json")
+        if _split(run) != first_split:  # the soup's dev rows must be every member's dev rows
+            raise AveragingError(f"{run.path} and {first.path} held out different dev rows (split.json): "
+                                 "the soup would have trained on part of its own dev split")
         tokenizer = _tokenizer_files(run)
         if tokenizer != first_tokenizer:
             name = next(n for n in sorted(set(tokenizer) | set(first_tokenizer))

@@ -3,8 +3,10 @@
 Soft labels are the class probabilities of one or more trained runs (teachers) over every row of
 every task's training file, averaged over the runs that have the task. They live in one
 safetensors file: a float32 matrix per task (rows in training-file order, columns in the task's
-label order) and, in the file's metadata under `clue_mtl.soft_labels`, a JSON object with the ids
-and labels of each task and, per teacher, its run folder, resolved config and best dev scores.
+label order) and, in the file's metadata under `clue_mtl.soft_labels`, a JSON object with the ids,
+labels and row digests of each task and, per teacher, its run folder, resolved config and best dev
+scores. The digests (8 bytes of BLAKE2b over each row's texts) let a student refuse soft labels
+made from another training file whose ids happen to match.
 
 The student's loss mixes the two targets:
 
@@ -12,7 +14,8 @@ The student's loss mixes the two targets:
 
 - kind "kl":      soft = T^2 * KL(q_T || softmax(logits / T)), averaged over rows
 - kind "soft_ce": soft = T^2 * -sum_c q_T[c] * log_softmax(logits / T)[c]  (= the KL plus the
-                  teacher's entropy, a constant: the same gradients, a loss that never reaches 0)
+                  teacher's entropy, a constant: the same gradients, a loss that never reaches 0;
+                  refused with the weighting methods that read loss sizes, `config.LOSS_READERS`)
 
 where q_T = softmax(log(q) / T) is the teacher's distribution q at temperature T (the teacher's
 softmax(z / T) recovered from its probabilities, since log softmax(z) = z - const). Hinton et al.
@@ -28,6 +31,7 @@ against `annealed_target` at the same point (cross-entropy is linear in its targ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -60,6 +64,7 @@ class SoftLabels:
     probs: dict[str, np.ndarray]            # task -> float32 (rows, num_labels), rows as in `ids`
     teachers: list[dict] = field(default_factory=list)
     path: str = ""
+    digests: dict[str, list[str]] = field(default_factory=dict)  # task -> row digests, as `ids` (may be absent)
     _index: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
 
     @property
@@ -82,6 +87,18 @@ class SoftLabels:
                                  f"training file?)")
         return self.probs[task][[index[id_] for id_ in ids]]
 
+    def for_frame(self, task: str, frame) -> np.ndarray:
+        """The probability rows of a training frame's rows, after checking that each row's texts
+        are those the teachers predicted (the same id with another text is another row)."""
+        probs = self.for_ids(task, frame["id"])
+        if task in self.digests:
+            stored = dict(zip(self.ids[task], self.digests[task]))
+            for id_, digest in zip(frame["id"].astype(str), row_digests(frame)):
+                if stored[id_] != digest:
+                    raise SoftLabelError(f"{self.path or 'soft labels'}: {task} row {id_!r} has other text than "
+                                         "the row the soft labels were made from (another training file?)")
+        return probs
+
     def check_split(self, dev_fraction: float, split_seed: int) -> None:
         """Raise unless every teacher held out the same dev rows as a student with this split.
 
@@ -97,6 +114,13 @@ class SoftLabels:
         if different:
             raise SoftLabelError(f"teachers split the data differently from dev_fraction {dev_fraction}, "
                                  f"split_seed {split_seed}: {'; '.join(different)}")
+
+
+def row_digests(frame) -> list[str]:
+    """8 bytes of BLAKE2b over each row's texts (sentence pairs joined by a unit separator), hex."""
+    second = frame["text_b"] if "text_b" in frame else [None] * len(frame)
+    return [hashlib.blake2b(f"{a}\x1f{b or ''}".encode("utf-8"), digest_size=8).hexdigest()
+            for a, b in zip(frame["text_a"], second)]
 
 
 def write_soft_labels(run_dirs: Sequence[str | Path], out_path: str | Path, data_dir: str | Path | None = None,
@@ -145,7 +169,7 @@ def write_soft_labels(run_dirs: Sequence[str | Path], out_path: str | Path, data
         "format": FORMAT_VERSION,
         "data_dir": str(data_dir),
         "tasks": {task: {"ids": frames[task]["id"].astype(str).tolist(), "labels": list(get_task(task).labels),
-                         "teachers": counts[task]} for task in ordered},
+                         "digests": row_digests(frames[task]), "teachers": counts[task]} for task in ordered},
         "teachers": teachers,
     }
     from safetensors.torch import save_file
@@ -217,6 +241,10 @@ def read_soft_labels(path: str | Path) -> SoftLabels:
             continue
         if len(set(ids[task])) != len(ids[task]):
             problems.append(f"{task}: duplicate ids")
+        digests = entry.get("digests")
+        if digests is not None and not (isinstance(digests, list) and len(digests) == len(ids[task])
+                                        and all(isinstance(d, str) for d in digests)):
+            problems.append(f"{task}: the row digests do not match the ids")
         if not np.isfinite(matrix).all() or (matrix < 0).any():
             problems.append(f"{task}: negative or non-finite probabilities")
         error = np.abs(matrix.astype(np.float64).sum(axis=1) - 1.0)
@@ -226,8 +254,9 @@ def read_soft_labels(path: str | Path) -> SoftLabels:
     if problems:
         raise SoftLabelError(f"{path}: " + "; ".join(problems))
     ordered = [task for task in TASK_NAMES if task in ids]
+    digests = {t: meta["tasks"][t]["digests"] for t in ordered if "digests" in meta["tasks"][t]}
     return SoftLabels(ids={t: ids[t] for t in ordered}, probs={t: probs[t] for t in ordered},
-                      teachers=meta.get("teachers", []), path=str(path))
+                      teachers=meta.get("teachers", []), path=str(path), digests=digests)
 
 
 # ---------------------------------------------------------------------------------------------

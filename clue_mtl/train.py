@@ -118,7 +118,7 @@ class Trainer(RunRecipe):
             self.train_data[task] = encode_frame(self.tokenizer, train_frame, task, **kwargs)
             self.dev_data[task] = encode_frame(self.tokenizer, dev_frame, task, **kwargs)
             if soft_labels is not None and task in soft_labels.tasks:  # other tasks learn from gold alone
-                self.train_data[task].soft_labels = soft_labels.for_ids(task, self.train_data[task].ids)
+                self.train_data[task].soft_labels = soft_labels.for_frame(task, train_frame)
 
         sizes = {task: len(data) for task, data in self.train_data.items()}
         self.batch_sizes = task_batch_sizes(sizes, cfg.train.batch_size, cfg.train.sampling, cfg.train.sampling_alpha)

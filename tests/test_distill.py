@@ -15,6 +15,7 @@ from clue_mtl.adversarial import FGM
 from clue_mtl.averaging import AveragingError, average_weights
 from clue_mtl.config import load_config
 from clue_mtl.data import load_split
+from clue_mtl.errors import ConfigError
 from clue_mtl.distill import (SoftLabelError, annealed_mix, annealed_target, distillation_loss, read_soft_labels,
                               write_soft_labels)
 from clue_mtl.ema import ExponentialMovingAverage
@@ -146,6 +147,25 @@ def test_soft_labels_average_the_teachers_over_training_rows(runs, data_dir, tmp
         soft.for_ids("tnews", [ids[0], "nope"])
 
 
+def test_soft_labels_from_other_rows_with_the_same_ids_are_refused(runs, data_dir, tmp_path):
+    path = write_soft_labels([runs["ocnli"]], tmp_path / "soft.safetensors", max_rows=SOFT_ROWS)
+    soft = read_soft_labels(path)
+    frame = load_split(data_dir, "ocnli", "train").head(SOFT_ROWS)
+    assert np.array_equal(soft.for_frame("ocnli", frame.iloc[::-1]), soft.probs["ocnli"][::-1])
+    other = frame.copy()
+    other.loc[other.index[3], "text_b"] = other["text_b"].iloc[3] + "吗"  # another file, the same ids
+    with pytest.raises(SoftLabelError, match=f"ocnli row '{frame['id'].iloc[3]}' has other text"):
+        soft.for_frame("ocnli", other)
+
+
+def test_soft_cross_entropy_is_refused_with_methods_that_read_loss_sizes(tmp_path):
+    soft = ["distill.soft_labels=soft.safetensors", "distill.kind=soft_ce"]
+    with pytest.raises(ConfigError, match="weighting.method 'dwa' reads as signal"):
+        load_config(overrides=[*soft, "weighting.method=dwa"])
+    assert load_config(overrides=[*soft, "weighting.method=pcgrad"]).distill.kind == "soft_ce"
+    assert load_config(overrides=["distill.soft_labels=soft.safetensors", "weighting.method=dwa"]).distill.kind == "kl"
+
+
 def test_soft_label_files_are_checked(tmp_path, runs):
     path = write_soft_labels([runs["ocnli"]], tmp_path / "soft.safetensors", max_rows=5)
     from safetensors import safe_open
@@ -178,6 +198,14 @@ def test_average_weights_is_the_elementwise_mean_and_loads(runs, tmp_path, data_
 
     with pytest.raises(AveragingError, match="task_labels.ocemotion is only in one"):
         average_weights([runs["all"], runs["ocnli"]], tmp_path / "mixed")
+    other_split = tmp_path / "other-split"  # a member that held out other dev rows
+    shutil.copytree(runs["all_seed1"], other_split)
+    split = json.loads((other_split / "split.json").read_text())
+    first = next(iter(split))
+    split[first] = split[first][1:]
+    (other_split / "split.json").write_text(json.dumps(split))
+    with pytest.raises(AveragingError, match="held out different dev rows"):
+        average_weights([runs["all"], other_split], tmp_path / "split-soup")
     broken = tmp_path / "broken"
     shutil.copytree(runs["all_seed1"], broken)
     tensors = dict(b)
