@@ -85,7 +85,8 @@ def encode_texts(collator: WholeWordMaskCollator, texts: list[str], *, cache_dir
     """`collator.encode(texts)` (tokens and jieba word units), through a file cache."""
     cache_file = None
     if cache_dir is not None:
-        digest = hashlib.sha1(f"{fingerprint}\n{collator.max_length}\n".encode())
+        # v2: the bare word-boundary piece is no longer a unit (units cached before it are stale)
+        digest = hashlib.sha1(f"units-v2\n{fingerprint}\n{collator.max_length}\n".encode())
         digest.update("\n".join(texts).encode("utf-8"))
         cache_file = Path(cache_dir) / f"mlm-{digest.hexdigest()[:20]}.npz"
         if cache_file.exists():

@@ -117,7 +117,7 @@ def test_ratio_specials_padding_and_replacement(tokenizer):
     texts = sentences()
     collator = WholeWordMaskCollator(tokenizer, seed=0, max_length=64)
     features = collator.encode(texts)
-    special = torch.tensor(sorted(collator.special_ids))
+    special = torch.tensor(sorted(collator.special_ids | collator.blank_ids))  # never chosen, never replaced
     chosen = maskable = masked = randomised = kept = 0
     ratios = []
     for start in range(0, len(features), 64):
@@ -162,6 +162,36 @@ def test_same_seed_same_masks(tokenizer):
     expected = collator(texts)
     collator.load_state_dict(state)
     assert torch.equal(collator(texts)["labels"], expected["labels"])
+
+
+def test_a_rows_masking_does_not_depend_on_the_batchs_padding(tokenizer):
+    texts = sentences(40)
+    features = WholeWordMaskCollator(tokenizer, seed=0).encode(texts)
+    tight = WholeWordMaskCollator(tokenizer, seed=5)(features)
+    padded = WholeWordMaskCollator(tokenizer, seed=5, pad_to_multiple_of=64)(features)
+    assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] > tight["input_ids"].shape[1]
+    width = tight["input_ids"].shape[1]
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert torch.equal(padded[key][:, :width], tight[key]), key
+
+
+def test_real_jieba_on_the_e5_tokenizer_masks_whole_units_and_never_the_bare_boundary_piece(xlmr_tokenizer):
+    collator = WholeWordMaskCollator(xlmr_tokenizer, seed=0, max_length=64, mlm_probability=0.4)
+    (blank,) = collator.blank_ids
+    assert xlmr_tokenizer.convert_ids_to_tokens(blank) == "\u2581"
+    features = collator.encode(sentences(400))
+    blanks = sum(f["input_ids"].count(blank) for f in features)
+    assert blanks > 0  # the corpus has them: the check below is not empty
+    assert all(unit == -1 for f in features for token, unit in zip(f["input_ids"], f["word_units"]) if token == blank)
+    for start in range(0, len(features), 100):
+        part = features[start:start + 100]
+        batch = collator(part)
+        assert not (batch["labels"] == blank).any()
+        for row, feature in enumerate(part):
+            units = torch.tensor(feature["word_units"])
+            chosen = batch["labels"][row, :len(units)] != -100
+            for unit in units[chosen].unique():
+                assert chosen[units == unit].all()  # a unit is predicted whole or not at all
 
 
 def test_pad_to_multiple_of(bert_tokenizer):
