@@ -1,4 +1,5 @@
-"""Run by test_train under torch.distributed.run: train a few steps and record a weight checksum."""
+"""Run by the tests under torch.distributed.run: train a few steps per config and record a weight
+checksum (`ddp_worker.py CONFIG [CONFIG ...] OUT_DIR`: runs in OUT_DIR/run, or run0, run1, ...)."""
 
 import hashlib
 import json
@@ -19,15 +20,18 @@ def checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def main(config_path: str, out_dir: str) -> None:
-    trainer = Trainer(load_config(config_path), Path(out_dir) / "run", show_progress=False)
-    initial = checksum(trainer.unwrapped)
-    trainer.train()
-    record = {"world_size": trainer.accelerator.num_processes, "initial_checksum": initial,
-              "checksum": checksum(trainer.unwrapped), "task_weights": trainer.weighting.task_weights()}
-    rank = trainer.accelerator.process_index
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+def main(config_paths: list[str], out_dir: str) -> None:
+    for number, config_path in enumerate(config_paths):
+        suffix = "" if len(config_paths) == 1 else str(number)
+        trainer = Trainer(load_config(config_path), Path(out_dir) / f"run{suffix}", show_progress=False)
+        initial = checksum(trainer.unwrapped)
+        trainer.train()
+        record = {"world_size": trainer.accelerator.num_processes, "initial_checksum": initial,
+                  "checksum": checksum(trainer.unwrapped), "task_weights": trainer.weighting.task_weights()}
+        rank = trainer.accelerator.process_index
+        (Path(out_dir) / f"rank{rank}{'-' + suffix if suffix else ''}.json").write_text(json.dumps(record))
+        del trainer
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(sys.argv[1:-1], sys.argv[-1])

@@ -451,3 +451,51 @@ def test_every_method_steps_once_per_optimiser_step_under_accumulation(tiny_conf
     for name, buffer in weighting.named_buffers():
         if name == "pending":  # a step's micro-batch sums: empty between steps
             assert buffer.abs().sum().item() == 0, name
+
+
+def test_two_processes_match_one_process_on_the_global_batch_for_every_method(tiny_config, tiny_bert, tmp_path):
+    """DDP over gloo, 2 x 12 rows a step, against one process taking the same 24 rows: every
+    method's losses and weights agree step by step (a sum over processes where a mean belongs, or
+    a statistic averaged per rank where the global one is meant, would not). Dropout is off, so
+    the two runs compute the same functions of the same rows."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from clue_mtl.config import save_config
+
+    encoder = tmp_path / "encoder"
+    shutil.copytree(tiny_bert, encoder)
+    config_file = encoder / "config.json"
+    settings = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**settings, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
+    methods = sorted(METHODS)
+
+    def config(method: str, batch: int):
+        return tiny_config(f"model.encoder={encoder}", "model.dropout=0.0", "train.steps=3", "train.eval_every=3",
+                           f"train.batch_size={batch}", f"weighting.method={method}",
+                           *([PARAMS[method]] if method in PARAMS else []))
+
+    paths = []
+    for method in methods:
+        paths.append(tmp_path / f"{method}.yaml")
+        save_config(config(method, 12), paths[-1])
+    worker = Path(__file__).with_name("ddp_worker.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
+         str(worker), *map(str, paths), str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for number, method in enumerate(methods):
+        single = Trainer(config(method, 24), tmp_path / f"single-{method}", show_progress=False)
+        single.train()
+        logs = [[(m["loss"], m["weights"]) for m in RunFolder(path).metrics() if m["kind"] == "train"]
+                for path in (tmp_path / "ddp" / f"run{number}", tmp_path / f"single-{method}")]
+        assert len(logs[0]) == len(logs[1]) == 3
+        for (loss_two, weights_two), (loss_one, weights_one) in zip(*logs):
+            for task in loss_one:
+                assert loss_two[task] == pytest.approx(loss_one[task], rel=1e-3), (method, task)
+                assert weights_two[task] == pytest.approx(weights_one[task], rel=1e-3, abs=1e-5), (method, task)
