@@ -3,7 +3,7 @@
 Soft labels are the class probabilities of one or more trained runs (teachers) over every row of
 every task's training file, averaged over the runs that have the task. They live in one
 safetensors file: a float32 matrix per task (rows in training-file order, columns in the task's
-label order) and, in the file's metadata under `clue_mtl.soft_labels`, a JSON object with the ids,
+label order; where several teachers cover a task, also each teacher's own matrix, `task/k`) and, in the file's metadata under `clue_mtl.soft_labels`, a JSON object with the ids,
 labels and row digests of each task and, per teacher, its run folder, resolved config and best dev
 scores. The digests (8 bytes of BLAKE2b over each row's texts) let a student refuse soft labels
 made from another training file whose ids happen to match.
@@ -18,7 +18,9 @@ The student's loss mixes the two targets:
                   refused with the weighting methods that read loss sizes, `config.LOSS_READERS`)
 
 where q_T = softmax(log(q) / T) is the teacher's distribution q at temperature T (the teacher's
-softmax(z / T) recovered from its probabilities, since log softmax(z) = z - const). Hinton et al.
+softmax(z / T) recovered from its probabilities, since log softmax(z) = z - const). With several
+teachers, q_T is the mean of each teacher's tempered distribution (Hinton et al.'s ensemble
+target), not the mean distribution tempered; at T = 1 the two are the same. Hinton et al.
 (2015) scale the soft term by T^2 so its gradients keep their size as T changes. Class weights
 apply to the hard term only.
 
@@ -62,6 +64,8 @@ class SoftLabels:
 
     ids: dict[str, list[str]]
     probs: dict[str, np.ndarray]            # task -> float32 (rows, num_labels), rows as in `ids`
+    # task -> float32 (teachers, rows, num_labels), for tasks that several teachers cover
+    per_teacher: dict[str, np.ndarray] = field(default_factory=dict)
     teachers: list[dict] = field(default_factory=list)
     path: str = ""
     digests: dict[str, list[str]] = field(default_factory=dict)  # task -> row digests, as `ids` (may be absent)
@@ -88,9 +92,14 @@ class SoftLabels:
         return self.probs[task][[index[id_] for id_ in ids]]
 
     def for_frame(self, task: str, frame) -> np.ndarray:
-        """The probability rows of a training frame's rows, after checking that each row's texts
-        are those the teachers predicted (the same id with another text is another row)."""
-        probs = self.for_ids(task, frame["id"])
+        """Each teacher's probabilities for a training frame's rows (rows, teachers, labels), after
+        checking that each row's texts are those the teachers predicted (the same id with another
+        text is another row). A file with the mean alone gives it as one teacher."""
+        probs = self.for_ids(task, frame["id"])[:, None, :]
+        if task in self.per_teacher:
+            index = {id_: row for row, id_ in enumerate(self.ids[task])}
+            rows = [index[str(id_)] for id_ in frame["id"]]
+            probs = self.per_teacher[task][:, rows].transpose(1, 0, 2)
         if task in self.digests:
             stored = dict(zip(self.ids[task], self.digests[task]))
             for id_, digest in zip(frame["id"].astype(str), row_digests(frame)):
@@ -138,8 +147,7 @@ def write_soft_labels(run_dirs: Sequence[str | Path], out_path: str | Path, data
     if not run_dirs:
         raise SoftLabelError("write_soft_labels needs at least one run folder")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    each: dict[str, list[np.ndarray]] = {}  # task -> every teacher's probabilities
     frames: dict = {}
     teachers = []
     for run_dir in run_dirs:
@@ -153,18 +161,22 @@ def write_soft_labels(run_dirs: Sequence[str | Path], out_path: str | Path, data
             if task not in frames:
                 frame = load_split(data_dir, task, "train")
                 frames[task] = frame if max_rows is None else frame.head(max_rows)
-            probs = run.probabilities(task, frames[task], batch_size=batch_size).astype(np.float64)
-            sums[task] = sums.get(task, 0.0) + probs
-            counts[task] = counts.get(task, 0) + 1
+            each.setdefault(task, []).append(run.probabilities(task, frames[task], batch_size=batch_size))
         if covered:
             teachers.append(_teacher_record(run.run_dir, covered))
         del run
-    missing = [task for task in (tasks or []) if task not in sums]
+    missing = [task for task in (tasks or []) if task not in each]
     if missing:
         raise SoftLabelError(f"no run predicts {', '.join(missing)}")
 
-    ordered = [task for task in TASK_NAMES if task in sums]
-    tensors = {task: torch.from_numpy((sums[task] / counts[task]).astype(np.float32)) for task in ordered}
+    ordered = [task for task in TASK_NAMES if task in each]
+    counts = {task: len(each[task]) for task in ordered}
+    tensors = {task: torch.from_numpy(np.mean(np.stack(each[task]).astype(np.float64), axis=0).astype(np.float32))
+               for task in ordered}
+    for task in ordered:
+        if counts[task] > 1:  # each teacher's own, for the ensemble target at T != 1
+            tensors |= {f"{task}/{k}": torch.from_numpy(np.asarray(p, dtype=np.float32))
+                        for k, p in enumerate(each[task])}
     meta = {
         "format": FORMAT_VERSION,
         "data_dir": str(data_dir),
@@ -224,6 +236,8 @@ def read_soft_labels(path: str | Path) -> SoftLabels:
     if not well_formed:
         raise SoftLabelError(f"{path}: the {METADATA_KEY} metadata does not describe the tasks' ids")
     problems = []
+    teacher_keys = {key for key in probs if "/" in key}
+    per_teacher_raw = {key: probs.pop(key) for key in teacher_keys}
     if set(probs) != set(meta["tasks"]):
         problems.append(f"matrices for {sorted(probs)} but ids for {sorted(meta['tasks'])}")
     ids = {}
@@ -251,12 +265,24 @@ def read_soft_labels(path: str | Path) -> SoftLabels:
         if len(error) and error.max() > SUM_TOLERANCE:
             row = int(error.argmax())
             problems.append(f"{task}: row {row} (id {ids[task][row]!r}) sums to {matrix[row].sum():.6f}, not 1")
+        count = entry.get("teachers", 1)
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 1024:
+            problems.append(f"{task}: teachers must be a count, found {count!r:.40}")
+            continue
+        own = [per_teacher_raw.get(f"{task}/{k}") for k in range(count)]
+        if any(key.split("/")[0] == task for key in teacher_keys):
+            if any(m is None or m.dtype != np.float32 or m.shape != matrix.shape for m in own):
+                problems.append(f"{task}: the teachers' own matrices do not match the task's")
+            elif np.abs(np.mean(np.stack(own).astype(np.float64), axis=0) - matrix).max() > SUM_TOLERANCE:
+                problems.append(f"{task}: the teachers' own matrices do not average to the task's")
     if problems:
         raise SoftLabelError(f"{path}: " + "; ".join(problems))
     ordered = [task for task in TASK_NAMES if task in ids]
     digests = {t: meta["tasks"][t]["digests"] for t in ordered if "digests" in meta["tasks"][t]}
+    per_teacher = {t: np.stack([per_teacher_raw[f"{t}/{k}"] for k in range(int(meta["tasks"][t]["teachers"]))])
+                   for t in ordered if f"{t}/0" in per_teacher_raw}
     return SoftLabels(ids={t: ids[t] for t in ordered}, probs={t: probs[t] for t in ordered},
-                      teachers=meta.get("teachers", []), path=str(path), digests=digests)
+                      teachers=meta.get("teachers", []), path=str(path), digests=digests, per_teacher=per_teacher)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +301,8 @@ def distillation_loss(logits: torch.Tensor, gold: torch.Tensor, teacher_probs: t
                       class_weight: torch.Tensor | None = None) -> torch.Tensor:
     """mix * soft + (1 - mix) * cross_entropy(logits, gold, weight=class_weight); see the module doc.
 
-    logits (rows, classes), gold (rows,) label indices, teacher_probs (rows, classes) at T = 1.
+    logits (rows, classes), gold (rows,) label indices, teacher_probs (rows, classes) or, for
+    several teachers, (rows, teachers, classes), at T = 1: each is tempered, then averaged.
     The loss is computed in float32 and averaged over rows.
     """
     if not 0.0 <= mix <= 1.0:
@@ -287,6 +314,8 @@ def distillation_loss(logits: torch.Tensor, gold: torch.Tensor, teacher_probs: t
     if mix == 0.0:
         return hard
     target = tempered(teacher_probs.float().to(logits.device), temperature)
+    if target.dim() == 3:
+        target = target.mean(1)
     log_student = F.log_softmax(logits / temperature, dim=-1)
     if kind == "kl":
         soft = F.kl_div(log_student, target, reduction="batchmean")

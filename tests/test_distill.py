@@ -151,11 +151,38 @@ def test_soft_labels_from_other_rows_with_the_same_ids_are_refused(runs, data_di
     path = write_soft_labels([runs["ocnli"]], tmp_path / "soft.safetensors", max_rows=SOFT_ROWS)
     soft = read_soft_labels(path)
     frame = load_split(data_dir, "ocnli", "train").head(SOFT_ROWS)
-    assert np.array_equal(soft.for_frame("ocnli", frame.iloc[::-1]), soft.probs["ocnli"][::-1])
+    assert np.array_equal(soft.for_frame("ocnli", frame.iloc[::-1])[:, 0], soft.probs["ocnli"][::-1])
     other = frame.copy()
     other.loc[other.index[3], "text_b"] = other["text_b"].iloc[3] + "吗"  # another file, the same ids
     with pytest.raises(SoftLabelError, match=f"ocnli row '{frame['id'].iloc[3]}' has other text"):
         soft.for_frame("ocnli", other)
+
+
+def test_several_teachers_at_temperature_2_give_the_mean_of_their_tempered_distributions(runs, data_dir, tmp_path):
+    # by hand: at T = 2 a distribution is square-rooted and renormalised: teachers (0.9, 0.1) and
+    # (0.5, 0.5) become (3/4, 1/4) and (1/2, 1/2), whose mean (5/8, 3/8) is the target; the mean
+    # distribution tempered, (0.7, 0.3) -> (0.6044, 0.3956), would not be.
+    teachers = torch.tensor([[[0.9, 0.1], [0.5, 0.5]]])
+    logits, gold = torch.zeros(1, 2), torch.tensor([0])
+    soft = distillation_loss(logits, gold, teachers, mix=1.0, temperature=2.0)
+    target = torch.tensor([[5 / 8, 3 / 8]])
+    expected = 4 * F.kl_div(F.log_softmax(logits / 2, -1), target, reduction="batchmean")
+    assert soft.item() == pytest.approx(expected.item(), abs=1e-6)
+    # at T = 1 the ensemble target is the mean the file stores
+    assert distillation_loss(logits, gold, teachers, mix=1.0).item() == pytest.approx(
+        distillation_loss(logits, gold, teachers.mean(1), mix=1.0).item(), abs=1e-6)
+
+    # the file keeps each teacher's matrix where several cover a task, and the student reads them all
+    path = write_soft_labels([runs["all"], runs["all_seed1"]], tmp_path / "soft.safetensors", max_rows=SOFT_ROWS)
+    labels = read_soft_labels(path)
+    assert labels.per_teacher["tnews"].shape == (2, SOFT_ROWS, 15)
+    assert np.allclose(labels.per_teacher["tnews"].mean(0), labels.probs["tnews"], atol=1e-6)
+    frame = load_split(data_dir, "tnews", "train").head(SOFT_ROWS).iloc[::-1]
+    rows = labels.for_frame("tnews", frame)
+    assert rows.shape == (SOFT_ROWS, 2, 15)
+    assert np.array_equal(rows[:, 1], labels.per_teacher["tnews"][1][::-1])
+    single = read_soft_labels(write_soft_labels([runs["all"]], tmp_path / "one.safetensors", max_rows=SOFT_ROWS))
+    assert not single.per_teacher and single.for_frame("tnews", frame).shape == (SOFT_ROWS, 1, 15)
 
 
 def test_soft_cross_entropy_is_refused_with_methods_that_read_loss_sizes(tmp_path):
