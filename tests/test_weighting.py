@@ -499,3 +499,32 @@ def test_two_processes_match_one_process_on_the_global_batch_for_every_method(ti
             for task in loss_one:
                 assert loss_two[task] == pytest.approx(loss_one[task], rel=1e-3), (method, task)
                 assert weights_two[task] == pytest.approx(weights_one[task], rel=1e-3, abs=1e-5), (method, task)
+
+
+def test_famo_matches_the_official_update_given_the_same_losses():
+    """The official FAMO code (Liu et al., github.com/Cranial-XIX/FAMO, `FAMO.get_weighted_loss`
+    and `FAMO.update`, transcribed): the model's gradient from the weighted log losses, and the
+    logits' gradient (autograd of the softmax against the change of log losses, plus Adam's
+    weight decay gamma * w). The kit takes "before" from the previous step instead of a second
+    forward pass of the same batch; given the same two loss vectors, both updates agree."""
+    gamma, before, after = 0.01, torch.tensor([1.2, 0.7, 2.0]), torch.tensor([1.0, 0.69, 1.5])
+    logits = torch.tensor([0.3, -0.2, 0.1])
+
+    # official: loss = sum(log D * z / c), c = sum(z / D) detached; d/dw softmax(w) . delta + gamma w
+    theta = nn.Parameter(torch.ones(3))
+    z = torch.softmax(logits, -1)
+    d = before * theta  # L_i = before_i * theta_i: grad_theta_i L_i = before_i
+    (d.log() * z / (z / d).sum().detach()).sum().backward()
+    official_model = theta.grad.clone()
+    w = logits.clone().requires_grad_(True)
+    delta = (before + 1e-8).log() - (after + 1e-8).log()
+    (official_logits,) = torch.autograd.grad(torch.softmax(w, -1), w, grad_outputs=delta)
+    official_logits = official_logits + gamma * logits
+
+    weighting = build_weighting("famo", ["a", "b", "c"], {"gamma": gamma})
+    with torch.no_grad():
+        weighting.logits.copy_(logits)
+    theta.grad = None
+    weighting.backward({t: before[i] * theta[i] for i, t in enumerate("abc")}, context([theta]))
+    assert theta.grad.tolist() == pytest.approx(official_model.tolist(), rel=1e-5)
+    assert weighting.logit_gradient(before, after).tolist() == pytest.approx(official_logits.tolist(), rel=1e-5)
