@@ -29,7 +29,7 @@ PRECISIONS = ("no", "bf16", "fp16", "auto")
 # `transformers.get_scheduler` names that need only warmup and total steps
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
-# weighting methods whose weights follow the size of each task's loss
+# weighting methods whose weights follow the size of each task's loss (and DTP with kpi: likelihood)
 LOSS_READERS = ("uncertainty", "dwa", "famo", "gradnorm")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "trackio")  # `tracking.py`: Accelerate's trackers
 
@@ -603,7 +603,9 @@ def _validate_choices(config: RunConfig) -> None:
         weighting = build_weighting(config.weighting.method, config.data.tasks, config.weighting.params)
     except ValueError as error:
         raise ConfigError(f"weighting: {error}") from None
-    if config.distill.soft_labels and config.distill.kind == "soft_ce" and config.weighting.method in LOSS_READERS:
+    reads_losses = config.weighting.method in LOSS_READERS or (
+        config.weighting.method == "dtp" and config.weighting.params.get("kpi") == "likelihood")
+    if config.distill.soft_labels and config.distill.kind == "soft_ce" and reads_losses:
         raise ConfigError(f"distill.kind soft_ce adds the teacher's entropy (times T^2) to each task's loss, which "
                           f"weighting.method {config.weighting.method!r} reads as signal; use distill.kind kl "
                           "(the same gradients, without the constant)")

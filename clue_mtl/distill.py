@@ -69,6 +69,7 @@ class SoftLabels:
     teachers: list[dict] = field(default_factory=list)
     path: str = ""
     digests: dict[str, list[str]] = field(default_factory=dict)  # task -> row digests, as `ids` (may be absent)
+    teacher_counts: dict[str, int] = field(default_factory=dict)  # task -> how many teachers cover it
     _index: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
 
     @property
@@ -107,6 +108,15 @@ class SoftLabels:
                     raise SoftLabelError(f"{self.path or 'soft labels'}: {task} row {id_!r} has other text than "
                                          "the row the soft labels were made from (another training file?)")
         return probs
+
+    def check_temperature(self, temperature: float) -> None:
+        """Raise where T != 1 needs each teacher's distribution and the file has only their mean
+        (a file written before it kept them): the target would be the mean tempered instead."""
+        lacking = [t for t, n in self.teacher_counts.items() if n > 1 and t not in self.per_teacher]
+        if temperature != 1.0 and lacking:
+            raise SoftLabelError(f"{self.path or 'soft labels'}: {', '.join(lacking)} average several teachers but "
+                                 f"keep only the mean; distill.temperature {temperature} needs each teacher's "
+                                 "probabilities: write the file again with `clue-mtl distill-labels`")
 
     def check_split(self, dev_fraction: float, split_seed: int) -> None:
         """Raise unless every teacher held out the same dev rows as a student with this split.
@@ -235,54 +245,67 @@ def read_soft_labels(path: str | Path) -> SoftLabels:
         isinstance(teacher, dict) for teacher in meta.get("teachers", []))
     if not well_formed:
         raise SoftLabelError(f"{path}: the {METADATA_KEY} metadata does not describe the tasks' ids")
+    own_matrices = {key: probs.pop(key) for key in [k for k in probs if "/" in k]}  # `task/k`: each teacher's
     problems = []
-    teacher_keys = {key for key in probs if "/" in key}
-    per_teacher_raw = {key: probs.pop(key) for key in teacher_keys}
     if set(probs) != set(meta["tasks"]):
         problems.append(f"matrices for {sorted(probs)} but ids for {sorted(meta['tasks'])}")
-    ids = {}
+    strays = sorted(key for key in own_matrices if key.split("/")[0] not in probs)
+    if strays:
+        problems.append(f"teachers' matrices {strays[:3]} belong to no task of the file")
+    ids, digests, per_teacher, counts = {}, {}, {}, {}
     for task, entry in meta["tasks"].items():
         if task not in probs:
             continue
         spec = get_task(task)
-        matrix = probs[task]
         ids[task] = [str(id_) for id_ in entry["ids"]]
         if entry.get("labels") != list(spec.labels):
             problems.append(f"{task}: labels {entry.get('labels')} differ from the task's {list(spec.labels)}")
-        if matrix.dtype != np.float32 or matrix.shape != (len(ids[task]), spec.num_labels):
-            problems.append(f"{task}: expected float32 of shape ({len(ids[task])}, {spec.num_labels}), "
-                            f"found {matrix.dtype} {matrix.shape}")
-            continue
         if len(set(ids[task])) != len(ids[task]):
             problems.append(f"{task}: duplicate ids")
-        digests = entry.get("digests")
-        if digests is not None and not (isinstance(digests, list) and len(digests) == len(ids[task])
-                                        and all(isinstance(d, str) for d in digests)):
-            problems.append(f"{task}: the row digests do not match the ids")
-        if not np.isfinite(matrix).all() or (matrix < 0).any():
-            problems.append(f"{task}: negative or non-finite probabilities")
-        error = np.abs(matrix.astype(np.float64).sum(axis=1) - 1.0)
-        if len(error) and error.max() > SUM_TOLERANCE:
-            row = int(error.argmax())
-            problems.append(f"{task}: row {row} (id {ids[task][row]!r}) sums to {matrix[row].sum():.6f}, not 1")
+        if "digests" in entry:
+            digests[task] = entry["digests"]
+            if not (isinstance(digests[task], list) and len(digests[task]) == len(ids[task])
+                    and all(isinstance(d, str) for d in digests[task])):
+                problems.append(f"{task}: the row digests do not match the ids")
+        problems += _matrix_problems(task, probs[task], ids[task])
         count = entry.get("teachers", 1)
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 1024:
             problems.append(f"{task}: teachers must be a count, found {count!r:.40}")
             continue
-        own = [per_teacher_raw.get(f"{task}/{k}") for k in range(count)]
-        if any(key.split("/")[0] == task for key in teacher_keys):
-            if any(m is None or m.dtype != np.float32 or m.shape != matrix.shape for m in own):
-                problems.append(f"{task}: the teachers' own matrices do not match the task's")
-            elif np.abs(np.mean(np.stack(own).astype(np.float64), axis=0) - matrix).max() > SUM_TOLERANCE:
-                problems.append(f"{task}: the teachers' own matrices do not average to the task's")
+        counts[task] = count
+        own = {key: matrix for key, matrix in own_matrices.items() if key.split("/")[0] == task}
+        if own:
+            expected = [f"{task}/{k}" for k in range(count)]
+            if sorted(own) != sorted(expected):
+                problems.append(f"{task}: teachers' matrices {sorted(own)[:4]} for {count} teacher(s); expected {expected[:4]}")
+                continue
+            for key in expected:
+                problems += _matrix_problems(key, own[key], ids[task])
+            if not problems:
+                per_teacher[task] = np.stack([own[key] for key in expected])
+                difference = np.abs(per_teacher[task].astype(np.float64).mean(0) - probs[task])
+                if not difference.max(initial=0.0) <= SUM_TOLERANCE:
+                    problems.append(f"{task}: the teachers' own matrices do not average to the task's")
     if problems:
         raise SoftLabelError(f"{path}: " + "; ".join(problems))
     ordered = [task for task in TASK_NAMES if task in ids]
-    digests = {t: meta["tasks"][t]["digests"] for t in ordered if "digests" in meta["tasks"][t]}
-    per_teacher = {t: np.stack([per_teacher_raw[f"{t}/{k}"] for k in range(int(meta["tasks"][t]["teachers"]))])
-                   for t in ordered if f"{t}/0" in per_teacher_raw}
     return SoftLabels(ids={t: ids[t] for t in ordered}, probs={t: probs[t] for t in ordered},
-                      teachers=meta.get("teachers", []), path=str(path), digests=digests, per_teacher=per_teacher)
+                      teachers=meta.get("teachers", []), path=str(path), digests=digests, per_teacher=per_teacher,
+                      teacher_counts=counts)
+
+
+def _matrix_problems(name: str, matrix: np.ndarray, ids: list[str]) -> list[str]:
+    """What is wrong with one probability matrix: dtype and shape, finiteness, rows summing to 1."""
+    labels = get_task(name.split("/")[0]).num_labels
+    if matrix.dtype != np.float32 or matrix.shape != (len(ids), labels):
+        return [f"{name}: expected float32 of shape ({len(ids)}, {labels}), found {matrix.dtype} {matrix.shape}"]
+    if not np.isfinite(matrix).all() or (matrix < 0).any():
+        return [f"{name}: negative or non-finite probabilities"]
+    error = np.abs(matrix.astype(np.float64).sum(axis=1) - 1.0)
+    if len(error) and error.max() > SUM_TOLERANCE:
+        row = int(error.argmax())
+        return [f"{name}: row {row} (id {ids[row]!r}) sums to {matrix[row].sum():.6f}, not 1"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +364,8 @@ def annealed_mix(step: int, total_steps: int, start: float = 1.0, end: float = 0
 def annealed_target(gold_onehot: torch.Tensor, teacher_probs: torch.Tensor, step: int, total: int) -> torch.Tensor:
     """BAM's target lambda * gold + (1 - lambda) * teacher, lambda = step / total (clamped to [0, 1]).
 
-    `gold_onehot` may also be a vector of label indices.
+    `gold_onehot` may also be a vector of label indices; `teacher_probs` is (rows, classes): one
+    teacher, or the teachers' mean.
     """
     if gold_onehot.dim() == 1:
         gold_onehot = F.one_hot(gold_onehot, teacher_probs.shape[-1])

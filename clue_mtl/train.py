@@ -109,6 +109,7 @@ class Trainer(RunRecipe):
         if cfg.distill.soft_labels:
             soft_labels = read_soft_labels(cfg.distill.soft_labels)
             soft_labels.check_split(cfg.data.dev_fraction, cfg.data.split_seed)
+            soft_labels.check_temperature(cfg.distill.temperature)
         self.train_data: dict[str, EncodedTask] = {}
         self.dev_data: dict[str, EncodedTask] = {}
         self.dev_ids: dict[str, list[str]] = {}

@@ -191,6 +191,9 @@ def test_soft_cross_entropy_is_refused_with_methods_that_read_loss_sizes(tmp_pat
         load_config(overrides=[*soft, "weighting.method=dwa"])
     assert load_config(overrides=[*soft, "weighting.method=pcgrad"]).distill.kind == "soft_ce"
     assert load_config(overrides=["distill.soft_labels=soft.safetensors", "weighting.method=dwa"]).distill.kind == "kl"
+    with pytest.raises(ConfigError, match="'dtp' reads as signal"):
+        load_config(overrides=[*soft, "weighting.method=dtp", "weighting.params={kpi: likelihood}"])
+    assert load_config(overrides=[*soft, "weighting.method=dtp"]).weighting.method == "dtp"
 
 
 def test_soft_label_files_are_checked(tmp_path, runs):
@@ -206,6 +209,45 @@ def test_soft_label_files_are_checked(tmp_path, runs):
     save_file({"ocnli": probs[:, :2].contiguous()}, str(tmp_path / "narrow.safetensors"), metadata=metadata)
     with pytest.raises(SoftLabelError, match=r"shape \(5, 3\)"):
         read_soft_labels(tmp_path / "narrow.safetensors")
+
+    # the teachers' own matrices and the row digests are checked as strictly as the mean
+    good = read_soft_labels(path).probs["ocnli"]
+    meta = json.loads(metadata["clue_mtl.soft_labels"])
+    nan = good.copy()
+    nan[0, 0] = float("nan")
+    cases = {
+        "stray key": ({"ocnli": good, "ocnli/0": good, "ocnli/x": good}, {"teachers": 1}, "teachers' matrices"),
+        "unknown task": ({"ocnli": good, "zzz/3": good}, {}, "belong to no task"),
+        "NaN teacher": ({"ocnli": good, "ocnli/0": nan, "ocnli/1": good}, {"teachers": 2},
+                        "ocnli/0: negative or non-finite"),
+        "other mean": ({"ocnli": good, "ocnli/0": good, "ocnli/1": np.roll(good, 1, axis=1)}, {"teachers": 2},
+                       "do not average"),
+        "null digests": ({"ocnli": good}, {"digests": None}, "row digests do not match"),
+        "bad count": ({"ocnli": good}, {"teachers": "two"}, "teachers must be a count"),
+    }
+
+    def saved(name, tensors, entry, drop=()):
+        task = {k: v for k, v in {**meta["tasks"]["ocnli"], **entry}.items() if k not in drop}
+        file = tmp_path / f"{name}.safetensors"
+        save_file({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, str(file),
+                  metadata={"clue_mtl.soft_labels": json.dumps({**meta, "tasks": {"ocnli": task}})})
+        return file
+
+    for name, (tensors, entry, message) in cases.items():
+        with pytest.raises(SoftLabelError, match=message):
+            read_soft_labels(saved(name, tensors, entry))
+    # no count: one teacher, whose own matrix is the mean
+    one = read_soft_labels(saved("no-count", {"ocnli": good, "ocnli/0": good}, {}, drop=("teachers",)))
+    assert one.per_teacher["ocnli"].shape == (1, 5, 3)
+    # a file of several teachers that kept only their mean cannot serve T != 1
+    only_mean = tmp_path / "only-mean.safetensors"
+    save_file({"ocnli": torch.from_numpy(np.array(good))}, str(only_mean),
+              metadata={"clue_mtl.soft_labels": json.dumps({**meta, "tasks": {"ocnli": {**meta["tasks"]["ocnli"],
+                                                                                        "teachers": 2}}})})
+    labels = read_soft_labels(only_mean)
+    labels.check_temperature(1.0)
+    with pytest.raises(SoftLabelError, match="keep only the mean; distill.temperature 2.0"):
+        labels.check_temperature(2.0)
 
 
 def test_average_weights_is_the_elementwise_mean_and_loads(runs, tmp_path, data_dir):

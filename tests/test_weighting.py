@@ -215,6 +215,27 @@ def test_learned_weights_take_the_mean_gradient_of_a_steps_micro_batches():
     for micro, value in enumerate([3.0, 1.0]):
         weighting.backward(leaf_losses({"a": value}), context(micro_batch=micro, micro_batches=2))
     assert weighting.log_variances.grad.tolist() == pytest.approx([-1.0])
+    # GradNorm: two micro-batches of the same losses give the gradient one batch of them gives
+    theta = nn.Parameter(torch.zeros(2))
+    directions, offsets = {"a": (3.0, 0.0), "b": (0.0, 1.0)}, {"a": 2.0, "b": 1.0}
+    grads = []
+    for micro_batches in (1, 2):
+        weighting = build_weighting("gradnorm", ["a", "b"])
+        for micro in range(micro_batches):
+            weighting.backward(linear_losses(theta, directions, offsets),
+                               context([theta], micro_batch=micro, micro_batches=micro_batches))
+        grads.append(weighting.weights.grad.tolist())
+    assert grads[1] == pytest.approx(grads[0]) and any(abs(g) > 0 for g in grads[0])
+
+
+def test_gradnorm_checkpoints_from_before_averaged_initial_losses_still_load():
+    weighting = build_weighting("gradnorm", ["a", "b"], {"initial_steps": 20})
+    old = {"weights": torch.tensor([0.8, 1.2]), "initial_losses": torch.tensor([2.0, 3.0]),
+           "has_initial": torch.tensor(True)}
+    weighting.load_state_dict(old)
+    assert weighting.weights.tolist() == pytest.approx([0.8, 1.2])
+    with torch.no_grad():  # the old L(0) holds: collection is complete
+        assert weighting.initial_losses(torch.tensor([9.0, 9.0]), context()).tolist() == [2.0, 3.0]
 
 
 def test_dtp_advances_its_kpi_once_per_optimiser_step():

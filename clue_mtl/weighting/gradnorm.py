@@ -39,7 +39,10 @@ class GradNorm(LossWeighting):
     would depend on the number of processes), and targets and w's gradient (set by hand, float32,
     unscaled, averaged over micro-batches as the model's is) are identical on every rank; the
     model backward goes through `context.backward` as usual. The norms come from each micro-batch,
-    a few rows per task: noisier than a full batch's, which the restoring force smooths over steps. Mixed precision: weights and norms are float32; the norms are
+    a few rows per task: noisier than a full batch's, which the restoring force smooths over steps.
+    The all-reduce carries tasks x last-layer parameters (about 21 MB in float32 for e5-small)
+    per micro-batch: the price of the global batch's norm. A 20-step L(0) sits a little low for a
+    task that learns fast from the start; under the usual warmup the first steps barely move it. Mixed precision: weights and norms are float32; the norms are
     taken without the fp16 loss scale, which is safe because they pass only through the head and
     the last layer (prefer bf16 if fp16 norms underflow to 0).
 
@@ -58,6 +61,16 @@ class GradNorm(LossWeighting):
         self.register_buffer("initial_count", torch.zeros((), dtype=torch.long))  # steps in the sum
         # the step's micro-batch losses so far; empty at every checkpoint (taken between steps)
         self.register_buffer("pending", torch.zeros(len(self.tasks)), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint from before L(0) was averaged holds `initial_losses` and `has_initial`:
+        it resumes with its L(0), as a collection already complete."""
+        if prefix + "initial_losses" in state_dict:
+            losses = state_dict.pop(prefix + "initial_losses")
+            seen = bool(state_dict.pop(prefix + "has_initial", torch.tensor(False)))
+            state_dict[prefix + "initial_sum"] = losses * self.initial_steps if seen else torch.zeros_like(losses)
+            state_dict[prefix + "initial_count"] = torch.tensor(self.initial_steps if seen else 0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def renormalize(self) -> None:
