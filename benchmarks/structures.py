@@ -250,12 +250,14 @@ def plot(figures: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.2))
     for row, name in enumerate(names):
         c = figures["variants"][name]["vs_default"]
+        color = "tab:grey" if c["low"] <= 0 <= c["high"] else "tab:green" if c["low"] > 0 else "tab:red"
         ax.errorbar(c["difference"], row, xerr=[[c["difference"] - c["low"]], [c["high"] - c["difference"]]],
-                    fmt="o", color="tab:blue" if c["low"] <= 0 <= c["high"] else "tab:red", capsize=3)
+                    fmt="o", color=color, capsize=3)
     ax.axvline(0, color="grey", lw=1)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
-    ax.set_xlabel("dev mean macro-F1, variant minus default (equal wall time, 95% paired bootstrap)")
+    ax.set_title("against hard sharing at equal wall time (2 seeds, 95% paired bootstrap)", fontsize=10)
+    ax.set_xlabel("dev mean macro-F1, variant minus default")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
