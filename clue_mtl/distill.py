@@ -78,6 +78,24 @@ class SoftLabels:
 
     def for_ids(self, task: str, ids: Iterable) -> np.ndarray:
         """The probability rows of `ids` (e.g. a training frame's id column), in that order."""
+        return self.probs[task][self._rows(task, ids)]
+
+    def for_frame(self, task: str, frame) -> np.ndarray:
+        """Each teacher's probabilities for a training frame's rows (rows, teachers, labels), after
+        checking that each row's texts are those the teachers predicted (the same id with another
+        text is another row). A file with the mean alone gives it as one teacher."""
+        rows = self._rows(task, frame["id"])
+        if task in self.digests:
+            for row, id_, digest in zip(rows, frame["id"].astype(str), row_digests(frame)):
+                if self.digests[task][row] != digest:
+                    raise SoftLabelError(f"{self.path or 'soft labels'}: {task} row {id_!r} has other text than "
+                                         "the row the soft labels were made from (another training file?)")
+        if task in self.per_teacher:
+            return self.per_teacher[task][:, rows].transpose(1, 0, 2)
+        return self.probs[task][rows][:, None, :]
+
+    def _rows(self, task: str, ids: Iterable) -> list[int]:
+        """The file's row of each id, in the order given; every id must be there."""
         if task not in self.probs:
             raise SoftLabelError(f"{self.path or 'soft labels'}: no soft labels for {task}; "
                                  f"they cover {', '.join(self.tasks) or 'no task'}")
@@ -90,24 +108,7 @@ class SoftLabels:
             raise SoftLabelError(f"{self.path or 'soft labels'}: {task} has no soft label for id {missing[0]!r} "
                                  f"({len(missing)} of {len(ids)} ids missing; were they made from another "
                                  f"training file?)")
-        return self.probs[task][[index[id_] for id_ in ids]]
-
-    def for_frame(self, task: str, frame) -> np.ndarray:
-        """Each teacher's probabilities for a training frame's rows (rows, teachers, labels), after
-        checking that each row's texts are those the teachers predicted (the same id with another
-        text is another row). A file with the mean alone gives it as one teacher."""
-        probs = self.for_ids(task, frame["id"])[:, None, :]
-        if task in self.per_teacher:
-            index = {id_: row for row, id_ in enumerate(self.ids[task])}
-            rows = [index[str(id_)] for id_ in frame["id"]]
-            probs = self.per_teacher[task][:, rows].transpose(1, 0, 2)
-        if task in self.digests:
-            stored = dict(zip(self.ids[task], self.digests[task]))
-            for id_, digest in zip(frame["id"].astype(str), row_digests(frame)):
-                if stored[id_] != digest:
-                    raise SoftLabelError(f"{self.path or 'soft labels'}: {task} row {id_!r} has other text than "
-                                         "the row the soft labels were made from (another training file?)")
-        return probs
+        return [index[id_] for id_ in ids]
 
     def check_temperature(self, temperature: float) -> None:
         """Raise where T != 1 needs each teacher's distribution and the file has only their mean
