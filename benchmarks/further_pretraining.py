@@ -1,0 +1,172 @@
+"""Further pre-training against the same minutes of fine-tuning (issue 16).
+
+Variants of masked-LM pre-training on the competition text (plain; a masked-LM head warm-up with
+the encoder frozen; OCNLI's sentences kept as pairs; masked LM as a fourth task during
+multi-task training), each fine-tuned with configs/quickstart.yaml at two budgets and two seeds,
+against no pre-training at the same steps and against no pre-training given the variant's
+pre-training minutes as extra fine-tuning steps.
+
+    python benchmarks/further_pretraining.py speed            # alone: step times, 2 threads
+    benchmarks/further_pretraining.sh &                        # two single-thread lanes side by side,
+    benchmarks/further_pretraining.sh &                        # each claiming the next job (resumable)
+    python benchmarks/further_pretraining.py diagnose         # CKA per layer, frozen OCNLI probe
+    python benchmarks/further_pretraining.py report           # the table, bootstrap, figure
+
+Every job is one process; a job's folder holds its result (`result.json`), so a killed lane loses
+only its current job, and lanes never take the same job (an exclusive claim file). Lane wall times
+are not timings: minutes come from `speed` (timed alone, 2 threads, bf16).
+
+All fine-tuning starts from the trimmed e5-small (the vocabulary the pre-training keeps), so the
+only difference between a variant and no pre-training is the encoder's weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, ensure_trimmed_encoder, write_results  # noqa: E402
+
+FINETUNE_CONFIG = "configs/quickstart.yaml"
+PRETRAIN_CONFIG = "configs/pretrain-e5-small.yaml"
+RUNS = ROOT / "runs" / "further_pretraining"
+TASKS = ("ocnli", "ocemotion", "tnews")
+DEV_ROWS = 2000
+SEEDS = (1, 2)
+SHORT, LONG = 450, 1500
+PRETRAIN_STEPS = 500
+SPEED_FILE = RESULTS / "further_pretraining_speed.json"
+
+# pre-training variants: overrides of configs/pretrain-e5-small.yaml (None: no pre-training)
+PRETRAINING: dict[str, list[str] | None] = {
+    "none": None,
+    "mlm": [f"train.steps={PRETRAIN_STEPS}"],
+}
+# fine-tuning variants that change the fine-tuning itself (no pre-training)
+FINETUNING: dict[str, list[str]] = {}
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+# ----------------------------------------------------------------------------- jobs
+def jobs() -> list[dict]:
+    """Every job, in the order lanes take them: the long baselines first (the longest jobs)."""
+    out = [finetune_job("none", LONG, seed) for seed in SEEDS]
+    out += [pretrain_job(name) for name, overrides in PRETRAINING.items() if overrides is not None]
+    for name in [*PRETRAINING, *FINETUNING]:
+        out += [finetune_job(name, SHORT, seed) for seed in SEEDS]
+    return out
+
+
+def pretrain_job(name: str) -> dict:
+    return {"kind": "pretrain", "name": name, "dir": RUNS / f"pretrain-{slug(name)}"}
+
+
+def finetune_job(name: str, steps: int, seed: int, *, label: str | None = None) -> dict:
+    label = label or name
+    return {"kind": "finetune", "name": name, "label": label, "steps": steps, "seed": seed,
+            "dir": RUNS / f"{slug(label)}-{steps}-s{seed}"}
+
+
+def encoder_for(name: str) -> Path | None:
+    """The encoder a fine-tuning variant starts from; None while its pre-training is not done."""
+    if PRETRAINING.get(name) is None:
+        return ensure_trimmed_encoder()
+    encoder = RUNS / f"pretrain-{slug(name)}" / "encoder"
+    return encoder if (encoder / "pretraining.json").exists() else None
+
+
+def claim(job: dict) -> bool:
+    job["dir"].parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(job["dir"].with_name(job["dir"].name + ".claim"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
+def run_pretrain(job: dict) -> None:
+    command = [sys.executable, "-m", "clue_mtl", "pretrain", "--config", PRETRAIN_CONFIG,
+               "--run-dir", str(job["dir"]), "--overwrite", "--set", "train.num_threads=1",
+               "--set", f"name={job['dir'].name}"]
+    for override in PRETRAINING[job["name"]]:
+        command += ["--set", override]
+    started = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True)
+    record = {"lane_seconds": time.perf_counter() - started, "command": " ".join(command)}
+    (job["dir"] / "result.json").write_text(json.dumps(record) + "\n")
+
+
+def run_finetune(job: dict, encoder: Path) -> None:
+    directory = job["dir"]
+    overrides = [*FINETUNING.get(job["name"], []), f"model.encoder={encoder}", f"train.seed={job['seed']}",
+                 f"train.steps={job['steps']}", f"train.eval_every={job['steps']}", f"data.max_dev_rows={DEV_ROWS}",
+                 "train.num_threads=1", f"name={directory.name}"]
+    command = [sys.executable, "-m", "clue_mtl", "train", "--config", FINETUNE_CONFIG, "--run-dir", str(directory),
+               "--overwrite"]
+    for override in overrides:
+        command += ["--set", override]
+    started = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True)
+    seconds = time.perf_counter() - started
+
+    from clue_mtl.inference import LoadedRun
+
+    run = LoadedRun(directory, show_progress=False)
+    predicted = {task: run.probabilities(task, frame).argmax(-1).tolist() for task, frame in dev_frames().items()}
+    record = {"name": job["name"], "label": job["label"], "seed": job["seed"], "steps": job["steps"],
+              "lane_seconds": seconds, "predicted": predicted, "command": " ".join(command)}
+    (directory / "result.json").write_text(json.dumps(record) + "\n")
+
+
+def cmd_next(args) -> None:
+    """Claim and run one job; exit 3 once none is left. A job waiting on a pre-training that
+    another lane runs is taken once that is done. One job a process, so that a lane started as
+    `while python benchmarks/further_pretraining.py next; do :; done` picks up new jobs."""
+    while True:
+        pending = [job for job in jobs() if not (job["dir"] / "result.json").exists()]
+        ready = [job for job in pending if job["kind"] == "pretrain" or encoder_for(job["name"]) is not None]
+        started = next((job for job in ready if claim(job)), None)
+        if started is None:
+            if not any(not job["dir"].with_name(job["dir"].name + ".claim").exists() for job in pending):
+                sys.exit(3)
+            time.sleep(30)  # a job waits on a pre-training in the other lane
+            continue
+        print(f"lane {os.getpid()}: {started['kind']} {started['dir'].name}", flush=True)
+        if started["kind"] == "pretrain":
+            run_pretrain(started)
+        else:
+            run_finetune(started, encoder_for(started["name"]))
+        return
+
+
+# ----------------------------------------------------------------------------- scoring
+def dev_frames() -> dict:
+    from clue_mtl.config import load_config
+    from clue_mtl.data import task_frames
+
+    config = load_config(ROOT / FINETUNE_CONFIG, [f"data.data_dir={ROOT / 'data'}", f"data.max_dev_rows={DEV_ROWS}"])
+    return {task: task_frames(config.data, task).dev for task in TASKS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("next").set_defaults(run=cmd_next)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
