@@ -49,7 +49,6 @@ SPEED_FILE = RESULTS / "further_pretraining_speed.json"
 # pre-training variants: overrides of configs/pretrain-e5-small.yaml (None: no pre-training)
 PRETRAINING: dict[str, list[str] | None] = {
     "none": None,
-    "mlm": [f"train.steps={PRETRAIN_STEPS}"],
 }
 # fine-tuning variants that change the fine-tuning itself (no pre-training)
 FINETUNING: dict[str, list[str]] = {}
@@ -61,11 +60,11 @@ def slug(name: str) -> str:
 
 # ----------------------------------------------------------------------------- jobs
 def jobs() -> list[dict]:
-    """Every job, in the order lanes take them: the long baselines first (the longest jobs)."""
-    out = [finetune_job("none", LONG, seed) for seed in SEEDS]
+    """Every job, in the order lanes take them: the baselines, the pre-trainings, the variants."""
+    out = [finetune_job("none", SHORT, seed) for seed in SEEDS]
     out += [pretrain_job(name) for name, overrides in PRETRAINING.items() if overrides is not None]
     for name in [*PRETRAINING, *FINETUNING]:
-        out += [finetune_job(name, SHORT, seed) for seed in SEEDS]
+        out += [finetune_job(name, SHORT, seed) for seed in SEEDS if name != "none"]
     return out
 
 
