@@ -47,9 +47,16 @@ PRETRAIN_STEPS = 500
 SPEED_FILE = RESULTS / "further_pretraining_speed.json"
 
 # pre-training variants: overrides of configs/pretrain-e5-small.yaml (None: no pre-training)
+WARMUP = ["train.head_warmup_steps=300", "train.head_warmup_eval_every=50", "train.head_warmup_min_gain=0.05",
+          "train.head_warmup_lr=1e-3", "train.lr=5e-5"]
 PRETRAINING: dict[str, list[str] | None] = {
     "none": None,
+    "mlm": [f"train.steps={PRETRAIN_STEPS}", "train.eval_every=100"],
+    "head warm-up, lr 5e-5": [f"train.steps={PRETRAIN_STEPS}", "train.eval_every=100", *WARMUP],
+    "head warm-up, lr 5e-5, pairs": [f"train.steps={PRETRAIN_STEPS}", "train.eval_every=100", *WARMUP,
+                                     "data.pairs=true"],
 }
+FINETUNED = ("none", "head warm-up, lr 5e-5")  # the pre-trainings fine-tuned (the others: diagnosis only)
 # fine-tuning variants that change the fine-tuning itself (no pre-training)
 FINETUNING: dict[str, list[str]] = {}
 
@@ -63,7 +70,7 @@ def jobs() -> list[dict]:
     """Every job, in the order lanes take them: the baselines, the pre-trainings, the variants."""
     out = [finetune_job("none", SHORT, seed) for seed in SEEDS]
     out += [pretrain_job(name) for name, overrides in PRETRAINING.items() if overrides is not None]
-    for name in [*PRETRAINING, *FINETUNING]:
+    for name in [*FINETUNED, *FINETUNING]:
         out += [finetune_job(name, SHORT, seed) for seed in SEEDS if name != "none"]
     return out
 

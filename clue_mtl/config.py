@@ -507,6 +507,7 @@ class PretrainDataConfig:
     max_texts: int | None = None         # an evenly spaced sample of the corpus (tests, quick runs)
     held_out_fraction: float = 0.02      # texts kept out of training to measure masked-LM loss
     max_held_out: int = 2000
+    pairs: bool = False                  # OCNLI's sentences as tokenizer(a, b) pairs, not alone
 
 
 @dataclass
@@ -542,6 +543,14 @@ class PretrainTrainConfig:
     num_threads: int = 0
     report_to: str = "none"              # none | tensorboard | wandb | mlflow | trackio (`tracking.py`)
     seed: int = 42
+    # masked-LM head warm-up: the first steps (at most head_warmup_steps of `steps`) train the head
+    # alone at head_warmup_lr, the encoder frozen, until the held-out loss, looked at every
+    # head_warmup_eval_every steps, gains less than head_warmup_min_gain nats; then everything
+    # trains on linear warmup and decay over the steps left
+    head_warmup_steps: int = 0
+    head_warmup_lr: float = 1e-3
+    head_warmup_eval_every: int = 100
+    head_warmup_min_gain: float = 0.02
 
 
 @dataclass
@@ -588,6 +597,14 @@ def validate_pretrain(config: PretrainConfig) -> None:
     need(train.steps <= MAX_STEPS, f"train.steps must be at most {MAX_STEPS:,}")
     _validate_numbers(train, need)
     _validate_schedule_and_tracking(train, need)
+    if train.head_warmup_steps:
+        need(0 < train.head_warmup_steps < train.steps, "train.head_warmup_steps must lie between 0 and train.steps")
+        need(train.head_warmup_eval_every > 0, "train.head_warmup_eval_every must be positive")
+        need(train.lr > 0 and train.head_warmup_lr > 0 and train.head_warmup_min_gain >= 0,
+             "train.lr and train.head_warmup_lr must be positive, train.head_warmup_min_gain at least 0")
+        need(train.scheduler == "linear", "train.head_warmup_steps works with train.scheduler linear only")
+        need(not config.model.from_scratch, "train.head_warmup_steps: a model from scratch has no encoder to keep")
+    need(train.head_warmup_steps >= 0, "train.head_warmup_steps must be at least 0")
 
 
 def _validate_choices(config: RunConfig) -> None:

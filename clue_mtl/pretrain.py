@@ -2,7 +2,10 @@
 
 Features: the corpus is every normalised text of the three tasks (training, test A and test B
 files; both OCNLI sentences), once each (`vocab.corpus_texts`), less a held-out slice chosen by a
-hash of each text; any Hugging Face checkpoint (hub id or folder, with or without a masked-LM
+hash of each text; with `data.pairs`, OCNLI's sentences are trained as `tokenizer(a, b)` pairs
+(the held-out texts stay single, so every variant is measured on the same texts); a masked-LM
+head warm-up (`train.head_warmup_steps`: the head trains alone, the encoder frozen, until the
+held-out loss flattens); any Hugging Face checkpoint (hub id or folder, with or without a masked-LM
 head) or a fresh model from its config; optional vocabulary trimming first; whole-word masking
 from jieba; AdamW with warmup and linear decay, gradient clipping, bf16/fp16; held-out masked-LM
 loss and accuracy every N steps under one fixed masking; exact resume (`resume=True`).
@@ -32,34 +35,32 @@ Run folder:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 from transformers import get_scheduler
 
 from .accelerator import fresh_accelerator
-from .batching import EncodedTask, TaskStream, tokenizer_fingerprint
+from .batching import tokenizer_fingerprint
 from .config import ConfigError, PretrainConfig, save_config
 from .masking import WholeWordMaskCollator
+from .mlm import MaskedBatches, MaskedLMObjective, encode_texts, fixed_masked_batches, load_masked_lm, set_unigram_bias
 from .optim import adamw
 from .recipe import RunRecipe
 from .run_folder import RunFolder
 from .tracking import accelerator_kwargs
-from .vocab import corpus_texts, trim_vocabulary
+from .vocab import corpus_pairs, corpus_texts, trim_vocabulary
 
 CACHE_DIR = Path("artifacts/cache")
 HELD_OUT_MASK_SEED = 20240601  # one masking of the held-out texts for every run and evaluation
-DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
-HEAD_ARCHITECTURES = ("ForMaskedLM", "ForPreTraining")  # checkpoint classes that carry an LM head
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -82,148 +83,14 @@ def held_out_split(texts: list[str], fraction: float, limit: int) -> tuple[list[
     return ([t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held])
 
 
-def encode_texts(collator: WholeWordMaskCollator, texts: list[str], *, cache_dir: str | Path | None,
-                 fingerprint: str) -> list[dict[str, np.ndarray]]:
-    """`collator.encode(texts)` (tokens and jieba word units), through a file cache."""
-    cache_file = None
-    if cache_dir is not None:
-        # v2: the bare word-boundary piece is no longer a unit (units cached before it are stale)
-        digest = hashlib.sha1(f"units-v2\n{fingerprint}\n{collator.max_length}\n".encode())
-        digest.update("\n".join(texts).encode("utf-8"))
-        cache_file = Path(cache_dir) / f"mlm-{digest.hexdigest()[:20]}.npz"
-        if cache_file.exists():
-            stored = np.load(cache_file)
-            ends = np.cumsum(stored["lengths"])
-            return [{"input_ids": ids, "word_units": units} for ids, units in
-                    zip(np.split(stored["input_ids"], ends[:-1]), np.split(stored["word_units"], ends[:-1]))]
-    features = [{key: np.asarray(value, dtype=np.int64) for key, value in feature.items()}
-                for feature in collator.encode(texts)]
-    collator.word_spans.clear()  # the segmentation cache is not needed once the units exist
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache_file.with_suffix(".tmp.npz")
-        np.savez(temporary, lengths=np.array([len(f["input_ids"]) for f in features]),
-                 input_ids=np.concatenate([f["input_ids"] for f in features]),
-                 word_units=np.concatenate([f["word_units"] for f in features]))
-        temporary.replace(cache_file)
-    return features
-
-
-def fixed_masked_batches(collator: WholeWordMaskCollator, features: list[dict], batch_size: int) -> list[dict]:
-    """The held-out texts masked once, from the collator's seed, in batches of similar length.
-    All texts are masked in one call, so the masks do not depend on `batch_size`."""
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-    masked = collator([features[i] for i in order])
-    batches = []
-    for start in range(0, len(order), batch_size):
-        rows = slice(start, start + batch_size)
-        width = int(masked["attention_mask"][rows].sum(1).max())
-        batches.append({key: value[rows, :width] for key, value in masked.items()})
-    return batches
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def load_masked_lm(source: str, *, from_scratch: bool = False, config_overrides: dict | None = None,
-                   dropout: float | None = None) -> tuple[nn.Module, bool, dict[str, float]]:
-    """`(model, new_head, saved_dropout)`: an `AutoModelForMaskedLM` in float32 from `source`.
-
-    Where `source` holds no masked-LM head (or `from_scratch`), the new head's decoder is tied to
-    the word embedding. `config_overrides` change the config (and stay in it); `dropout` sets
-    every dropout field of the config for pre-training, and `saved_dropout` holds the values to
-    write back when saving.
-    """
-    from transformers import AutoConfig, AutoModelForMaskedLM
-
-    config = AutoConfig.from_pretrained(source)
-    for key, value in (config_overrides or {}).items():
-        if not hasattr(config, key):
-            raise ConfigError(f"model.config_overrides: {type(config).__name__} has no field {key!r}")
-        setattr(config, key, value)
-    has_head = not from_scratch and any(a.endswith(HEAD_ARCHITECTURES) for a in config.architectures or [])
-    if not has_head:
-        config.tie_word_embeddings = True
-    saved_dropout = {name: getattr(config, name) for name in DROPOUT_FIELDS
-                     if isinstance(getattr(config, name, None), float)}
-    if dropout is not None:
-        for name in saved_dropout:
-            setattr(config, name, dropout)
-    if from_scratch:
-        return AutoModelForMaskedLM.from_config(config, dtype=torch.float32), True, saved_dropout
-    model, info = AutoModelForMaskedLM.from_pretrained(source, config=config, dtype=torch.float32,
-                                                       output_loading_info=True)
-    prefix = model.base_model_prefix + "."
-    new_head = any(not key.startswith(prefix) for key in info["missing_keys"])
-    return model, new_head, saved_dropout
-
-
-def set_unigram_bias(model: nn.Module, features: list[dict], skip_ids) -> None:
-    """The output bias := log unigram frequency of the features' tokens (add-one smoothed)."""
-    bias = getattr(model.get_output_embeddings(), "bias", None)
-    if bias is None:
-        return
-    counts = np.bincount(np.concatenate([f["input_ids"] for f in features]), minlength=len(bias))
-    counts = counts[:len(bias)].astype(np.float64)
-    counts[list(skip_ids)] = 0.0
-    with torch.no_grad():
-        bias.copy_(torch.from_numpy(np.log((counts + 1.0) / (counts + 1.0).sum())))
-
-
-class MaskedLMObjective(nn.Module):
-    """Summed masked-LM loss, correct predictions and predicted tokens of a batch.
-
-    The vocabulary-wide head runs on the labelled positions only, where the model is a base model
-    plus one head module (BERT, RoBERTa, XLM-R, DeBERTa, ...); otherwise the full forward is used.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        base, output = model.base_model, model.get_output_embeddings()
-        heads = [name for name, child in model.named_children() if child is not base]
-        only_head = (len(heads) == 1 and output is not None
-                     and any(m is output for m in getattr(model, heads[0]).modules()))
-        self.head_name = heads[0] if only_head else None  # a name: the head is not registered twice
-
-    def forward(self, input_ids, attention_mask, labels, token_type_ids=None):
-        selected = labels != -100
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:  # BERT-style pairs; tokenizers without segment ids give none
-            inputs["token_type_ids"] = token_type_ids
-        if self.head_name is not None:
-            hidden = self.model.base_model(**inputs)[0]
-            logits = getattr(self.model, self.head_name)(hidden[selected])
-        else:
-            logits = self.model(**inputs).logits[selected]
-        targets = labels[selected]
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-        correct = (logits.detach().argmax(-1) == targets).sum()
-        return loss, correct, selected.sum()
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-class MaskedBatches:
-    """The masked batch of every step, as this process's share of the global batch: rows from
-    `batching.TaskStream` (a pure function of seed and step), masks seeded by (seed, step, process)."""
-
-    def __init__(self, features: list[dict], collator: WholeWordMaskCollator, batch_size: int, *, seed: int,
-                 length_grouping: bool, process_index: int = 0, num_processes: int = 1):
-        self.features, self.collator, self.seed = features, collator, seed
-        self.process_index, self.num_processes = process_index, num_processes
-        data = EncodedTask(task="corpus", ids=[], input_ids=[f["input_ids"] for f in features], labels=None)
-        self.stream = TaskStream(data, batch_size * num_processes, seed, length_grouping)
-
-    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        rows = self.stream.indices(step)[self.process_index::self.num_processes]
-        mask_seed = np.random.SeedSequence([self.seed, step, self.process_index]).generate_state(1, np.uint64)[0]
-        self.collator.generator.manual_seed(int(mask_seed >> np.uint64(1)))
-        return self.collator([self.features[i] for i in rows])
-
-    def epochs_seen(self, step: int) -> float:
-        return step / self.stream.batches_per_epoch
+def paired_corpus(train_texts: list[str], pairs: list[tuple[str, str]]) -> list:
+    """The training texts with OCNLI's sentences kept as `(premise, hypothesis)` pairs: each pair
+    whose two sentences are both training texts, and every other training text alone. A pair
+    touching a held-out sentence is dropped, so the held-out texts stay unseen."""
+    kept = set(train_texts)
+    pairs = [pair for pair in pairs if pair[0] in kept and pair[1] in kept]
+    paired = {text for pair in pairs for text in pair}
+    return [text for text in train_texts if text not in paired] + pairs
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -232,6 +99,8 @@ class PretrainState:
     step: int = 0                                              # optimiser steps completed
     window: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, correct, tokens since the last log
     history: list[dict] = field(default_factory=list)          # held-out evaluations
+    encoder_frozen: bool = False                               # in the head warm-up
+    encoder_unfrozen_at: int | None = None                     # the step the head warm-up ended
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -259,7 +128,7 @@ class Pretrainer(RunRecipe):
             **accelerator_kwargs(train.report_to, self.folder))
         self._claim_run_dir(overwrite)
         set_seed(train.seed)
-        self.state = PretrainState()
+        self.state = PretrainState(encoder_frozen=train.head_warmup_steps > 0)
         self._setup_data()
         self._setup_model()
 
@@ -271,6 +140,8 @@ class Pretrainer(RunRecipe):
         texts = sample_texts(corpus_texts(cfg.data.data_dir), cfg.data.max_texts)
         self.train_texts, self.held_out_texts = held_out_split(texts, cfg.data.held_out_fraction,
                                                                cfg.data.max_held_out)
+        if cfg.data.pairs:
+            self.train_texts = paired_corpus(self.train_texts, corpus_pairs(cfg.data.data_dir))
         self.source = cfg.model.encoder
         if cfg.model.trim_vocab:
             self.source = str(self.folder.source_dir)
@@ -314,14 +185,44 @@ class Pretrainer(RunRecipe):
             raise ValueError(f"the tokenizer has {len(self.tokenizer):,} tokens but the embedding {rows:,} rows")
         if new_head:
             set_unigram_bias(model, self.train_features, self.tokenizer.all_special_ids)
-        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-        optimizer = adamw([{"params": decay, "weight_decay": cfg.train.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr,
-                          device_type=accelerator.device.type, precision=accelerator.mixed_precision)
-        scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_training_steps=cfg.train.steps,
-                                  num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.steps))
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(MaskedLMObjective(model), optimizer, scheduler)
+        objective = MaskedLMObjective(model)
+        if cfg.train.head_warmup_steps and objective.head_name is None:
+            raise ConfigError(f"train.head_warmup_steps: {type(model).__name__}'s masked-LM head is not one "
+                              "module over the encoder, so the encoder cannot be frozen alone")
+        encoder_ids = {id(p) for p in model.base_model.parameters()}
+        self.head_parameters = [p for p in model.parameters() if id(p) not in encoder_ids]
+        groups = []
+        for part in (list(model.base_model.parameters()), self.head_parameters):  # encoder, then head
+            trainable = [p for p in part if p.requires_grad]
+            groups += [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
+                       {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+        optimizer = adamw(groups, lr=cfg.train.lr, device_type=accelerator.device.type,
+                          precision=accelerator.mixed_precision)
+        if cfg.train.head_warmup_steps:
+            factors = [self._lr_factor(part) for part in ("encoder", "encoder", "head", "head")]
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        else:
+            scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_training_steps=cfg.train.steps,
+                                      num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.steps))
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(objective, optimizer, scheduler)
+
+    def _lr_factor(self, part: str):
+        """The learning-rate factor of the encoder's or the head's groups at a step, with a head
+        warm-up: the encoder at 0 and the head at `head_warmup_lr` while the encoder is frozen,
+        then both on linear warmup and decay over the steps that remain. Reads the recipe state,
+        which the checkpoint holds, so a resumed run gets the same rates."""
+        train = self.config.train
+
+        def factor(step: int) -> float:
+            if self.state.encoder_frozen:
+                return 0.0 if part == "encoder" else train.head_warmup_lr / train.lr
+            start = self.state.encoder_unfrozen_at or 0
+            total, done = train.steps - start, step - start
+            warmup = math.ceil(train.warmup_ratio * total)
+            if done < warmup:
+                return done / warmup
+            return max(0.0, (total - done) / max(1, total - warmup))
+        return factor
 
     def _checkpoint_components(self) -> dict:
         return {"optimizer": self.optimizer, "scheduler": self.scheduler}
@@ -333,6 +234,7 @@ class Pretrainer(RunRecipe):
 
     # ----------------------------------------------------------------------------- training
     def _before_training(self, progress) -> None:
+        self._progress = progress
         if not self.state.history:  # the starting point, for comparison
             self._evaluate(progress)
 
@@ -349,15 +251,53 @@ class Pretrainer(RunRecipe):
         cfg, accelerator = self.config, self.accelerator
         self.model.train()
         batch = {key: value.to(accelerator.device) for key, value in self.batches[self.state.step].items()}
-        loss_sum, correct, tokens = self.model(**batch)
-        self._stop_if_not_finite({"masked-LM": loss_sum})
-        accelerator.backward(loss_sum / tokens.clamp(min=1))
+        frozen = self.state.encoder_frozen
+        # Frozen, the encoder gets no gradient, so DDP must not wait for one: the head's gradients
+        # are averaged by hand instead.
+        with accelerator.no_sync(self.model) if frozen else contextlib.nullcontext():
+            loss_sum, correct, tokens = self.model(**batch, frozen_encoder=frozen)
+            self._stop_if_not_finite({"masked-LM": loss_sum})
+            accelerator.backward(loss_sum / tokens.clamp(min=1))
+        if frozen:
+            self._keep_encoder_frozen()
         if cfg.train.grad_clip > 0:
             accelerator.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum.detach(), correct, tokens
+
+    def _keep_encoder_frozen(self) -> None:
+        """No encoder gradient (the tied word embedding gets one through the decoder), so AdamW
+        leaves the encoder, its moments and its weight decay untouched; the head's gradients
+        averaged over processes."""
+        for parameter in self.masked_lm.base_model.parameters():
+            parameter.grad = None
+        if self.accelerator.num_processes > 1:
+            for parameter in self.head_parameters:
+                if parameter.grad is not None:
+                    parameter.grad = self.accelerator.reduce(parameter.grad, "mean")
+
+    def run_step(self):
+        """A step; in the head warm-up, every `head_warmup_eval_every` steps, the held-out loss
+        decides whether the head is warm (it gained less than `head_warmup_min_gain` nats since
+        the last look, or `head_warmup_steps` are spent): then the encoder is unfrozen."""
+        output = super().run_step()
+        train, step = self.config.train, self.state.step
+        if self.state.encoder_frozen and (step % train.head_warmup_eval_every == 0 or step >= train.head_warmup_steps):
+            previous = self.state.history[-1]["loss"]
+            entry = self._evaluate(self._progress, phase="head warm-up")
+            if previous - entry["loss"] < train.head_warmup_min_gain or step >= train.head_warmup_steps:
+                self._unfreeze_encoder()
+        return output
+
+    def _unfreeze_encoder(self) -> None:
+        self.state.encoder_frozen, self.state.encoder_unfrozen_at = False, self.state.step
+        scheduler = self.scheduler.scheduler  # the LambdaLR inside Accelerate's wrapper
+        for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)
+        if self.accelerator.is_main_process:
+            self._progress.write(f"step {self.state.step}: the head is warm; the encoder trains from here")
 
     def _log_step(self, step_output, steps_per_second: float) -> dict[str, str]:
         """Append the loss and accuracy since the last log to the metrics log; return the postfix."""
@@ -387,8 +327,8 @@ class Pretrainer(RunRecipe):
         return {"loss": loss, "accuracy": correct / max(tokens, 1.0), "perplexity": math.exp(min(loss, 700.0)),
                 "tokens": int(tokens)}
 
-    def _evaluate(self, progress) -> dict:
-        entry = {"kind": "eval", "step": self.state.step, **self.evaluate()}
+    def _evaluate(self, progress, phase: str = "training") -> dict:
+        entry = {"kind": "eval", "step": self.state.step, "phase": phase, **self.evaluate()}
         self.state.history.append(entry)
         self._append_metrics(entry)
         if self.accelerator.is_main_process:
@@ -397,7 +337,8 @@ class Pretrainer(RunRecipe):
         return entry
 
     def _evaluate_and_checkpoint(self, progress) -> bool:
-        self._evaluate(progress)
+        if self.state.history[-1]["step"] != self.state.step:  # not evaluated by the head warm-up just now
+            self._evaluate(progress)
         self.save_checkpoint()
         return False  # no early stopping for pre-training
 
@@ -421,6 +362,7 @@ class Pretrainer(RunRecipe):
             self.tokenizer.save_pretrained(directory)
             provenance = {"source": self.config.model.encoder, "trimmed": self.config.model.trim_vocab,
                           "from_scratch": self.config.model.from_scratch, "steps": self.state.step,
+                          "head_warmup_steps": self.state.encoder_unfrozen_at, "pairs": self.config.data.pairs,
                           "training_texts": len(self.train_texts), "held_out_texts": len(self.held_out_texts),
                           "held_out": self.state.history[-1] if self.state.history else None}
             (directory / "pretraining.json").write_text(json.dumps(provenance, indent=2) + "\n")

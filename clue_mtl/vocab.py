@@ -69,6 +69,21 @@ def corpus_texts(data_dir: str | Path, splits: Sequence[str] = ("train", "a", "b
     return list(texts)
 
 
+def corpus_pairs(data_dir: str | Path, splits: Sequence[str] = ("train", "a", "b")) -> list[tuple[str, str]]:
+    """Every normalised `(text_a, text_b)` pair of the pair tasks (OCNLI) in those files, once each,
+    in `corpus_texts`'s order."""
+    from .data import load_split
+    from .tasks import TASK_NAMES
+
+    pairs: dict[tuple[str, str], None] = {}
+    for task in TASK_NAMES:
+        for split in splits:
+            frame = load_split(data_dir, task, split)
+            if frame["text_b"].notna().all():
+                pairs.update(dict.fromkeys(zip(frame["text_a"], frame["text_b"])))
+    return list(pairs)
+
+
 def token_ids(tokenizer, texts: Sequence[str], batch_size: int = 4096) -> list[list[int]]:
     """Token ids of every text, without special tokens and without truncation."""
     ids: list[list[int]] = []

@@ -269,3 +269,96 @@ def test_pretrain_configs_load():
 def test_bad_pretrain_overrides_fail_loudly(override, message):
     with pytest.raises(ConfigError, match=message):
         load_pretrain_config(overrides=[override])
+
+
+def _encoder_and_head(pretrainer) -> tuple[dict, dict]:
+    model = pretrainer.masked_lm
+    encoder = {k: v.detach().clone() for k, v in model.base_model.state_dict().items()}
+    head_ids = {id(p) for p in pretrainer.head_parameters}
+    head = {n: p.detach().clone() for n, p in model.named_parameters() if id(p) in head_ids}
+    return encoder, head
+
+
+def test_head_warmup_freezes_then_unfreezes_exactly_the_encoder(pretrain_config, tmp_path):
+    """The head trains alone (the tied word embedding included in the frozen encoder) until the
+    held-out loss flattens; from then on the encoder trains too, and a resume repeats it exactly."""
+    config = pretrain_config("train.head_warmup_steps=4", "train.head_warmup_eval_every=2",
+                             "train.head_warmup_min_gain=1000")  # never gains that much: warm at the first look
+    pretrainer = Pretrainer(config, tmp_path / "resumed", show_progress=False, cache_dir=None)
+    encoder_before, head_before = _encoder_and_head(pretrainer)
+    assert head_before and pretrainer.state.encoder_frozen
+    pretrainer.train(until_step=2)
+    encoder_after, head_after = _encoder_and_head(pretrainer)
+    assert all(torch.equal(encoder_before[k], encoder_after[k]) for k in encoder_before)
+    assert all(not torch.equal(head_before[n], head_after[n]) for n in head_before)
+    assert not pretrainer.state.encoder_frozen and pretrainer.state.encoder_unfrozen_at == 2
+    assert [m.get("phase") for m in read_metrics(pretrainer.run_dir) if m["kind"] == "eval"] == [
+        "training", "head warm-up"]
+
+    resumed = Pretrainer(config, tmp_path / "resumed", resume=True, show_progress=False, cache_dir=None)
+    resumed.train()
+    trained, _ = _encoder_and_head(resumed)
+    assert all(not torch.equal(encoder_after[k], trained[k]) for k in trained if "position_ids" not in k
+               and "token_type" not in k)
+    straight = Pretrainer(config, tmp_path / "straight", show_progress=False, cache_dir=None)
+    straight.train()
+    expected = load_file(tmp_path / "straight/encoder/model.safetensors")
+    got = load_file(tmp_path / "resumed/encoder/model.safetensors")
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+    assert json.loads((tmp_path / "straight/encoder/pretraining.json").read_text())["head_warmup_steps"] == 2
+
+
+def test_head_warmup_ends_at_its_step_limit(pretrain_config):
+    """No look before the limit: the head warms for all of it; then the encoder and the head both
+    start the new schedule's warmup at rate 0."""
+    pretrainer = Pretrainer(pretrain_config("train.head_warmup_steps=3", "train.head_warmup_eval_every=100"),
+                            show_progress=False, cache_dir=None)
+    pretrainer.train(until_step=2)
+    assert pretrainer.state.encoder_frozen
+    assert [g["lr"] for g in pretrainer.optimizer.param_groups] == pytest.approx([0, 0, 1e-3, 1e-3])
+    pretrainer.resume = True
+    pretrainer.train(until_step=3)
+    assert pretrainer.state.encoder_unfrozen_at == 3
+    assert [g["lr"] for g in pretrainer.optimizer.param_groups] == [0.0] * 4
+
+
+def test_head_warmup_config_errors(pretrain_config):
+    for overrides, message in [(["train.head_warmup_steps=6"], "between 0 and train.steps"),
+                               (["train.head_warmup_steps=2", "train.scheduler=cosine"], "linear only"),
+                               (["train.head_warmup_steps=2", "train.head_warmup_eval_every=0"], "positive")]:
+        with pytest.raises(ConfigError, match=message):
+            pretrain_config(*overrides)
+
+
+def test_pairs_are_masked_as_pairs_with_their_segments(pretrain_config, tmp_path):
+    """`data.pairs`: OCNLI's sentences train as tokenizer(a, b) pairs, segment ids intact through
+    the cache and the masking, separators never masked; held-out texts stay single and unseen."""
+    from clue_mtl.vocab import corpus_pairs
+
+    config = pretrain_config("data.pairs=true", "data.max_texts=3000")
+    pretrainer = Pretrainer(config, show_progress=False, cache_dir=tmp_path / "cache")
+    pairs = [t for t in pretrainer.train_texts if isinstance(t, tuple)]
+    assert pairs and set(pairs) <= set(corpus_pairs(config.data.data_dir))
+    assert all(isinstance(t, str) for t in pretrainer.held_out_texts)
+    held = set(pretrainer.held_out_texts)
+    assert not any(a in held or b in held for a, b in pairs)
+    singles = {t for t in pretrainer.train_texts if isinstance(t, str)}
+    assert not singles & {text for pair in pairs for text in pair}
+
+    cached = Pretrainer(config, tmp_path / "again", show_progress=False, cache_dir=tmp_path / "cache")
+    tokenizer = pretrainer.tokenizer
+    for fresh, again, text in zip(pretrainer.train_features, cached.train_features, pretrainer.train_texts):
+        assert fresh.keys() == again.keys() and all((fresh[k] == again[k]).all() for k in fresh)
+        if isinstance(text, tuple):
+            expected = tokenizer(*text, truncation=True, max_length=config.data.max_length)
+            assert fresh["token_type_ids"].tolist() == expected["token_type_ids"]
+
+    paired_rows = [i for i, t in enumerate(pretrainer.train_texts) if isinstance(t, tuple)][:16]
+    batch = pretrainer.collator([pretrainer.train_features[i] for i in paired_rows])
+    original = torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+    special = torch.isin(original, torch.tensor(tokenizer.all_special_ids))
+    assert (batch["labels"][special] == -100).all()
+    assert (original == tokenizer.sep_token_id).sum(1).eq(2).all()  # [SEP] after each sentence kept
+    for row, index in enumerate(paired_rows):
+        length = len(pretrainer.train_features[index]["input_ids"])
+        assert batch["token_type_ids"][row, :length].tolist() == pretrainer.train_features[index]["token_type_ids"].tolist()
