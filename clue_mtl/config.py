@@ -44,7 +44,9 @@ RESUMABLE_KEYS = ("name", "output_dir", "train.num_threads", "train.report_to")
 # Keys added since runs were first saved, each with the value that does what runs did before it:
 # a saved config without the key is the same run as one holding that value (fingerprints leave
 # the key out at that value, so checkpoints saved before it still resume).
-ADDED_KEYS = {"train.scheduler": "linear", "model.heads": {}, "model.private": {}}
+ADDED_KEYS = {"train.scheduler": "linear", "model.heads": {}, "model.private": {},
+              "auxiliary_mlm.batch_size": 0, "auxiliary_mlm.mlm_probability": 0.15,
+              "auxiliary_mlm.anneal": "none", "auxiliary_mlm.pairs": False, "auxiliary_mlm.max_texts": None}
 
 
 # ----------------------------------------------------------------------------- bounded YAML
@@ -197,6 +199,17 @@ class DistillConfig:
 
 
 @dataclass
+class AuxiliaryMLMConfig:
+    """Masked LM on the competition text as a fourth task, weighted with the three (MT-DNN's
+    pre-training task joined with the supervised ones)."""
+    batch_size: int = 0                  # corpus texts a step and process; 0: no auxiliary task
+    mlm_probability: float = 0.15        # whole jieba words, as in pre-training
+    anneal: str = "none"                 # none | linear: the masked-LM loss times 1 - step / steps
+    pairs: bool = False                  # OCNLI's sentences as tokenizer(a, b) pairs
+    max_texts: int | None = None         # an evenly spaced sample of the corpus (tests, quick runs)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
@@ -205,6 +218,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    auxiliary_mlm: AuxiliaryMLMConfig = field(default_factory=AuxiliaryMLMConfig)
 
 
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
@@ -457,6 +471,11 @@ def validate(config: RunConfig) -> None:
     need(0 <= config.data.split_seed <= MAX_SEED, f"data.split_seed must lie in [0, {MAX_SEED}]")
     need(config.data.max_length <= MAX_LENGTH, f"data.max_length must be at most {MAX_LENGTH:,}")
     need(config.weighting.lr >= 0, "weighting.lr must not be negative")
+    auxiliary = config.auxiliary_mlm
+    need(0 <= auxiliary.batch_size <= MAX_BATCH, f"auxiliary_mlm.batch_size must lie in [0, {MAX_BATCH:,}]")
+    need(0 < auxiliary.mlm_probability < 1, "auxiliary_mlm.mlm_probability must lie strictly between 0 and 1")
+    need(auxiliary.anneal in ("none", "linear"), "auxiliary_mlm.anneal must be none or linear")
+    need(auxiliary.max_texts is None or auxiliary.max_texts >= 1, "auxiliary_mlm.max_texts must be at least 1")
     need(0 <= config.train.ema_decay < 1, "train.ema_decay must lie in [0, 1)")
     need(config.train.fgm_epsilon >= 0, "train.fgm_epsilon must not be negative")
     need(not (config.train.fgm_epsilon > 0 and config.model.freeze_word_embeddings),
@@ -607,6 +626,13 @@ def validate_pretrain(config: PretrainConfig) -> None:
     need(train.head_warmup_steps >= 0, "train.head_warmup_steps must be at least 0")
 
 
+def weighted_tasks(config: RunConfig) -> list[str]:
+    """The losses the weighting combines: the tasks, and the auxiliary masked LM where it is on."""
+    from .tasks import MLM_TASK
+
+    return [*config.data.tasks, *([MLM_TASK] if config.auxiliary_mlm.batch_size else [])]
+
+
 def _validate_choices(config: RunConfig) -> None:
     """Names chosen from the kit's registries: poolings and weighting methods with their parameters."""
     from .structure import POOLING_NAMES
@@ -617,7 +643,7 @@ def _validate_choices(config: RunConfig) -> None:
         if pooling not in POOLING_NAMES:
             raise ConfigError(f"{where}: unknown pooling {pooling!r}; choose from {', '.join(POOLING_NAMES)}")
     try:
-        weighting = build_weighting(config.weighting.method, config.data.tasks, config.weighting.params)
+        weighting = build_weighting(config.weighting.method, weighted_tasks(config), config.weighting.params)
     except ValueError as error:
         raise ConfigError(f"weighting: {error}") from None
     reads_losses = config.weighting.method in LOSS_READERS or (

@@ -26,13 +26,19 @@ from torch import nn
 from .batching import EncodedTask, TaskStream
 from .errors import ConfigError
 from .masking import Text, WholeWordMaskCollator
-
-MLM_TASK = "mlm"  # the auxiliary task's name in losses, weights and the metrics log
+from .tasks import MLM_TASK
 DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
 HEAD_ARCHITECTURES = ("ForMaskedLM", "ForPreTraining")  # checkpoint classes that carry an LM head
 
 
 # ----------------------------------------------------------------------------- corpus features
+def sample_texts(texts: list, limit: int | None) -> list:
+    """At most `limit` texts, evenly spaced over the corpus (so every task and split appears)."""
+    if limit is None or len(texts) <= limit:
+        return texts
+    return [texts[i * len(texts) // limit] for i in range(limit)]
+
+
 def _text_digest_part(text: Text) -> str:
     return text if isinstance(text, str) else "\x1e" + "\x1f".join(text)
 
@@ -213,6 +219,15 @@ class MaskedLMObjective(nn.Module):
 
 
 # ----------------------------------------------------------------------------- auxiliary task
+def auxiliary_corpus(texts: list[str], pairs: list[tuple[str, str]] | None, limit: int | None) -> list:
+    """The auxiliary task's texts: `texts`, with OCNLI's sentences as their `pairs` where given,
+    at most `limit` of them, evenly spaced."""
+    if pairs is not None:
+        paired = {text for pair in pairs for text in pair}
+        texts = [text for text in texts if text not in paired] + pairs
+    return sample_texts(texts, limit)
+
+
 def auxiliary_head(source: str, encoder: nn.Module, features: list[dict], skip_ids) -> nn.Module:
     """The masked-LM head of `source` (trained, where the checkpoint has one; else new, with the
     unigram bias of `features`), its decoder tied to `encoder`'s word embedding."""

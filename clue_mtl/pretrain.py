@@ -52,7 +52,8 @@ from .accelerator import fresh_accelerator
 from .batching import tokenizer_fingerprint
 from .config import ConfigError, PretrainConfig, save_config
 from .masking import WholeWordMaskCollator
-from .mlm import MaskedBatches, MaskedLMObjective, encode_texts, fixed_masked_batches, load_masked_lm, set_unigram_bias
+from .mlm import (MaskedBatches, MaskedLMObjective, encode_texts, fixed_masked_batches, load_masked_lm, sample_texts,
+                  set_unigram_bias)
 from .optim import adamw
 from .recipe import RunRecipe
 from .run_folder import RunFolder
@@ -64,13 +65,6 @@ HELD_OUT_MASK_SEED = 20240601  # one masking of the held-out texts for every run
 
 
 # ----------------------------------------------------------------------------- corpus
-
-
-def sample_texts(texts: list[str], limit: int | None) -> list[str]:
-    """At most `limit` texts, evenly spaced over the corpus (so every task and split appears)."""
-    if limit is None or len(texts) <= limit:
-        return texts
-    return [texts[i * len(texts) // limit] for i in range(limit)]
 
 
 def held_out_split(texts: list[str], fraction: float, limit: int) -> tuple[list[str], list[str]]:

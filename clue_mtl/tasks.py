@@ -95,6 +95,9 @@ TASKS: dict[str, Task] = {task.name: task for task in (OCNLI, OCEMOTION, TNEWS)}
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 
 
+MLM_TASK = "mlm"  # the auxiliary masked-LM task's name in losses, weights and logs (`auxiliary_mlm:`)
+
+
 def get_task(name: str) -> Task:
     try:
         return TASKS[name.lower()]

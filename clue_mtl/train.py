@@ -29,7 +29,7 @@ from transformers import get_scheduler
 from .accelerator import fresh_accelerator
 from .adversarial import FGM
 from .batching import EncodedTask, MultiTaskBatches, encode_frame, task_batch_sizes, tokenizer_fingerprint
-from .config import RunConfig, save_config, validate
+from .config import RunConfig, save_config, validate, weighted_tasks
 from .data import save_split, task_frames
 from .distill import read_soft_labels
 from .ema import ExponentialMovingAverage
@@ -37,13 +37,16 @@ from .encoders import keep_bottom_layers, load_encoder
 from .hardware import PRECISION_DTYPES, ThroughputMeter, count_flops, matmul_peak
 from .inference import predict_logits
 from .losses import class_weights, task_loss
+from .masking import WholeWordMaskCollator
+from .mlm import MaskedBatches, WithMaskedLM, auxiliary_corpus, auxiliary_head, encode_texts
 from .metrics import leaderboard_score, task_report
 from .model import MultiTaskModel, build_model
 from .optim import adamw, parameter_groups
 from .recipe import RunRecipe
 from .run_folder import RunFolder
-from .tasks import get_task
+from .tasks import MLM_TASK, get_task
 from .tracking import accelerator_kwargs
+from .vocab import corpus_pairs, corpus_texts
 from .weighting import StepContext, build_weighting
 
 CACHE_DIR = Path("artifacts/cache")
@@ -129,6 +132,23 @@ class Trainer(RunRecipe):
             length_grouping=cfg.train.length_grouping, pad_to_multiple_of=pad_to,
             process_index=accelerator.process_index, num_processes=accelerator.num_processes,
         )
+        self.mlm_batches = self._auxiliary_batches(fingerprint) if cfg.auxiliary_mlm.batch_size else None
+
+    def _auxiliary_batches(self, fingerprint: str) -> MaskedBatches:
+        """The auxiliary task's masked batches: every text of the training and test files, as
+        pre-training reads them. The dev rows' texts are among them (unlabelled, as the test
+        texts are), which is how the test texts will be seen."""
+        cfg, accelerator = self.config, self.accelerator
+        auxiliary = cfg.auxiliary_mlm
+        texts = auxiliary_corpus(corpus_texts(cfg.data.data_dir),
+                                 corpus_pairs(cfg.data.data_dir) if auxiliary.pairs else None, auxiliary.max_texts)
+        collator = WholeWordMaskCollator(self.tokenizer, auxiliary.mlm_probability, seed=cfg.train.seed,
+                                         max_length=cfg.data.max_length)
+        with accelerator.main_process_first():
+            self.mlm_features = encode_texts(collator, texts, cache_dir=CACHE_DIR, fingerprint=fingerprint)
+        return MaskedBatches(self.mlm_features, collator, auxiliary.batch_size, seed=cfg.train.seed,
+                             length_grouping=cfg.train.length_grouping, process_index=accelerator.process_index,
+                             num_processes=accelerator.num_processes)
 
     def _setup_model(self) -> None:
         cfg, accelerator = self.config, self.accelerator
@@ -138,11 +158,19 @@ class Trainer(RunRecipe):
             model.encoder.get_input_embeddings().weight.requires_grad_(False)
         groups = parameter_groups(model, lr=cfg.train.lr, head_lr=cfg.train.head_lr,
                                   weight_decay=cfg.train.weight_decay, layer_lr_decay=cfg.train.layer_lr_decay)
+        if self.mlm_batches is not None:
+            head = auxiliary_head(cfg.model.encoder, model.encoder, self.mlm_features, self.tokenizer.all_special_ids)
+            self.mlm_head_parameters = [p for p in head.parameters() if p is not model.encoder.get_input_embeddings().weight]
+            groups += [{"params": [p for p in self.mlm_head_parameters if p.ndim >= 2], "lr": cfg.train.head_lr,
+                        "weight_decay": cfg.train.weight_decay},
+                       {"params": [p for p in self.mlm_head_parameters if p.ndim < 2], "lr": cfg.train.head_lr,
+                        "weight_decay": 0.0}]
+            model = WithMaskedLM(model, head)
         optimizer = adamw(groups, device_type=accelerator.device.type, fused=cfg.train.fused_optimizer,
                           precision=accelerator.mixed_precision)
         scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_training_steps=cfg.train.steps,
                                   num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.steps))
-        self.weighting = build_weighting(cfg.weighting.method, cfg.data.tasks, cfg.weighting.params)
+        self.weighting = build_weighting(cfg.weighting.method, weighted_tasks(cfg), cfg.weighting.params)
         self.weighting.to(accelerator.device)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         # Not prepared by Accelerate: strategies set these gradients by hand, unscaled and
@@ -158,6 +186,8 @@ class Trainer(RunRecipe):
         self._shared_parameters = _trainable(model.shared_parameters())
         self._last_shared_parameters = _trainable(model.last_shared_layer_parameters())
         self._head_parameters = _trainable(model.task_parameters())
+        if self.mlm_batches is not None:  # the auxiliary head is the masked LM's own, as a head is its task's
+            self._head_parameters += _trainable(self.mlm_head_parameters)
         self.class_weights = {
             task: class_weights(data.labels, get_task(task).num_labels).to(accelerator.device)
             if cfg.train.class_weighting else None
@@ -174,7 +204,9 @@ class Trainer(RunRecipe):
 
     @property
     def unwrapped(self) -> MultiTaskModel:
-        return self.accelerator.unwrap_model(self.model)
+        """The multi-task model (without the auxiliary masked-LM head: `best/` is what predicts)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return model.model if isinstance(model, WithMaskedLM) else model
 
     def _throughput_meter(self) -> ThroughputMeter:
         """Rows/s for the progress bar and the metrics log; with the progress bar shown, also the
@@ -219,8 +251,11 @@ class Trainer(RunRecipe):
     def _micro_batches(self, micro: int) -> dict[str, dict[str, torch.Tensor]]:
         """This step's `micro`-th batch of every task, on the device; counts its padded tokens."""
         index = self.state.step * self.config.train.grad_accumulation + micro
+        step_batches = dict(self.batches[index])
+        if self.mlm_batches is not None:
+            step_batches[MLM_TASK] = self.mlm_batches[index]
         batches = {task: {key: value.to(self.accelerator.device) for key, value in batch.items()}
-                   for task, batch in self.batches[index].items()}
+                   for task, batch in step_batches.items()}
         self.step_tokens += sum(int(batch["input_ids"].numel()) for batch in batches.values())
         return batches
 
@@ -228,11 +263,26 @@ class Trainer(RunRecipe):
         """One encoder pass per task: its loss, its pooled features and its batch accuracy."""
         losses, features, accuracies = {}, {}, {}
         for task, batch in batches.items():
+            if task == MLM_TASK:
+                losses[task], accuracies[task] = self._masked_lm_loss(batch)
+                continue
             logits, features[task] = self.model(task, batch["input_ids"], batch["attention_mask"],
                                                 batch.get("token_type_ids"))
             losses[task] = self._task_loss(task, logits, batch)
             accuracies[task] = (logits.detach().argmax(-1) == batch["labels"]).float().mean()
         return losses, features, accuracies
+
+    def _masked_lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The auxiliary task's mean loss over its masked tokens (annealed: times 1 - step/steps)
+        and its masked-token accuracy."""
+        logits, targets = self.model(MLM_TASK, batch["input_ids"], batch["attention_mask"],
+                                     batch.get("token_type_ids"), labels=batch["labels"])
+        if targets.numel() == 0:  # nothing masked in this micro-batch: a zero that keeps the graph
+            return logits.sum() * 0.0, torch.zeros((), device=logits.device)
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+        if self.config.auxiliary_mlm.anneal == "linear":
+            loss = loss * (1.0 - self.state.step / self.config.train.steps)
+        return loss, (logits.detach().argmax(-1) == targets).float().mean()
 
     def _step_context(self, features, accuracies, micro: int) -> StepContext:
         """What a weighting strategy may read: the shared parameters (all, and the last layer's),
@@ -276,7 +326,8 @@ class Trainer(RunRecipe):
             return
         # Under DDP every rank runs the same forwards (each is a collective), attacked or not.
         weights = self.weighting.task_weights()
-        adversarial = sum(weights[task] * self._task_loss(task, self._logits(task, b), b) for task, b in batches.items())
+        adversarial = sum(weights[task] * self._task_loss(task, self._logits(task, b), b)
+                          for task, b in batches.items() if task != MLM_TASK)  # the attack is on the tasks
         self.accelerator.backward(adversarial if attacked else adversarial * 0.0)
         self.fgm.restore()
 
