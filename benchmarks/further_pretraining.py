@@ -58,7 +58,9 @@ PRETRAINING: dict[str, list[str] | None] = {
 }
 FINETUNED = ("none", "head warm-up, lr 5e-5")  # the pre-trainings fine-tuned (the others: diagnosis only)
 # fine-tuning variants that change the fine-tuning itself (no pre-training)
-FINETUNING: dict[str, list[str]] = {}
+FINETUNING: dict[str, list[str]] = {
+    "auxiliary MLM (8 texts a step, annealed)": ["auxiliary_mlm.batch_size=8", "auxiliary_mlm.anneal=linear"],
+}
 
 
 def slug(name: str) -> str:
@@ -70,8 +72,13 @@ def jobs() -> list[dict]:
     """Every job, in the order lanes take them: the baselines, the pre-trainings, the variants."""
     out = [finetune_job("none", SHORT, seed) for seed in SEEDS]
     out += [pretrain_job(name) for name, overrides in PRETRAINING.items() if overrides is not None]
-    for name in [*FINETUNED, *FINETUNING]:
+    for name in FINETUNED:
         out += [finetune_job(name, SHORT, seed) for seed in SEEDS if name != "none"]
+    if SPEED_FILE.exists():  # the fine-tuning variants train the steps their speed buys in the baseline's time
+        speed = json.loads(SPEED_FILE.read_text())["figures"]["finetune"]
+        for name in FINETUNING:
+            steps = round(SHORT * min(1.0, speed[name]["samples_per_second"] / speed["none"]["samples_per_second"]))
+            out += [finetune_job(name, steps, seed) for seed in SEEDS]
     return out
 
 
@@ -157,6 +164,65 @@ def cmd_next(args) -> None:
         return
 
 
+# ----------------------------------------------------------------------------- speed
+def finetune_overrides(extra: list[str]) -> list[str]:
+    from clue_mtl.config import load_config
+
+    quickstart = load_config(ROOT / FINETUNE_CONFIG)
+    return [f"data.data_dir={ROOT / 'data'}", f"model.encoder={ensure_trimmed_encoder()}",
+            f"data.max_length={quickstart.data.max_length}", f"train.batch_size={quickstart.train.batch_size}",
+            "model.freeze_word_embeddings=true", f"train.mixed_precision={quickstart.train.mixed_precision}",
+            "model.heads={ocnli: {type: attention}, ocemotion: {type: attention}, tnews: {type: attention}}",
+            "train.eval_every=1000000", "data.max_train_rows=4000", *extra]
+
+
+def time_pretraining(overrides: list[str], steps: int, warmup: int, frozen: bool) -> dict:
+    """Seconds a pre-training step (encoder frozen or not) and a held-out evaluation take here."""
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    from clue_mtl.config import load_pretrain_config
+    from clue_mtl.pretrain import Pretrainer
+
+    config = load_pretrain_config(ROOT / PRETRAIN_CONFIG, [
+        f"data.data_dir={ROOT / 'data'}", f"model.encoder={ensure_trimmed_encoder()}", "model.trim_vocab=false",
+        "train.log_every=1000000", *overrides])
+    with tempfile.TemporaryDirectory() as run_dir:
+        pretrainer = Pretrainer(config, run_dir, show_progress=False, cache_dir=ROOT / "artifacts" / "cache")
+        pretrainer._progress = tqdm(disable=True)
+        pretrainer._start_or_resume()
+        pretrainer.state.encoder_frozen = frozen
+        for _ in range(warmup):
+            pretrainer._optimizer_step()
+        started = time.perf_counter()
+        for _ in range(steps):
+            pretrainer._optimizer_step()
+        step_seconds = (time.perf_counter() - started) / steps
+        started = time.perf_counter()
+        pretrainer.evaluate()
+        return {"step_seconds": step_seconds, "eval_seconds": time.perf_counter() - started}
+
+
+def cmd_speed(args) -> None:
+    """Alone, 2 threads: fine-tuning rows/s of the baseline and each fine-tuning variant; seconds a
+    pre-training step takes (plain, encoder frozen, pairs) and a held-out evaluation."""
+    from common import machine, time_training_steps
+
+    figures = {"finetune": {}, "pretrain": {}}
+    for name, extra in {"none": [], **FINETUNING}.items():
+        result = time_training_steps(finetune_overrides(extra), args.steps, args.warmup)
+        figures["finetune"][name] = {"samples_per_second": result["samples_per_second"],
+                                     "step_seconds": result["step_seconds"], "precision": result["precision"]}
+        print(name, figures["finetune"][name], flush=True)
+    for name, (overrides, frozen) in {"plain": ([], False), "encoder frozen": ([], True),
+                                      "pairs": (["data.pairs=true"], False)}.items():
+        figures["pretrain"][name] = time_pretraining(overrides, args.steps, args.warmup, frozen)
+        print(name, figures["pretrain"][name], flush=True)
+    record = {"command": " ".join(["python", *sys.argv]), "machine": machine(), "figures": figures}
+    SPEED_FILE.write_text(json.dumps(record, indent=2) + "\n")
+
+
 # ----------------------------------------------------------------------------- scoring
 def dev_frames() -> dict:
     from clue_mtl.config import load_config
@@ -170,6 +236,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("next").set_defaults(run=cmd_next)
+    speed = commands.add_parser("speed")
+    speed.add_argument("--steps", type=int, default=15)
+    speed.add_argument("--warmup", type=int, default=3)
+    speed.set_defaults(run=cmd_speed)
     args = parser.parse_args()
     args.run(args)
 
