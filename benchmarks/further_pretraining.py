@@ -69,21 +69,29 @@ def slug(name: str) -> str:
 
 # ----------------------------------------------------------------------------- jobs
 def jobs() -> list[dict]:
-    """Every job, in the order lanes take them: the baselines, the pre-trainings, the variants."""
+    """Every job, in the order lanes take them: the baselines; the head warm-up's pre-training and
+    the auxiliary task (no pre-training) side by side; their fine-tunings; the diagnosis-only
+    pre-trainings; the frozen probes."""
     out = [finetune_job("none", SHORT, seed) for seed in SEEDS]
-    out += [pretrain_job(name) for name, overrides in PRETRAINING.items() if overrides is not None]
-    for name in FINETUNED:
-        out += [finetune_job(name, SHORT, seed) for seed in SEEDS if name != "none"]
+    out.append(pretrain_job(FINETUNED[1]))
     if SPEED_FILE.exists():  # the fine-tuning variants train the steps their speed buys in the baseline's time
         speed = json.loads(SPEED_FILE.read_text())["figures"]["finetune"]
         for name in FINETUNING:
             steps = round(SHORT * min(1.0, speed[name]["samples_per_second"] / speed["none"]["samples_per_second"]))
             out += [finetune_job(name, steps, seed) for seed in SEEDS]
+    out += [finetune_job(FINETUNED[1], SHORT, seed) for seed in SEEDS]
+    out += [pretrain_job(name) for name, overrides in PRETRAINING.items()
+            if overrides is not None and name not in FINETUNED]
+    out += [probe_job(name) for name in PRETRAINING]
     return out
 
 
 def pretrain_job(name: str) -> dict:
     return {"kind": "pretrain", "name": name, "dir": RUNS / f"pretrain-{slug(name)}"}
+
+
+def probe_job(name: str) -> dict:
+    return {"kind": "probe", "name": name, "dir": RUNS / f"probe-{slug(name)}"}
 
 
 def finetune_job(name: str, steps: int, seed: int, *, label: str | None = None) -> dict:
@@ -109,16 +117,68 @@ def claim(job: dict) -> bool:
     return True
 
 
+SNAPSHOTS = (25, 50, 100, 200, 300, 400)  # pre-training steps at which the layers are compared with the start
+CKA_TEXTS = 512
+
+
 def run_pretrain(job: dict) -> None:
-    command = [sys.executable, "-m", "clue_mtl", "pretrain", "--config", PRETRAIN_CONFIG,
-               "--run-dir", str(job["dir"]), "--overwrite", "--set", "train.num_threads=1",
-               "--set", f"name={job['dir'].name}"]
-    for override in PRETRAINING[job["name"]]:
-        command += ["--set", override]
+    """The pre-training, in this process, stopping at each snapshot step to compare every layer's
+    pooled states on held-out texts with the starting encoder's (linear CKA)."""
+    from clue_mtl.config import load_pretrain_config
+    from clue_mtl.pretrain import Pretrainer
+    from clue_mtl.probe import layer_cka, layer_vectors
+
+    overrides = ["train.num_threads=1", f"name={job['dir'].name}", *PRETRAINING[job["name"]]]
+    config = load_pretrain_config(ROOT / PRETRAIN_CONFIG, [f"data.data_dir={ROOT / 'data'}", *overrides])
     started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
-    record = {"lane_seconds": time.perf_counter() - started, "command": " ".join(command)}
+    pretrainer = Pretrainer(config, job["dir"], overwrite=True, cache_dir=ROOT / "artifacts" / "cache")
+    texts = pretrainer.held_out_texts[:CKA_TEXTS]
+
+    def vectors():
+        return layer_vectors(pretrainer.masked_lm.base_model, pretrainer.tokenizer, texts, max_length=96)
+
+    start, trajectory = vectors(), []
+    for until in [s for s in SNAPSHOTS if s < config.train.steps] + [config.train.steps]:
+        pretrainer.train(until_step=until)
+        pretrainer.resume = True
+        trajectory.append({"step": until, "cka": layer_cka(start, vectors())})
+        print(f"step {until}: CKA with the start by layer {[round(c, 3) for c in trajectory[-1]['cka']]}", flush=True)
+    record = {"lane_seconds": time.perf_counter() - started, "overrides": overrides, "trajectory": trajectory,
+              "history": pretrainer.state.history, "encoder_unfrozen_at": pretrainer.state.encoder_unfrozen_at}
     (job["dir"] / "result.json").write_text(json.dumps(record) + "\n")
+
+
+PROBE_TRAIN_ROWS = 4000
+
+
+def run_probe(job: dict, encoder_path: Path) -> None:
+    """OCNLI macro-F1 of a logistic regression on each frozen layer's pooled `tokenizer(a, b)`
+    states: 4,000 training rows, the fine-tuning runs' 2,000 dev rows."""
+    from clue_mtl.config import load_config
+    from clue_mtl.data import task_frames
+    from clue_mtl.encoders import load_encoder
+    from clue_mtl.probe import layer_vectors, probe_scores
+    from clue_mtl.tasks import get_task
+
+    import torch
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    config = load_config(ROOT / FINETUNE_CONFIG, [f"data.data_dir={ROOT / 'data'}", f"data.max_dev_rows={DEV_ROWS}",
+                                                  f"data.max_train_rows={PROBE_TRAIN_ROWS}"])
+    frames = task_frames(config.data, "ocnli")
+    encoder, tokenizer = load_encoder(str(encoder_path))
+    labels = {label: i for i, label in enumerate(get_task("ocnli").labels)}
+    vectors = {part: layer_vectors(encoder, tokenizer, list(zip(frame["text_a"], frame["text_b"])),
+                                   max_length=config.data.max_length, show_progress=True)
+               for part, frame in (("train", frames.train), ("dev", frames.dev))}
+    scores = probe_scores(vectors["train"], frames.train["label"].map(labels).tolist(),
+                          vectors["dev"], frames.dev["label"].map(labels).tolist())
+    record = {"name": job["name"], "encoder": str(encoder_path), "probe_macro_f1": scores,
+              "train_rows": len(frames.train), "dev_rows": len(frames.dev), "lane_seconds": time.perf_counter() - started}
+    job["dir"].mkdir(parents=True, exist_ok=True)
+    (job["dir"] / "result.json").write_text(json.dumps(record) + "\n")
+    print(f"probe {job['name']}: OCNLI macro-F1 by layer {[round(x, 3) for x in scores]}", flush=True)
 
 
 def run_finetune(job: dict, encoder: Path) -> None:
@@ -159,6 +219,8 @@ def cmd_next(args) -> None:
         print(f"lane {os.getpid()}: {started['kind']} {started['dir'].name}", flush=True)
         if started["kind"] == "pretrain":
             run_pretrain(started)
+        elif started["kind"] == "probe":
+            run_probe(started, encoder_for(started["name"]))
         else:
             run_finetune(started, encoder_for(started["name"]))
         return
