@@ -294,10 +294,149 @@ def dev_frames() -> dict:
     return {task: task_frames(config.data, task).dev for task in TASKS}
 
 
+def pretraining_minutes(name: str, record: dict, speed: dict) -> float:
+    """Minutes the pre-training takes alone on 2 threads: its steps at the measured step time
+    (frozen steps at the frozen rate), plus the head warm-up's held-out looks (the method needs
+    them; the other evaluations only monitor)."""
+    steps = next(int(o.split("=")[1]) for o in PRETRAINING[name] if o.startswith("train.steps="))
+    kind = "pairs" if "data.pairs=true" in PRETRAINING[name] else "plain"
+    frozen = record.get("encoder_unfrozen_at") or 0
+    looks = sum(1 for e in record["history"] if e.get("phase") == "head warm-up")
+    seconds = (frozen * speed["encoder frozen"]["step_seconds"] + (steps - frozen) * speed[kind]["step_seconds"]
+               + looks * speed[kind]["eval_seconds"])
+    return seconds / 60
+
+
+def cmd_report(args) -> None:
+    from structures import paired_bootstrap, task_f1
+
+    from clue_mtl.tasks import get_task
+
+    speed = json.loads(SPEED_FILE.read_text())
+    gold = {}
+    for task, frame in dev_frames().items():
+        labels = list(get_task(task).labels)
+        index = {label: i for i, label in enumerate(labels)}
+        gold[task] = (np.asarray([index[label] for label in frame["label"]]), len(labels))
+    results = {path.parent.name: json.loads(path.read_text()) for path in RUNS.glob("*/result.json")}
+    runs: dict[tuple[str, int], dict[int, dict]] = {}
+    for record in results.values():
+        if "predicted" in record:
+            runs.setdefault((record["label"], record["steps"]), {})[record["seed"]] = record
+    baseline = runs.get(("none", SHORT), {})
+    step_seconds = {name: entry["step_seconds"] for name, entry in speed["figures"]["finetune"].items()}
+    figures = {"speed": speed, "finetune": {}, "pretrain": {}, "probe": {}}
+    for (label, steps), by_seed in sorted(runs.items(), key=lambda item: (item[0][0] != "none", item[0])):
+        scores = {seed: {t: task_f1(gold[t][0], np.asarray(r["predicted"][t]), gold[t][1]) for t in TASKS}
+                  for seed, r in by_seed.items()}
+        entry = {"label": label, "steps": steps, "seeds": sorted(by_seed),
+                 "macro_f1": {t: statistics.mean(s[t] for s in scores.values()) for t in TASKS},
+                 "per_seed_mean": {seed: statistics.mean(s.values()) for seed, s in scores.items()},
+                 "finetune_minutes": steps * step_seconds.get(label, step_seconds["none"]) / 60}
+        entry["mean"] = statistics.mean(entry["macro_f1"].values())
+        pretrained = results.get(f"pretrain-{slug(label)}")
+        entry["pretrain_minutes"] = (pretraining_minutes(label, pretrained, speed["figures"]["pretrain"])
+                                     if pretrained else 0.0)
+        pairs = [(r["predicted"], baseline[seed]["predicted"]) for seed, r in by_seed.items()
+                 if label != "none" and seed in baseline]
+        if pairs:
+            entry["vs_none"] = paired_bootstrap(pairs, gold)
+        figures["finetune"][f"{label} @ {steps}"] = entry
+    for name in PRETRAINING:
+        record = results.get(f"pretrain-{slug(name)}")
+        if record:
+            final = record["history"][-1]
+            figures["pretrain"][name] = {
+                "minutes": pretraining_minutes(name, record, speed["figures"]["pretrain"]),
+                "held_out_loss": final["loss"], "held_out_accuracy": final["accuracy"],
+                "start_loss": record["history"][0]["loss"], "encoder_unfrozen_at": record["encoder_unfrozen_at"],
+                "trajectory": record["trajectory"], "history": record["history"], "overrides": record["overrides"]}
+        probe = results.get(f"probe-{slug(name)}")
+        if probe:
+            figures["probe"][name] = probe["probe_macro_f1"]
+    write_results("further_pretraining", figures, summarise(figures))
+    plot(figures, RESULTS / "further_pretraining.png")
+
+
+def _interval(c: dict | None) -> str:
+    if c is None:
+        return ""
+    return f"{c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]" + ("" if c["low"] <= 0 <= c["high"] else " *")
+
+
+def summarise(figures: dict) -> str:
+    finetune, pretrain, probe = figures["finetune"], figures["pretrain"], figures["probe"]
+    machine = figures["speed"]["machine"]
+    lines = [f"# Further pre-training against fine-tuning ({FINETUNE_CONFIG} on the trimmed e5-small, CPU)", "",
+             f"Fine-tuning: macro-F1 on {DEV_ROWS:,} stratified dev rows per task at the last step, averaged over "
+             "seeds; the interval is the paired bootstrap (95%, dev rows resampled) against no pre-training at "
+             f"{SHORT} steps, each seed against the baseline of that seed. Minutes: timed alone on "
+             f"{machine['cores']} cores ({machine['cpu']}), 2 threads (`{figures['speed']['command']}`); "
+             "runs trained in two single-thread lanes, whose wall times are not timings.", "",
+             "| variant | steps | pre-training min | fine-tuning min | OCNLI | OCEMOTION | TNEWS | mean | per seed "
+             "| vs none [95%] |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for entry in finetune.values():
+        f1 = entry["macro_f1"]
+        seeds = ", ".join(f"{v:.4f}" for v in entry["per_seed_mean"].values())
+        lines.append(f"| {entry['label']} | {entry['steps']} | {entry['pretrain_minutes']:.1f} "
+                     f"| {entry['finetune_minutes']:.1f} | {f1['ocnli']:.4f} | {f1['ocemotion']:.4f} "
+                     f"| {f1['tnews']:.4f} | **{entry['mean']:.4f}** | {seeds} | {_interval(entry.get('vs_none'))} |")
+    lines += ["", "`*`: the interval excludes 0 (a difference); otherwise no difference.", "",
+              "## The pre-trainings: held-out masked LM, how far the layers moved, what a frozen probe reads", "",
+              f"CKA: linear CKA of each layer's mean-pooled states on {CKA_TEXTS} held-out texts, against the "
+              f"starting encoder. Probe: OCNLI dev macro-F1 of a logistic regression on a frozen layer's pooled "
+              f"`tokenizer(a, b)` states ({PROBE_TRAIN_ROWS:,} training rows, the {DEV_ROWS:,} dev rows above).", "",
+              "| pre-training | minutes | head warm-up ended | held-out loss (start) | accuracy | CKA layer 6 / top "
+              "| probe top layer | probe best layer |", "|---|---|---|---|---|---|---|---|"]
+    for name in PRETRAINING:
+        scores = probe.get(name)
+        probe_cells = "| - | -" if scores is None else (
+            f"| {scores[-1]:.4f} | {max(scores):.4f} (layer {scores.index(max(scores))})")
+        entry = pretrain.get(name)
+        if entry is None:
+            lines.append(f"| {name} | 0 | - | - | - | 1 / 1 {probe_cells} |")
+            continue
+        cka = entry["trajectory"][-1]["cka"]
+        unfrozen = entry["encoder_unfrozen_at"]
+        lines.append(f"| {name} | {entry['minutes']:.1f} | {'-' if unfrozen is None else f'step {unfrozen}'} "
+                     f"| {entry['held_out_loss']:.4f} ({entry['start_loss']:.4f}) | {entry['held_out_accuracy']:.4f} "
+                     f"| {cka[6]:.3f} / {cka[-1]:.3f} {probe_cells} |")
+    lines += ["", "CKA with the start, by pre-training step (layers 0 = embeddings ... 12):", ""]
+    for name, entry in pretrain.items():
+        lines.append(f"- {name}: " + "; ".join(
+            f"step {t['step']}: " + " ".join(f"{c:.2f}" for c in t["cka"]) for t in entry["trajectory"]))
+    return "\n".join(lines)
+
+
+def plot(figures: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (cka_axis, probe_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = dict(zip(PRETRAINING, ["black", "tab:red", "tab:blue", "tab:green"]))
+    for name, entry in figures["pretrain"].items():
+        for t in entry["trajectory"]:
+            final = t is entry["trajectory"][-1]
+            cka_axis.plot(t["cka"], color=colors[name], alpha=1.0 if final else 0.25, lw=2 if final else 1,
+                          label=name if final else None)
+    cka_axis.set(title="layers vs the start (linear CKA); faint: earlier steps", xlabel="layer (0 = embeddings)",
+                 ylabel="CKA with the starting encoder", ylim=(0, 1.02))
+    cka_axis.legend(fontsize=8)
+    for name, scores in figures["probe"].items():
+        probe_axis.plot(scores, marker="o", ms=3, color=colors[name], label=name)
+    probe_axis.set(title="frozen-layer probe, OCNLI dev macro-F1", xlabel="layer (0 = embeddings)", ylabel="macro-F1")
+    probe_axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("next").set_defaults(run=cmd_next)
+    commands.add_parser("report").set_defaults(run=cmd_report)
     speed = commands.add_parser("speed")
     speed.add_argument("--steps", type=int, default=15)
     speed.add_argument("--warmup", type=int, default=3)
