@@ -305,6 +305,25 @@ def cmd_average_weights(args) -> int:
     return 0
 
 
+def cmd_compare_encoders(args) -> int:
+    _quiet_libraries()
+    from .probe import compare_encoders
+
+    result = compare_encoders(args.before, args.after, args.data_dir, texts=args.texts, probe_rows=args.probe_rows)
+    print(f"layer  CKA (after vs before, {result['texts']} texts)"
+          + ("  probe before  probe after (OCNLI dev macro-F1)" if args.probe_rows else ""))
+    for layer, cka in enumerate(result["cka"]):
+        probes = (f"  {result['probe_before'][layer]:12.4f}  {result['probe_after'][layer]:11.4f}"
+                  if args.probe_rows else "")
+        print(f"{layer:5d}  {cka:.4f}{probes}")
+    if args.json:  # beside the target, then renamed over it: never a half-written file
+        target = Path(args.json)
+        temporary = target.with_name(f".{target.name}.partial")
+        temporary.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, target)
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clue-mtl", description=__doc__.splitlines()[0])
@@ -355,6 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
     config_options(command("train", cmd_train, "multi-task training"))
 
     config_options(command("pretrain", cmd_pretrain, "further pre-training: whole-word masked LM on the competition text"))
+
+    sub = command("compare-encoders", cmd_compare_encoders,
+                  "how far training moved an encoder: per-layer CKA, and a frozen-layer OCNLI probe")
+    sub.add_argument("--before", required=True, help="encoder folder or hub id (e.g. the pre-training's source)")
+    sub.add_argument("--after", required=True, help="encoder folder (e.g. runs/NAME/encoder)")
+    sub.add_argument("--texts", type=int, default=512, help="competition texts for CKA (default: %(default)s)")
+    sub.add_argument("--probe-rows", type=int, default=0,
+                     help="OCNLI training rows for a logistic-regression probe of each layer (0: no probe)")
+    sub.add_argument("--json", help="also write the figures to this JSON file")
+    data_dir(sub)
 
     sub = command("trim-vocab", cmd_trim_vocab, "keep only the embedding rows the competition text uses")
     sub.add_argument("--encoder", required=True, help="encoder folder or hub id")

@@ -78,3 +78,34 @@ def probe_scores(train_vectors: np.ndarray, train_labels: Sequence[int], dev_vec
         probe.fit(train_layer, train_labels)
         scores.append(float(f1_score(dev_labels, probe.predict(dev_layer), average="macro")))
     return scores
+
+
+def compare_encoders(before: str, after: str, data_dir: str, *, texts: int = 512, probe_rows: int = 0,
+                     dev_rows: int = 2000, max_length: int = 128, show_progress: bool = True) -> dict:
+    """Per-layer CKA of `after` against `before` on `texts` competition texts (evenly spaced over
+    the corpus); with `probe_rows`, each layer's OCNLI probe (that many training rows, `dev_rows`
+    of the kit's dev split) for both encoders."""
+    from .config import DataConfig
+    from .data import task_frames
+    from .errors import ConfigError
+    from .encoders import load_encoder
+    from .tasks import get_task
+    from .vocab import corpus_texts
+
+    if texts < 3 or probe_rows < 0 or (probe_rows and probe_rows < 30):
+        raise ConfigError("compare-encoders: --texts must be at least 3 and --probe-rows 0 or at least 30")
+    corpus = corpus_texts(data_dir)
+    sample = [corpus[i * len(corpus) // texts] for i in range(min(texts, len(corpus)))]
+    encoders = {name: load_encoder(path) for name, path in (("before", before), ("after", after))}
+    vectors = {name: layer_vectors(e, t, sample, max_length=max_length, show_progress=show_progress)
+               for name, (e, t) in encoders.items()}
+    result = {"texts": len(sample), "cka": layer_cka(vectors["before"], vectors["after"])}
+    if probe_rows:
+        frames = task_frames(DataConfig(data_dir=data_dir, max_train_rows=probe_rows, max_dev_rows=dev_rows), "ocnli")
+        index = {label: i for i, label in enumerate(get_task("ocnli").labels)}
+        labels = [frame["label"].map(index).tolist() for frame in (frames.train, frames.dev)]
+        for name, (encoder, tokenizer) in encoders.items():
+            train, dev = (layer_vectors(encoder, tokenizer, list(zip(f["text_a"], f["text_b"])), max_length=max_length,
+                                        show_progress=show_progress) for f in (frames.train, frames.dev))
+            result[f"probe_{name}"] = probe_scores(train, labels[0], dev, labels[1])
+    return result

@@ -41,3 +41,28 @@ def test_the_probe_reads_what_a_layer_holds():
     layers = np.stack([noise, informative])
     scores = probe_scores(layers[:, :400], labels[:400], layers[:, 400:], labels[400:])
     assert scores[0] < 0.45 < 0.9 < scores[1]
+
+
+def test_compare_encoders_cli(tiny_bert, tmp_path, data_dir, capsys):
+    import json
+
+    from clue_mtl.cli import main
+    from clue_mtl.testing import build_tiny_encoder
+
+    out = tmp_path / "compare.json"
+    assert main(["compare-encoders", "--before", str(tiny_bert), "--after", str(tiny_bert), "--texts", "40",
+                 "--probe-rows", "60", "--data-dir", str(data_dir), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["cka"] == pytest.approx([1.0] * len(result["cka"]))
+    assert result["probe_before"] == result["probe_after"] and len(result["probe_after"]) == len(result["cka"])
+    assert "CKA" in capsys.readouterr().out
+
+    other = build_tiny_encoder(tmp_path / "other", seed=1)  # the same tokenizer, other weights
+    assert main(["compare-encoders", "--before", str(tiny_bert), "--after", str(other), "--texts", "40",
+                 "--data-dir", str(data_dir), "--json", str(out)]) == 0
+    assert max(json.loads(out.read_text())["cka"][1:]) < 0.99
+    assert main(["compare-encoders", "--before", str(tiny_bert), "--after", str(tmp_path / "missing"),
+                 "--data-dir", str(data_dir)]) == 2
+    assert main(["compare-encoders", "--before", str(tiny_bert), "--after", str(tiny_bert), "--texts", "1",
+                 "--data-dir", str(data_dir)]) == 2
+    assert "error:" in capsys.readouterr().err
