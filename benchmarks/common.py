@@ -74,6 +74,23 @@ def alternate_children(script: str, flag: str, names, extra: list[str], repeats:
 TRIMMED_ENCODER = ROOT / "artifacts" / "e5-small-trimmed"
 
 
+def train_and_predict(config: str, run_dir: Path, overrides: list[str], frames: dict) -> dict:
+    """`clue-mtl train` in a fresh process, then the best model's predicted label index for every
+    row of `frames` (task -> dev frame): {"command", "lane_seconds", "predicted"}."""
+    command = [sys.executable, "-m", "clue_mtl", "train", "--config", config, "--run-dir", str(run_dir), "--overwrite"]
+    for override in overrides:
+        command += ["--set", override]
+    started = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True)
+    seconds = time.perf_counter() - started
+
+    from clue_mtl.inference import LoadedRun
+
+    run = LoadedRun(run_dir, show_progress=False)
+    predicted = {task: run.probabilities(task, frame).argmax(-1).tolist() for task, frame in frames.items()}
+    return {"command": " ".join(command), "lane_seconds": seconds, "predicted": predicted}
+
+
 def ensure_trimmed_encoder() -> Path:
     """e5-small with its vocabulary trimmed to the corpus (`clue-mtl trim-vocab`), built once."""
     from clue_mtl.encoders import ensure_encoder

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, ensure_trimmed_encoder, write_results  # noqa: E402
+from common import RESULTS, ROOT, ensure_trimmed_encoder, train_and_predict, write_results  # noqa: E402
 
 FINETUNE_CONFIG = "configs/quickstart.yaml"
 PRETRAIN_CONFIG = "configs/pretrain-e5-small.yaml"
@@ -186,20 +185,8 @@ def run_finetune(job: dict, encoder: Path) -> None:
     overrides = [*FINETUNING.get(job["name"], []), f"model.encoder={encoder}", f"train.seed={job['seed']}",
                  f"train.steps={job['steps']}", f"train.eval_every={job['steps']}", f"data.max_dev_rows={DEV_ROWS}",
                  "train.num_threads=1", f"name={directory.name}"]
-    command = [sys.executable, "-m", "clue_mtl", "train", "--config", FINETUNE_CONFIG, "--run-dir", str(directory),
-               "--overwrite"]
-    for override in overrides:
-        command += ["--set", override]
-    started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
-    seconds = time.perf_counter() - started
-
-    from clue_mtl.inference import LoadedRun
-
-    run = LoadedRun(directory, show_progress=False)
-    predicted = {task: run.probabilities(task, frame).argmax(-1).tolist() for task, frame in dev_frames().items()}
     record = {"name": job["name"], "label": job["label"], "seed": job["seed"], "steps": job["steps"],
-              "lane_seconds": seconds, "predicted": predicted, "command": " ".join(command)}
+              **train_and_predict(FINETUNE_CONFIG, directory, overrides, dev_frames())}
     (directory / "result.json").write_text(json.dumps(record) + "\n")
 
 

@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, alternate_children, time_training_steps, write_results  # noqa: E402
+from common import RESULTS, ROOT, alternate_children, time_training_steps, train_and_predict, write_results  # noqa: E402
 
 CONFIG = "configs/quickstart.yaml"
 RUNS = ROOT / "runs" / "structures"
@@ -127,19 +125,8 @@ def train_one(variant: str, seed: int, steps: int) -> None:
         return
     overrides = [*VARIANTS[variant], f"train.seed={seed}", f"train.steps={steps}", f"train.eval_every={steps}",
                  f"data.max_dev_rows={DEV_ROWS}", "train.num_threads=1", f"name={directory.name}"]
-    command = [sys.executable, "-m", "clue_mtl", "train", "--config", CONFIG, "--run-dir", str(directory), "--overwrite"]
-    for override in overrides:
-        command += ["--set", override]
-    started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
-    seconds = time.perf_counter() - started
-
-    from clue_mtl.inference import LoadedRun
-
-    run = LoadedRun(directory, show_progress=False)
-    predicted = {task: run.probabilities(task, frame).argmax(-1).tolist() for task, frame in dev_frames().items()}
-    record = {"variant": variant, "seed": seed, "steps": steps, "lane_seconds": seconds, "predicted": predicted,
-              "command": " ".join(command)}
+    record = {"variant": variant, "seed": seed, "steps": steps,
+              **train_and_predict(CONFIG, directory, overrides, dev_frames())}
     predictions.write_text(json.dumps(record) + "\n")
 
 
