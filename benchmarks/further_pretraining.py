@@ -69,8 +69,8 @@ def slug(name: str) -> str:
 # ----------------------------------------------------------------------------- jobs
 def jobs() -> list[dict]:
     """Every job, in the order lanes take them: the baselines; the head warm-up's pre-training and
-    the auxiliary task (no pre-training) side by side; their fine-tunings; the diagnosis-only
-    pre-trainings; the frozen probes."""
+    the auxiliary task (no pre-training) side by side; a first seed of the warm-up's fine-tuning;
+    the plain pre-training and the frozen probes (the diagnosis); then the rest."""
     out = [finetune_job("none", SHORT, seed) for seed in SEEDS]
     out.append(pretrain_job(FINETUNED[1]))
     if SPEED_FILE.exists():  # the fine-tuning variants train the steps their speed buys in the baseline's time
@@ -78,10 +78,13 @@ def jobs() -> list[dict]:
         for name in FINETUNING:
             steps = round(SHORT * min(1.0, speed[name]["samples_per_second"] / speed["none"]["samples_per_second"]))
             out += [finetune_job(name, steps, seed) for seed in SEEDS]
-    out += [finetune_job(FINETUNED[1], SHORT, seed) for seed in SEEDS]
+    out.append(finetune_job(FINETUNED[1], SHORT, SEEDS[0]))
+    out.append(pretrain_job("mlm"))
+    out += [probe_job(name) for name in ("none", FINETUNED[1], "mlm")]
+    out += [finetune_job(FINETUNED[1], SHORT, seed) for seed in SEEDS[1:]]
     out += [pretrain_job(name) for name, overrides in PRETRAINING.items()
-            if overrides is not None and name not in FINETUNED]
-    out += [probe_job(name) for name in PRETRAINING]
+            if overrides is not None and name not in (*FINETUNED, "mlm")]
+    out += [probe_job(name) for name in PRETRAINING if name not in ("none", FINETUNED[1], "mlm")]
     return out
 
 
