@@ -384,7 +384,8 @@ def summarise(figures: dict) -> str:
             f"| {scores[-1]:.4f} | {max(scores):.4f} (layer {scores.index(max(scores))})")
         entry = pretrain.get(name)
         if entry is None:
-            lines.append(f"| {name} | 0 | - | - | - | 1 / 1 {probe_cells} |")
+            lines.append(f"| {name} | 0 | - | - | - | 1 / 1 {probe_cells} |" if PRETRAINING[name] is None
+                         else f"| {name} | not run | | | | | | |")
             continue
         cka = entry["trajectory"][-1]["cka"]
         unfrozen = entry["encoder_unfrozen_at"]
