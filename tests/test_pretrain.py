@@ -257,7 +257,7 @@ def test_pretrain_configs_load():
     assert paths, "no pre-training config shipped"
     for path in paths:
         config = load_pretrain_config(path)
-        assert config.train.mixed_precision in ("no", "bf16", "fp16")
+        assert config.train.mixed_precision in ("no", "bf16", "fp16", "auto")
 
 
 @pytest.mark.parametrize("override, message", [
