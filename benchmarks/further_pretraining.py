@@ -317,6 +317,7 @@ def cmd_report(args) -> None:
     step_seconds = {name: entry["step_seconds"] for name, entry in speed["figures"]["finetune"].items()}
     figures = {"speed": speed, "finetune": {}, "pretrain": {}, "probe": {}}
     for (label, steps), by_seed in sorted(runs.items(), key=lambda item: (item[0][0] != "none", item[0])):
+        by_seed = dict(sorted(by_seed.items()))
         scores = {seed: {t: task_f1(gold[t][0], np.asarray(r["predicted"][t]), gold[t][1]) for t in TASKS}
                   for seed, r in by_seed.items()}
         entry = {"label": label, "steps": steps, "seeds": sorted(by_seed),
