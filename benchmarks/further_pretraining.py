@@ -419,7 +419,10 @@ def plot(figures: dict, path: Path) -> None:
     for name, scores in figures["probe"].items():
         probe_axis.plot(scores, marker="o", ms=3, color=colors[name], label=name)
     probe_axis.set(title="frozen-layer probe, OCNLI dev macro-F1", xlabel="layer (0 = embeddings)", ylabel="macro-F1")
-    probe_axis.legend(fontsize=8)
+    if figures["probe"]:
+        probe_axis.legend(fontsize=8)
+    else:
+        probe_axis.text(0.5, 0.5, "no probe run yet", ha="center", va="center", transform=probe_axis.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
