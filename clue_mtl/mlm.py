@@ -39,6 +39,16 @@ def sample_texts(texts: list, limit: int | None) -> list:
     return [texts[i * len(texts) // limit] for i in range(limit)]
 
 
+def paired_corpus(train_texts: list[str], pairs: list[tuple[str, str]]) -> list:
+    """The training texts with OCNLI's sentences kept as `(premise, hypothesis)` pairs: each pair
+    whose two sentences are both training texts, and every other training text alone. A pair
+    touching a held-out sentence is dropped, so the held-out texts stay unseen."""
+    kept = set(train_texts)
+    pairs = [pair for pair in pairs if pair[0] in kept and pair[1] in kept]
+    paired = {text for pair in pairs for text in pair}
+    return [text for text in train_texts if text not in paired] + pairs
+
+
 def _text_digest_part(text: Text) -> str:
     return text if isinstance(text, str) else "\x1e" + "\x1f".join(text)
 
@@ -222,10 +232,7 @@ class MaskedLMObjective(nn.Module):
 def auxiliary_corpus(texts: list[str], pairs: list[tuple[str, str]] | None, limit: int | None) -> list:
     """The auxiliary task's texts: `texts`, with OCNLI's sentences as their `pairs` where given,
     at most `limit` of them, evenly spaced."""
-    if pairs is not None:
-        paired = {text for pair in pairs for text in pair}
-        texts = [text for text in texts if text not in paired] + pairs
-    return sample_texts(texts, limit)
+    return sample_texts(texts if pairs is None else paired_corpus(texts, pairs), limit)
 
 
 def auxiliary_head(source: str, encoder: nn.Module, features: list[dict], skip_ids) -> nn.Module:

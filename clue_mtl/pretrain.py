@@ -52,8 +52,8 @@ from .accelerator import fresh_accelerator
 from .batching import tokenizer_fingerprint
 from .config import ConfigError, PretrainConfig, save_config
 from .masking import WholeWordMaskCollator
-from .mlm import (MaskedBatches, MaskedLMObjective, encode_texts, fixed_masked_batches, load_masked_lm, sample_texts,
-                  set_unigram_bias)
+from .mlm import (MaskedBatches, MaskedLMObjective, encode_texts, fixed_masked_batches, load_masked_lm, paired_corpus,
+                  sample_texts, set_unigram_bias)
 from .optim import adamw
 from .recipe import RunRecipe
 from .run_folder import RunFolder
@@ -75,16 +75,6 @@ def held_out_split(texts: list[str], fraction: float, limit: int) -> tuple[list[
     keys = [hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest() for text in texts]
     held = set(sorted(range(len(texts)), key=keys.__getitem__)[:count])
     return ([t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held])
-
-
-def paired_corpus(train_texts: list[str], pairs: list[tuple[str, str]]) -> list:
-    """The training texts with OCNLI's sentences kept as `(premise, hypothesis)` pairs: each pair
-    whose two sentences are both training texts, and every other training text alone. A pair
-    touching a held-out sentence is dropped, so the held-out texts stay unseen."""
-    kept = set(train_texts)
-    pairs = [pair for pair in pairs if pair[0] in kept and pair[1] in kept]
-    paired = {text for pair in pairs for text in pair}
-    return [text for text in train_texts if text not in paired] + pairs
 
 
 # ----------------------------------------------------------------------------- recipe

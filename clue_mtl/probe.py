@@ -88,14 +88,14 @@ def compare_encoders(before: str, after: str, data_dir: str, *, texts: int = 512
     from .config import DataConfig
     from .data import task_frames
     from .errors import ConfigError
+    from .mlm import sample_texts
     from .encoders import load_encoder
     from .tasks import get_task
     from .vocab import corpus_texts
 
     if texts < 3 or probe_rows < 0 or (probe_rows and probe_rows < 30):
         raise ConfigError("compare-encoders: --texts must be at least 3 and --probe-rows 0 or at least 30")
-    corpus = corpus_texts(data_dir)
-    sample = [corpus[i * len(corpus) // texts] for i in range(min(texts, len(corpus)))]
+    sample = sample_texts(corpus_texts(data_dir), texts)
     encoders = {name: load_encoder(path) for name, path in (("before", before), ("after", after))}
     vectors = {name: layer_vectors(e, t, sample, max_length=max_length, show_progress=show_progress)
                for name, (e, t) in encoders.items()}

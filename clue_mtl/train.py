@@ -38,7 +38,7 @@ from .hardware import PRECISION_DTYPES, ThroughputMeter, count_flops, matmul_pea
 from .inference import predict_logits
 from .losses import class_weights, task_loss
 from .masking import WholeWordMaskCollator
-from .mlm import MaskedBatches, WithMaskedLM, auxiliary_corpus, auxiliary_head, encode_texts
+from .mlm import MaskedBatches, WithMaskedLM, auxiliary_corpus, auxiliary_head, encode_texts, masked_lm_loss
 from .metrics import leaderboard_score, task_report
 from .model import MultiTaskModel, build_model
 from .optim import adamw, parameter_groups
@@ -279,10 +279,11 @@ class Trainer(RunRecipe):
                                      batch.get("token_type_ids"), labels=batch["labels"])
         if targets.numel() == 0:  # nothing masked in this micro-batch: a zero that keeps the graph
             return logits.sum() * 0.0, torch.zeros((), device=logits.device)
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+        loss_sum, correct = masked_lm_loss(logits, targets)
+        loss = loss_sum / targets.numel()
         if self.config.auxiliary_mlm.anneal == "linear":
             loss = loss * (1.0 - self.state.step / self.config.train.steps)
-        return loss, (logits.detach().argmax(-1) == targets).float().mean()
+        return loss, correct.float() / targets.numel()
 
     def _step_context(self, features, accuracies, micro: int) -> StepContext:
         """What a weighting strategy may read: the shared parameters (all, and the last layer's),
