@@ -38,12 +38,12 @@ def write_results(name: str, figures: dict, markdown: str) -> None:
         "name": name, "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "figures": figures,
     }
-    _write_whole(RESULTS / f"{name}.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    _write_whole(RESULTS / f"{name}.md", markdown.rstrip() + "\n")
+    write_whole(RESULTS / f"{name}.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    write_whole(RESULTS / f"{name}.md", markdown.rstrip() + "\n")
     print(markdown)
 
 
-def _write_whole(path: Path, text: str) -> None:
+def write_whole(path: Path, text: str) -> None:
     """Write beside `path`, then rename over it: a killed benchmark leaves the old results whole."""
     temporary = path.with_name(f".{path.name}.partial")
     temporary.write_text(text, encoding="utf-8")

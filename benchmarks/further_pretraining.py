@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, ensure_trimmed_encoder, train_and_predict, write_results  # noqa: E402
+from common import RESULTS, ROOT, write_whole, ensure_trimmed_encoder, train_and_predict, write_results  # noqa: E402
 
 FINETUNE_CONFIG = "configs/quickstart.yaml"
 PRETRAIN_CONFIG = "configs/pretrain-e5-small.yaml"
@@ -110,6 +110,11 @@ def encoder_for(name: str) -> Path | None:
     return encoder if (encoder / "pretraining.json").exists() else None
 
 
+def write_result(directory: Path, record: dict) -> None:
+    """`result.json`, the mark of a finished job, written whole (a killed job leaves none)."""
+    write_whole(directory / "result.json", json.dumps(record) + "\n")
+
+
 def claim(job: dict) -> bool:
     job["dir"].parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -147,7 +152,7 @@ def run_pretrain(job: dict) -> None:
         print(f"step {until}: CKA with the start by layer {[round(c, 3) for c in trajectory[-1]['cka']]}", flush=True)
     record = {"lane_seconds": time.perf_counter() - started, "overrides": overrides, "trajectory": trajectory,
               "history": pretrainer.state.history, "encoder_unfrozen_at": pretrainer.state.encoder_unfrozen_at}
-    (job["dir"] / "result.json").write_text(json.dumps(record) + "\n")
+    write_result(job["dir"], record)
 
 
 PROBE_TRAIN_ROWS = 4000
@@ -179,7 +184,7 @@ def run_probe(job: dict, encoder_path: Path) -> None:
     record = {"name": job["name"], "encoder": str(encoder_path), "probe_macro_f1": scores,
               "train_rows": len(frames.train), "dev_rows": len(frames.dev), "lane_seconds": time.perf_counter() - started}
     job["dir"].mkdir(parents=True, exist_ok=True)
-    (job["dir"] / "result.json").write_text(json.dumps(record) + "\n")
+    write_result(job["dir"], record)
     print(f"probe {job['name']}: OCNLI macro-F1 by layer {[round(x, 3) for x in scores]}", flush=True)
 
 
@@ -190,7 +195,7 @@ def run_finetune(job: dict, encoder: Path) -> None:
                  "train.num_threads=1", f"name={directory.name}"]
     record = {"name": job["name"], "label": job["label"], "seed": job["seed"], "steps": job["steps"],
               **train_and_predict(FINETUNE_CONFIG, directory, overrides, dev_frames())}
-    (directory / "result.json").write_text(json.dumps(record) + "\n")
+    write_result(directory, record)
 
 
 def cmd_next(args) -> None:
