@@ -68,24 +68,43 @@ def slug(name: str) -> str:
 
 # ----------------------------------------------------------------------------- jobs
 def jobs() -> list[dict]:
-    """Every job, in the order lanes take them: the baselines; the head warm-up's pre-training and
-    the auxiliary task (no pre-training) side by side; a first seed of the warm-up's fine-tuning;
-    the plain pre-training and the frozen probes (the diagnosis); then the rest."""
-    out = [finetune_job("none", SHORT, seed) for seed in SEEDS]
-    out.append(pretrain_job(FINETUNED[1]))
-    if SPEED_FILE.exists():  # the fine-tuning variants train the steps their speed buys in the baseline's time
-        speed = json.loads(SPEED_FILE.read_text())["figures"]["finetune"]
+    """Every job, in the order lanes take them: the longer budget first (no pre-training, the head
+    warm-up's pre-training and fine-tuning, then no pre-training given the warm-up's minutes as
+    extra steps), then the same at the short budget, the auxiliary task at equal time, and the
+    diagnosis (plain pre-training, frozen probes, pairs). A job whose steps depend on a result
+    not there yet (equal minutes, equal time) joins the list once it is."""
+    speed = json.loads(SPEED_FILE.read_text())["figures"] if SPEED_FILE.exists() else None
+    out = [finetune_job("none", LONG, SEEDS[0]), pretrain_job(FINETUNED[1]), finetune_job(FINETUNED[1], LONG, SEEDS[0])]
+    for budget in (LONG, SHORT):
+        seeds = SEEDS if budget == SHORT else SEEDS[1:]
+        out += [finetune_job(name, budget, seed) for seed in seeds for name in FINETUNED]
+        out += equal_minute_jobs(budget, speed)
+    if speed is not None:  # the fine-tuning variants train the steps their speed buys in the baseline's time
+        finetune = speed["finetune"]
         for name in FINETUNING:
-            steps = round(SHORT * min(1.0, speed[name]["samples_per_second"] / speed["none"]["samples_per_second"]))
-            out += [finetune_job(name, steps, seed) for seed in SEEDS]
-    out.append(finetune_job(FINETUNED[1], SHORT, SEEDS[0]))
+            steps = round(SHORT * min(1.0, finetune[name]["samples_per_second"] / finetune["none"]["samples_per_second"]))
+            out += [finetune_job(name, steps, seed, budget=SHORT) for seed in SEEDS]
     out.append(pretrain_job("mlm"))
     out += [probe_job(name) for name in ("none", FINETUNED[1], "mlm")]
-    out += [finetune_job(FINETUNED[1], SHORT, seed) for seed in SEEDS[1:]]
     out += [pretrain_job(name) for name, overrides in PRETRAINING.items()
             if overrides is not None and name not in (*FINETUNED, "mlm")]
     out += [probe_job(name) for name in PRETRAINING if name not in ("none", FINETUNED[1], "mlm")]
     return out
+
+
+def equal_minute_jobs(budget: int, speed: dict | None) -> list[dict]:
+    """No pre-training, fine-tuned for `budget` steps plus the steps the fine-tuned pre-training's
+    minutes buy at the baseline's step time: the honest alternative to pre-training."""
+    record = RUNS / f"pretrain-{slug(FINETUNED[1])}" / "result.json"
+    if speed is None or not record.exists():
+        return []
+    minutes = pretraining_minutes(FINETUNED[1], json.loads(record.read_text()), speed["pretrain"])
+    steps = budget + round(minutes * 60 / speed["finetune"]["none"]["step_seconds"])
+    return [finetune_job("none", steps, seed, label=equal_minutes_label(FINETUNED[1]), budget=budget) for seed in SEEDS]
+
+
+def equal_minutes_label(name: str) -> str:
+    return f"none, {name}'s minutes as steps"
 
 
 def pretrain_job(name: str) -> dict:
@@ -96,9 +115,11 @@ def probe_job(name: str) -> dict:
     return {"kind": "probe", "name": name, "dir": RUNS / f"probe-{slug(name)}"}
 
 
-def finetune_job(name: str, steps: int, seed: int, *, label: str | None = None) -> dict:
+def finetune_job(name: str, steps: int, seed: int, *, label: str | None = None, budget: int | None = None) -> dict:
+    """`budget`: the steps of the baseline this run is compared with (its own steps unless it
+    trains an equal-time or equal-minute count)."""
     label = label or name
-    return {"kind": "finetune", "name": name, "label": label, "steps": steps, "seed": seed,
+    return {"kind": "finetune", "name": name, "label": label, "steps": steps, "seed": seed, "budget": budget or steps,
             "dir": RUNS / f"{slug(label)}-{steps}-s{seed}"}
 
 
@@ -194,7 +215,7 @@ def run_finetune(job: dict, encoder: Path) -> None:
                  f"train.steps={job['steps']}", f"train.eval_every={job['steps']}", f"data.max_dev_rows={DEV_ROWS}",
                  "train.num_threads=1", f"name={directory.name}"]
     record = {"name": job["name"], "label": job["label"], "seed": job["seed"], "steps": job["steps"],
-              **train_and_predict(FINETUNE_CONFIG, directory, overrides, dev_frames())}
+              "budget": job["budget"], **train_and_predict(FINETUNE_CONFIG, directory, overrides, dev_frames())}
     write_result(directory, record)
 
 
@@ -314,18 +335,20 @@ def cmd_report(args) -> None:
         index = {label: i for i, label in enumerate(labels)}
         gold[task] = (np.asarray([index[label] for label in frame["label"]]), len(labels))
     results = {path.parent.name: json.loads(path.read_text()) for path in RUNS.glob("*/result.json")}
-    runs: dict[tuple[str, int], dict[int, dict]] = {}
+    runs: dict[tuple[str, int], dict[int, dict]] = {}  # (label, budget) -> seed -> record
     for record in results.values():
         if "predicted" in record:
-            runs.setdefault((record["label"], record["steps"]), {})[record["seed"]] = record
-    baseline = runs.get(("none", SHORT), {})
+            runs.setdefault((record["label"], record["budget"]), {})[record["seed"]] = record
     step_seconds = {name: entry["step_seconds"] for name, entry in speed["figures"]["finetune"].items()}
     figures = {"speed": speed, "finetune": {}, "pretrain": {}, "probe": {}}
-    for (label, steps), by_seed in sorted(runs.items(), key=lambda item: (item[0][0] != "none", item[0])):
+    # by budget; no pre-training first, then its equal-minute runs, then the variants
+    for (label, budget), by_seed in sorted(runs.items(), key=lambda item: (item[0][1], item[0][0] != "none",
+                                                                           not item[0][0].startswith("none"), item[0][0])):
         by_seed = dict(sorted(by_seed.items()))
+        steps = next(iter(by_seed.values()))["steps"]
         scores = {seed: {t: task_f1(gold[t][0], np.asarray(r["predicted"][t]), gold[t][1]) for t in TASKS}
                   for seed, r in by_seed.items()}
-        entry = {"label": label, "steps": steps, "seeds": sorted(by_seed),
+        entry = {"label": label, "steps": steps, "budget": budget, "seeds": sorted(by_seed),
                  "macro_f1": {t: statistics.mean(s[t] for s in scores.values()) for t in TASKS},
                  "per_seed_mean": {seed: statistics.mean(s.values()) for seed, s in scores.items()},
                  "finetune_minutes": steps * step_seconds.get(label, step_seconds["none"]) / 60}
@@ -333,10 +356,11 @@ def cmd_report(args) -> None:
         pretrained = results.get(f"pretrain-{slug(label)}")
         entry["pretrain_minutes"] = (pretraining_minutes(label, pretrained, speed["figures"]["pretrain"])
                                      if pretrained else 0.0)
-        pairs = [(r["predicted"], baseline[seed]["predicted"]) for seed, r in by_seed.items()
-                 if label != "none" and seed in baseline]
-        if pairs:
-            entry["vs_none"] = paired_bootstrap(pairs, gold)
+        for key, other_label in (("vs_none", "none"), ("vs_equal_minutes", equal_minutes_label(label))):
+            other = runs.get((other_label, budget), {}) if other_label != label else {}
+            pairs = [(r["predicted"], other[seed]["predicted"]) for seed, r in by_seed.items() if seed in other]
+            if pairs:
+                entry[key] = paired_bootstrap(pairs, gold)
         figures["finetune"][f"{label} @ {steps}"] = entry
     for name in PRETRAINING:
         record = results.get(f"pretrain-{slug(name)}")
@@ -366,17 +390,19 @@ def summarise(figures: dict) -> str:
     lines = [f"# Further pre-training against fine-tuning ({FINETUNE_CONFIG} on the trimmed e5-small, CPU)", "",
              f"Fine-tuning: macro-F1 on {DEV_ROWS:,} stratified dev rows per task at the last step, averaged over "
              "seeds; the interval is the paired bootstrap (95%, dev rows resampled) against no pre-training at "
-             f"{SHORT} steps, each seed against the baseline of that seed. Minutes: timed alone on "
+             "the same budget (and against no pre-training given the pre-training's minutes as extra steps), "
+             "each seed against the baseline of that seed. Minutes: timed alone on "
              f"{machine['cores']} cores ({machine['cpu']}), 2 threads (`{figures['speed']['command']}`); "
              "runs trained in two single-thread lanes, whose wall times are not timings.", "",
              "| variant | steps | pre-training min | fine-tuning min | OCNLI | OCEMOTION | TNEWS | mean | per seed "
-             "| vs none [95%] |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs none [95%] | vs equal minutes [95%] |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for entry in finetune.values():
         f1 = entry["macro_f1"]
         seeds = ", ".join(f"{v:.4f}" for v in entry["per_seed_mean"].values())
         lines.append(f"| {entry['label']} | {entry['steps']} | {entry['pretrain_minutes']:.1f} "
                      f"| {entry['finetune_minutes']:.1f} | {f1['ocnli']:.4f} | {f1['ocemotion']:.4f} "
-                     f"| {f1['tnews']:.4f} | **{entry['mean']:.4f}** | {seeds} | {_interval(entry.get('vs_none'))} |")
+                     f"| {f1['tnews']:.4f} | **{entry['mean']:.4f}** | {seeds} | {_interval(entry.get('vs_none'))} "
+                     f"| {_interval(entry.get('vs_equal_minutes'))} |")
     lines += ["", "`*`: the interval excludes 0 (a difference); otherwise no difference.", "",
               "## The pre-trainings: held-out masked LM, how far the layers moved, what a frozen probe reads", "",
               f"CKA: linear CKA of each layer's mean-pooled states on {CKA_TEXTS} held-out texts, against the "
