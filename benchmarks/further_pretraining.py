@@ -328,9 +328,10 @@ def cmd_speed(args) -> None:
     the rest of the file."""
     from common import machine, time_training_steps
 
-    figures = {"finetune": {}, "pretrain": {}}
+    figures, commands = {"finetune": {}, "pretrain": {}}, []
     if args.only == "m3e":
-        figures = json.loads(SPEED_FILE.read_text())["figures"]
+        kept = json.loads(SPEED_FILE.read_text())
+        figures, commands = kept["figures"], kept["command"].split(" && ")
     finetune = {} if args.only == "m3e" else {"none": [], **FINETUNING}
     for name, extra in {**finetune, f"{M3E}none": []}.items():
         result = time_training_steps(finetune_overrides(name, extra), args.steps, args.warmup)
@@ -345,7 +346,8 @@ def cmd_speed(args) -> None:
     for name, (config_path, encoder, overrides, frozen) in pretrainings.items():
         figures["pretrain"][name] = time_pretraining(config_path, encoder, overrides, args.steps, args.warmup, frozen)
         print(name, figures["pretrain"][name], flush=True)
-    record = {"command": " ".join(["python", *sys.argv]), "machine": machine(), "figures": figures}
+    command = " && ".join([*commands, " ".join(["python", *sys.argv])])
+    record = {"command": command, "machine": machine(), "figures": figures}
     SPEED_FILE.write_text(json.dumps(record, indent=2) + "\n")
 
 
