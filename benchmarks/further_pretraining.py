@@ -90,15 +90,17 @@ def slug(name: str) -> str:
 def jobs() -> list[dict]:
     """Every job, in the order lanes take them: the longer budget first (no pre-training, the head
     warm-up's pre-training and fine-tuning, then no pre-training given the warm-up's minutes as
-    extra steps), then the same at the short budget, the auxiliary task at equal time, and the
-    diagnosis (plain pre-training, frozen probes, pairs). A job whose steps depend on a result
+    extra steps), the frozen probes of both encoders, the same comparison at the short budget,
+    m3e-small's, the auxiliary task at equal time, and the rest of the diagnosis (plain
+    pre-training, pairs). A job whose steps depend on a result
     not there yet (equal minutes, equal time) joins the list once it is."""
     speed = json.loads(SPEED_FILE.read_text())["figures"] if SPEED_FILE.exists() else None
     out = [finetune_job("none", LONG, SEEDS[0]), pretrain_job(FINETUNED[1]), finetune_job(FINETUNED[1], LONG, SEEDS[0])]
-    for budget in (LONG, SHORT):
-        seeds = SEEDS if budget == SHORT else SEEDS[1:]
-        out += [finetune_job(name, budget, seed) for seed in seeds for name in FINETUNED]
-        out += equal_minute_jobs(FINETUNED[1], budget, speed)
+    out += [finetune_job(name, LONG, seed) for seed in SEEDS[1:] for name in FINETUNED]
+    out += equal_minute_jobs(FINETUNED[1], LONG, speed)
+    out += [probe_job(name) for name in FINETUNED]
+    out += [finetune_job(name, SHORT, seed) for seed in SEEDS for name in FINETUNED]
+    out += equal_minute_jobs(FINETUNED[1], SHORT, speed)
     if speed is not None and f"{M3E}none" in speed["finetune"]:  # m3e-small's step, timed by `speed`
         m3e = (f"{M3E}none", f"{M3E}{FINETUNED[1]}")
         out += [finetune_job(m3e[0], M3E_SHORT, SEEDS[0]), pretrain_job(m3e[1])]
@@ -111,10 +113,10 @@ def jobs() -> list[dict]:
             steps = round(SHORT * min(1.0, finetune[name]["samples_per_second"] / finetune["none"]["samples_per_second"]))
             out += [finetune_job(name, steps, seed, budget=SHORT) for seed in SEEDS]
     out.append(pretrain_job("mlm"))
-    out += [probe_job(name) for name in ("none", FINETUNED[1], "mlm")]
+    out.append(probe_job("mlm"))
     out += [pretrain_job(name) for name, overrides in PRETRAINING.items()
-            if overrides is not None and name not in (*FINETUNED, "mlm")]
-    out += [probe_job(name) for name in PRETRAINING if name not in ("none", FINETUNED[1], "mlm")]
+            if overrides is not None and name not in (*FINETUNED, "mlm") and not is_m3e(name)]
+    out += [probe_job(name) for name in PRETRAINING if PRETRAINING[name] is not None and name not in (*FINETUNED, "mlm")]
     return out
 
 
