@@ -350,7 +350,7 @@ def cmd_speed(args) -> None:
         print(name, figures["pretrain"][name], flush=True)
     command = " && ".join([*commands, " ".join(["python", *sys.argv])])
     record = {"command": command, "machine": machine(), "figures": figures}
-    SPEED_FILE.write_text(json.dumps(record, indent=2) + "\n")
+    write_whole(SPEED_FILE, json.dumps(record, indent=2) + "\n")  # jobs() reads it: never half-written
 
 
 # ----------------------------------------------------------------------------- scoring
