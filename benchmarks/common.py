@@ -109,8 +109,12 @@ def peak_rss_mb() -> float:
 
 
 def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to_max: bool = False,
-                        quality_steps: int = 0, count_flops: bool = False, prepare=None) -> dict:
+                        quality_steps: int = 0, count_flops: bool = False, prepare=None,
+                        config_path: str | Path | None = None) -> dict:
     """Build a Trainer, run `warmup` steps, then time `steps` optimiser steps (in this process).
+
+    The config is `config_path` (a YAML file, e.g. a shipped config) or the defaults, with
+    `overrides` on top.
 
     With `count_flops`, one more step runs under torch's FLOP counter (model FLOPs per step and
     per second). `prepare(trainer)` runs before the warm-up (e.g. to compile the encoder). With
@@ -123,7 +127,7 @@ def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to
     from clue_mtl.config import load_config
     from clue_mtl.train import Trainer
 
-    config = load_config(overrides=[*overrides, f"train.steps={max(warmup + steps, quality_steps)}"])
+    config = load_config(config_path, [*overrides, f"train.steps={max(warmup + steps, quality_steps)}"])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, run_dir, show_progress=False)
         if pad_to_max:

@@ -85,9 +85,20 @@ def cmd_run(args) -> None:
         "threads": os.environ.get("OMP_NUM_THREADS", "default"),
         "lane": args.lane, "command": " ".join(["python", "benchmarks/main_job.py", *sys.argv[1:]]),
     })
-    entries = load_entries()
-    entries[name] = entry
-    report(entries, args.compare or [])
+    record_entry(name, entry, args.compare or [])
+
+
+def record_entry(name: str, entry: dict, compare: list[str]) -> None:
+    """Add one variant to main_job.json and rewrite the report; lanes finishing together take
+    turns (an exclusive lock), so neither loses the other's entry."""
+    import fcntl
+
+    (ROOT / "runs").mkdir(exist_ok=True)
+    with open(ROOT / "runs" / ".main_job.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entries = load_entries()
+        entries[name] = entry
+        report(entries, compare)
 
 
 def cmd_ensemble(args) -> None:
@@ -99,18 +110,14 @@ def cmd_ensemble(args) -> None:
     entry = blend_entry(blend_dir)
     entry.update({"runs": args.run, "command": " ".join(["python", "benchmarks/main_job.py", *sys.argv[1:]]),
                   "seconds": None})
-    entries = load_entries()
-    entries[f"ensemble-{args.name}"] = entry
-    report(entries, args.compare or [])
+    record_entry(f"ensemble-{args.name}", entry, args.compare or [])
 
 
 def cmd_existing(args) -> None:
     """Record a main job that ran elsewhere (e.g. `time make run`), with its measured wall time."""
     entry = blend_entry(ROOT / args.blend)
     entry.update({"seconds": args.seconds, "how": args.how, "command": args.how})
-    entries = load_entries()
-    entries[args.name] = entry
-    report(entries, args.compare or [])
+    record_entry(args.name, entry, args.compare or [])
 
 
 def decisions(entry: dict, member: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -133,24 +140,33 @@ def paired_bootstrap(first: tuple[dict, str | None], second: tuple[dict, str | N
                      seed: int = 0) -> dict:
     """Mean macro-F1 of `second` minus `first` on the same dev rows, with a 95% interval from
     resampling each task's rows (the same resample for both variants)."""
+    return bootstrap_decisions([decisions(*first)], [decisions(*second)], samples, seed)
+
+
+def bootstrap_decisions(firsts: list[dict], seconds: list[dict], samples: int = 2000, seed: int = 0) -> dict:
+    """Mean macro-F1 of the `seconds` minus the `firsts` (each a task -> (gold, decisions) dict;
+    several pairs, e.g. one per seed, are averaged), with a 95% interval from resampling each
+    task's dev rows, the same resample for every variant."""
     from clue_mtl.blend import macro_f1
     from clue_mtl.tasks import get_task
 
     rng = np.random.default_rng(seed)
-    a, b = decisions(*first), decisions(*second)
     differences = np.zeros(samples)
     point = 0.0
+    share = 1 / (len(TASKS) * len(firsts))
     for task in TASKS:
-        gold, left = a[task]
-        gold_b, right = b[task]
-        if not np.array_equal(gold, gold_b):
-            raise ValueError(f"{task}: the two variants were scored on different dev rows")
         labels = get_task(task).num_labels
-        point += (macro_f1(gold, right, labels) - macro_f1(gold, left, labels)) / len(TASKS)
+        gold = firsts[0][task][0]
+        pairs = []
+        for a, b in zip(firsts, seconds, strict=True):
+            if not (np.array_equal(gold, a[task][0]) and np.array_equal(gold, b[task][0])):
+                raise ValueError(f"{task}: the variants were scored on different dev rows")
+            pairs.append((a[task][1], b[task][1]))
+            point += (macro_f1(gold, b[task][1], labels) - macro_f1(gold, a[task][1], labels)) * share
         for i in range(samples):
             rows = rng.integers(0, len(gold), len(gold))
-            differences[i] += (macro_f1(gold[rows], right[rows], labels)
-                               - macro_f1(gold[rows], left[rows], labels)) / len(TASKS)
+            differences[i] += sum(macro_f1(gold[rows], right[rows], labels) - macro_f1(gold[rows], left[rows], labels)
+                                  for left, right in pairs) * share
     low, high = np.percentile(differences, [2.5, 97.5])
     return {"difference": float(point), "low": float(low), "high": float(high), "samples": samples}
 
