@@ -98,8 +98,7 @@ def test_quickstart_m3e_is_the_quickstart_on_m3e():
     quickstart, m3e = (config_to_dict(load_config(configs / f"{n}.yaml")) for n in ("quickstart", "quickstart-m3e"))
     assert m3e["model"]["encoder"] == "artifacts/m3e-small" and m3e["name"] == "quickstart-m3e"
     assert quickstart["model"]["freeze_word_embeddings"] and not m3e["model"]["freeze_word_embeddings"]
-    assert m3e["train"]["steps"] < quickstart["train"]["steps"]  # m3e's steps are slower: equal time
-    for config in (quickstart, m3e):
+    for config in (quickstart, m3e):  # the steps differ: m3e's count trains for the quickstart's minutes
         del config["name"], config["model"]["encoder"], config["model"]["freeze_word_embeddings"]
         del config["train"]["steps"]
     assert m3e == quickstart
