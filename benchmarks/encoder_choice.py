@@ -1,4 +1,4 @@
-"""e5-small against m3e-small at equal wall time, and the ensemble of the two (issue 12).
+"""e5-small against m3e-small at equal training time, and the ensemble of the two (issue 12).
 
 Both encoders go through the same recipe: the quickstart (configs/quickstart.yaml and its m3e copy
 configs/quickstart-m3e.yaml differ only in the encoder and its embedding freeze), each run as the
@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, alternate_children, time_training_steps, write_results, write_whole  # noqa: E402
+from common import RESULTS, ROOT, alternate_children, machine, time_training_steps, write_results, write_whole  # noqa: E402
 
 CONFIGS = {"e5-small": "configs/quickstart.yaml", "m3e-small": "configs/quickstart-m3e.yaml"}
+SHORT_NAMES = {"e5-small": "e5", "m3e-small": "m3e"}  # in main_job.json's entry names
 REFERENCE = "e5-small"  # its steps set each budget; the other encoder gets the same minutes
 BUDGETS = {"quick": (450, (1, 2)), "long": (1500, (1,))}  # e5 steps, seeds
 SPEED_FILE = RESULTS / "encoder_choice_speed.json"
@@ -55,8 +56,6 @@ def cmd_speed(args) -> None:
                       "padded_tokens_per_step": statistics.median(r["padded_tokens_per_step"] for r in results),
                       "precision": results[0]["precision"], "threads": results[0]["torch_threads"]}
                for name, results in runs.items()}
-    from common import machine
-
     record = {"command": " ".join(["python", *sys.argv]), "machine": machine(), "figures": figures}
     write_whole(SPEED_FILE, json.dumps(record, indent=2) + "\n")
     for name, steps in equal_time_steps().items():
@@ -73,7 +72,7 @@ def equal_time_steps() -> dict[tuple[str, str], int]:
 
 # ----------------------------------------------------------------------------- training
 def entry_name(encoder: str, budget: str, seed: int) -> str:
-    return f"{encoder.split('-')[0]}-{budget}-s{seed}"
+    return f"{SHORT_NAMES[encoder]}-{budget}-s{seed}"
 
 
 def jobs() -> list[tuple[str, str, int]]:
@@ -108,6 +107,14 @@ def member_probabilities(entry: dict) -> dict[str, tuple[np.ndarray, np.ndarray]
     return {t: (arrays[f"{t}/gold"], arrays[f"{t}/member/{member}"]) for t in TASKS}
 
 
+def averaged(first: dict, second: dict) -> dict:
+    """The probability ensemble of two members scored on the same dev rows."""
+    for task in TASKS:
+        if not np.array_equal(first[task][0], second[task][0]):
+            raise ValueError(f"{task}: the two runs were scored on different dev rows")
+    return {t: (first[t][0], (first[t][1] + second[t][1]) / 2) for t in TASKS}
+
+
 def argmax(probabilities: dict) -> dict:
     return {t: (gold, p.argmax(1)) for t, (gold, p) in probabilities.items()}
 
@@ -133,74 +140,95 @@ def ensure_ensemble(budget: str, seed: int) -> str:
     return f"ensemble-{name}"
 
 
-def cmd_report(args) -> None:
-    from main_job import bootstrap_decisions, decisions, load_entries, mean
+def finished_runs(step_seconds: dict) -> tuple[dict, dict]:
+    """(decisions, rows): per (variant, budget, seed) the dev decisions of each encoder alone, of
+    their probability ensemble, and of each blended with the baseline; and the table's rows. A
+    run trained with other steps than the speed file gives now is an error, not a silent row."""
+    from main_job import decisions, load_entries
 
-    speed = json.loads(SPEED_FILE.read_text())
-    steps = equal_time_steps()
-    rows, figures, comparisons = [], {"speed": speed["figures"], "runs": {}, "comparisons": {}}, []
-    decided: dict[tuple[str, str, int], dict] = {}
+    planned = equal_time_steps()
+    decided, rows = {}, []
     for budget, (_, seeds) in BUDGETS.items():
         for seed in seeds:
             names = {encoder: entry_name(encoder, budget, seed) for encoder in CONFIGS}
-            entries = load_entries()
-            if any(name not in entries for name in names.values()):
+            if any(name not in load_entries() for name in names.values()):
                 print(f"{budget} seed {seed}: not all runs have finished; skipped")
                 continue
-            probabilities = {encoder: member_probabilities(entries[name]) for encoder, name in names.items()}
-            averaged = {t: (probabilities[REFERENCE][t][0], np.mean([p[t][1] for p in probabilities.values()], 0))
-                        for t in TASKS}
             ensemble = ensure_ensemble(budget, seed)
             entries = load_entries()
+            steps = {encoder: entries[name]["steps"] for encoder, name in names.items()}
+            for encoder in CONFIGS:
+                if steps[encoder] != planned[encoder, budget]:
+                    raise SystemExit(f"{names[encoder]} trained {steps[encoder]} steps, but the speed file now gives "
+                                     f"{planned[encoder, budget]}: rerun it or the speed measurement")
+            probabilities = {encoder: member_probabilities(entries[name]) for encoder, name in names.items()}
             for encoder, name in names.items():
                 decided[encoder, budget, seed] = argmax(probabilities[encoder])
                 decided[f"{encoder} biased blend", budget, seed] = decisions(entries[name])
-            decided["ensemble", budget, seed] = argmax(averaged)
+            decided["ensemble", budget, seed] = argmax(averaged(*probabilities.values()))
             decided["ensemble biased blend", budget, seed] = decisions(entries[ensemble])
+            minutes = {encoder: steps[encoder] * step_seconds[encoder] / 60 for encoder in CONFIGS}
+            minutes["ensemble"] = sum(minutes.values())
             for variant in (*CONFIGS, "ensemble"):
-                minutes = (sum(steps[encoder, budget] * speed["figures"][encoder]["step_seconds"]
-                               for encoder in CONFIGS) if variant == "ensemble"
-                           else steps[variant, budget] * speed["figures"][variant]["step_seconds"]) / 60
-                member = macro_f1s(decided[variant, budget, seed])
-                blended = macro_f1s(decided[f"{variant} biased blend", budget, seed])
-                figures["runs"][f"{variant} {budget} s{seed}"] = {
-                    "steps": None if variant == "ensemble" else steps[variant, budget],
-                    "training_minutes": minutes, "member": member, "biased_blend": blended}
-                rows.append((variant, budget, seed, minutes, member, blended))
-    lines = ["# e5-small against m3e-small at equal training time, and their ensemble", "",
-             f"Machine: {speed['machine']['cpu']}, {speed['machine']['cores']} cores; step times measured alone, "
-             f"2 threads ({speed['command']}).", "",
-             "| encoder | precision | s/step | samples/s | padded tokens/step |", "|---|---|---|---|---|"]
-    for encoder, s in speed["figures"].items():
-        lines.append(f"| {encoder} | {s['precision']} | {s['step_seconds']:.3f} | {s['samples_per_second']:.1f} | "
-                     f"{s['padded_tokens_per_step']:.0f} |")
-    lines += ["", "Dev macro-F1 on the whole dev split (member: the run alone; biased blend: with the TF-IDF baseline, "
-              "cross-fitted). The ensemble averages the two runs' probabilities; its minutes are both runs'.", "",
-              "| variant | budget | seed | steps | training min | OCNLI | OCEMOTION | TNEWS | mean | biased blend mean |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for variant, budget, seed, minutes, member, blended in rows:
-        step_count = "" if variant == "ensemble" else steps[variant, budget]
-        lines.append(f"| {variant} | {budget} | {seed} | {step_count} | {minutes:.1f} | {member['ocnli']:.4f} | "
-                     f"{member['ocemotion']:.4f} | {member['tnews']:.4f} | **{mean(member):.4f}** | {mean(blended):.4f} |")
+                rows.append({"variant": variant, "budget": budget, "seed": seed, "steps": steps.get(variant),
+                             "training_minutes": minutes[variant], "member": macro_f1s(decided[variant, budget, seed]),
+                             "biased_blend": macro_f1s(decided[f"{variant} biased blend", budget, seed])})
+    return decided, rows
+
+
+PAIRS = (("e5-small", "m3e-small"), ("e5-small", "ensemble"), ("m3e-small", "ensemble"),
+         ("e5-small biased blend", "m3e-small biased blend"), ("e5-small biased blend", "ensemble biased blend"))
+
+
+def comparisons(decided: dict) -> dict[str, dict]:
+    """Paired bootstraps of each of PAIRS per budget, the budget's seeds averaged."""
+    from main_job import bootstrap_decisions
+
+    out = {}
     for budget, (_, seeds) in BUDGETS.items():
         seeds = [s for s in seeds if ("ensemble", budget, s) in decided]
-        if not seeds:
-            continue
-        for left, right in (("e5-small", "m3e-small"), ("e5-small", "ensemble"), ("m3e-small", "ensemble"),
-                            ("e5-small biased blend", "m3e-small biased blend"),
-                            ("e5-small biased blend", "ensemble biased blend")):
-            result = bootstrap_decisions([decided[left, budget, s] for s in seeds],
-                                         [decided[right, budget, s] for s in seeds])
-            label = f"{right} - {left}, {budget} (seeds {', '.join(map(str, seeds))})"
-            figures["comparisons"][label] = result
-            verdict = "a difference" if not result["low"] <= 0 <= result["high"] else "no difference"
-            comparisons.append(f"| {label} | {100 * result['difference']:+.1f} | "
-                               f"[{100 * result['low']:+.1f}, {100 * result['high']:+.1f}] | {verdict} |")
-    lines += ["", "Paired bootstrap over the same dev rows (2,000 resamples, 95%; seeds averaged), in points:", "",
-              "| difference | points | interval | verdict |", "|---|---|---|---|", *comparisons, "",
-              "Commands: `python benchmarks/encoder_choice.py speed`, two lanes of `train --lane i/2` "
+        for left, right in PAIRS if seeds else ():
+            out[f"{right} - {left}, {budget} (seeds {', '.join(map(str, seeds))})"] = bootstrap_decisions(
+                [decided[left, budget, s] for s in seeds], [decided[right, budget, s] for s in seeds])
+    return out
+
+
+def cmd_report(args) -> None:
+    from main_job import mean
+
+    speed = json.loads(SPEED_FILE.read_text())
+    step_seconds = {encoder: figures["step_seconds"] for encoder, figures in speed["figures"].items()}
+    decided, rows = finished_runs(step_seconds)
+    compared = comparisons(decided)
+    threads = ", ".join(sorted({str(s["threads"]) for s in speed["figures"].values()}))
+    lines = ["# e5-small against m3e-small at equal training time, and their ensemble", "",
+             f"Machine: {speed['machine']['cpu']}, {speed['machine']['cores']} cores; step times measured alone, "
+             f"{threads} threads, median of the runs ({speed['command']}).", "",
+             "| encoder | precision | s/step | each run | samples/s | padded tokens/step |", "|---|---|---|---|---|---|"]
+    for encoder, s in speed["figures"].items():
+        each = ", ".join(f"{x:.3f}" for x in s["step_seconds_runs"])
+        lines.append(f"| {encoder} | {s['precision']} | {s['step_seconds']:.3f} | {each} | {s['samples_per_second']:.1f} | "
+                     f"{s['padded_tokens_per_step']:.0f} |")
+    lines += ["", "Dev macro-F1 on the whole dev split (member: the run alone; biased blend: with the TF-IDF baseline, "
+              "cross-fitted). The ensemble averages the two runs' probabilities; its minutes are both runs'. "
+              "Training minutes: steps times the step time measured alone.", "",
+              "| variant | budget | seed | steps | training min | OCNLI | OCEMOTION | TNEWS | mean | biased blend mean |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        member = row["member"]
+        lines.append(f"| {row['variant']} | {row['budget']} | {row['seed']} | {row['steps'] or ''} | "
+                     f"{row['training_minutes']:.1f} | {member['ocnli']:.4f} | {member['ocemotion']:.4f} | "
+                     f"{member['tnews']:.4f} | **{mean(member):.4f}** | {mean(row['biased_blend']):.4f} |")
+    lines += ["", "Paired bootstrap over the same dev rows (2,000 resamples, 95%; seeds averaged), in points. The "
+              "interval resamples dev rows for fixed runs: it leaves out the spread between seeds.", "",
+              "| difference | points | interval | verdict |", "|---|---|---|---|"]
+    for label, result in compared.items():
+        verdict = "no difference" if result["low"] <= 0 <= result["high"] else "a difference"
+        lines.append(f"| {label} | {100 * result['difference']:+.2f} | "
+                     f"[{100 * result['low']:+.2f}, {100 * result['high']:+.2f}] | {verdict} |")
+    lines += ["", "Commands: `python benchmarks/encoder_choice.py speed`, two lanes of `train --lane i/2` "
               "(`OMP_NUM_THREADS=1`), then `report`; each run's command is in main_job.json."]
-    write_results("encoder_choice", figures, "\n".join(lines))
+    write_results("encoder_choice", {"speed": speed["figures"], "runs": rows, "comparisons": compared}, "\n".join(lines))
 
 
 def main() -> None:

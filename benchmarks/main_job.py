@@ -18,6 +18,7 @@ Results accumulate in benchmarks/results/main_job.json, so variants can run in s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -89,16 +90,22 @@ def cmd_run(args) -> None:
 
 
 def record_entry(name: str, entry: dict, compare: list[str]) -> None:
-    """Add one variant to main_job.json and rewrite the report; lanes finishing together take
-    turns (an exclusive lock), so neither loses the other's entry."""
+    """Add one variant to main_job.json and rewrite the report."""
+    with entries_locked() as entries:
+        entries[name] = entry
+        report(entries, compare)
+
+
+@contextlib.contextmanager
+def entries_locked():
+    """The entries of main_job.json, held under an exclusive lock until the report is rewritten:
+    lanes finishing together take turns, so neither loses the other's entry."""
     import fcntl
 
     (ROOT / "runs").mkdir(exist_ok=True)
     with open(ROOT / "runs" / ".main_job.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        entries = load_entries()
-        entries[name] = entry
-        report(entries, compare)
+        yield load_entries()
 
 
 def cmd_ensemble(args) -> None:
@@ -146,29 +153,18 @@ def paired_bootstrap(first: tuple[dict, str | None], second: tuple[dict, str | N
 def bootstrap_decisions(firsts: list[dict], seconds: list[dict], samples: int = 2000, seed: int = 0) -> dict:
     """Mean macro-F1 of the `seconds` minus the `firsts` (each a task -> (gold, decisions) dict;
     several pairs, e.g. one per seed, are averaged), with a 95% interval from resampling each
-    task's dev rows, the same resample for every variant."""
-    from clue_mtl.blend import macro_f1
+    task's dev rows, the same resample for every variant (`structures.paired_bootstrap`)."""
+    from structures import paired_bootstrap as bootstrap
+
     from clue_mtl.tasks import get_task
 
-    rng = np.random.default_rng(seed)
-    differences = np.zeros(samples)
-    point = 0.0
-    share = 1 / (len(TASKS) * len(firsts))
-    for task in TASKS:
-        labels = get_task(task).num_labels
-        gold = firsts[0][task][0]
-        pairs = []
-        for a, b in zip(firsts, seconds, strict=True):
-            if not (np.array_equal(gold, a[task][0]) and np.array_equal(gold, b[task][0])):
+    gold = {t: (firsts[0][t][0], get_task(t).num_labels) for t in TASKS}
+    for variant in (*firsts, *seconds):
+        for task in TASKS:
+            if not np.array_equal(gold[task][0], variant[task][0]):
                 raise ValueError(f"{task}: the variants were scored on different dev rows")
-            pairs.append((a[task][1], b[task][1]))
-            point += (macro_f1(gold, b[task][1], labels) - macro_f1(gold, a[task][1], labels)) * share
-        for i in range(samples):
-            rows = rng.integers(0, len(gold), len(gold))
-            differences[i] += sum(macro_f1(gold[rows], right[rows], labels) - macro_f1(gold[rows], left[rows], labels)
-                                  for left, right in pairs) * share
-    low, high = np.percentile(differences, [2.5, 97.5])
-    return {"difference": float(point), "low": float(low), "high": float(high), "samples": samples}
+    pairs = [({t: b[t][1] for t in TASKS}, {t: a[t][1] for t in TASKS}) for a, b in zip(firsts, seconds, strict=True)]
+    return bootstrap(pairs, gold, samples, seed)
 
 
 def mean(values: dict) -> float:
@@ -238,7 +234,8 @@ def main() -> None:
     elif args.command == "existing":
         cmd_existing(args)
     else:
-        report(load_entries(), args.compare or [])
+        with entries_locked() as entries:
+            report(entries, args.compare or [])
 
 
 if __name__ == "__main__":
