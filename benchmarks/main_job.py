@@ -9,6 +9,7 @@ the same dev rows (the decisions of each variant's final zip, the biased blend, 
     python benchmarks/main_job.py run --config configs/quickstart.yaml --seed 1 [--set KEY=VALUE ...]
     python benchmarks/main_job.py ensemble --name e5+m3e --run runs/main-quickstart-s1 --run runs/main-quickstart-m3e-s1
     python benchmarks/main_job.py report --compare quickstart-s1 quickstart-m3e-s1
+    python benchmarks/main_job.py report --compare a-s1+a-s2 b-s1+b-s2     # seeds paired in order, averaged
     python benchmarks/main_job.py existing --name make-run --blend blends/quickstart --seconds 1234 --how "time make run"
 
 Results accumulate in benchmarks/results/main_job.json, so variants can run in separate calls
@@ -174,7 +175,9 @@ def mean(values: dict) -> float:
 def report(entries: dict, compare: list[str]) -> None:
     comparisons = load_comparisons()
     for pair in zip(compare[::2], compare[1::2]):
-        comparisons[f"{pair[1]} - {pair[0]}"] = paired_bootstrap(variant(entries, pair[0]), variant(entries, pair[1]))
+        comparisons[f"{pair[1]} - {pair[0]}"] = bootstrap_decisions(
+            [decisions(*variant(entries, name)) for name in pair[0].split("+")],
+            [decisions(*variant(entries, name)) for name in pair[1].split("+")])
     lines = ["# The main job's dev figures (whole dev split; blends cross-fitted unless marked)", "",
              "| variant | member / decision | OCNLI | OCEMOTION | TNEWS | mean | wall time | samples/s |",
              "|---|---|---|---|---|---|---|---|"]
