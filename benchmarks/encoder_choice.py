@@ -237,22 +237,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     commands = parser.add_subparsers(dest="command")
-    speed = commands.add_parser("speed")
-    speed.add_argument("--repeats", type=int, default=2)
-    train = commands.add_parser("train")
-    train.add_argument("--lane", default="0/1", help="INDEX/COUNT: this lane's share of the runs")
+    commands.add_parser("speed").add_argument("--repeats", type=int, default=2)
+    commands.add_parser("train").add_argument("--lane", default="0/1", help="INDEX/COUNT: this lane's share of the runs")
     commands.add_parser("report")
     args = parser.parse_args()
     if args.child:
         cmd_child(args)
-    elif args.command == "speed":
-        cmd_speed(args)
-    elif args.command == "train":
-        cmd_train(args)
-    elif args.command == "report":
-        cmd_report(args)
-    else:
+    elif args.command is None:
         parser.error("a command is required")
+    else:
+        {"speed": cmd_speed, "train": cmd_train, "report": cmd_report}[args.command](args)
 
 
 if __name__ == "__main__":
