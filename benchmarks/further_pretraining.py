@@ -9,12 +9,14 @@ pre-training minutes as extra fine-tuning steps.
     python benchmarks/further_pretraining.py speed            # alone: step times, 2 threads
     benchmarks/further_pretraining.sh &                        # two single-thread lanes side by side,
     benchmarks/further_pretraining.sh &                        # each claiming the next job (resumable)
-    python benchmarks/further_pretraining.py diagnose         # CKA per layer, frozen OCNLI probe
+    #   (the lanes also run the diagnosis: CKA per layer at snapshot steps, frozen OCNLI probes)
     python benchmarks/further_pretraining.py report           # the table, bootstrap, figure
 
 Every job is one process; a job's folder holds its result (`result.json`), so a killed lane loses
 only its current job, and lanes never take the same job (an exclusive claim file). Lane wall times
-are not timings: minutes come from `speed` (timed alone, 2 threads, bf16).
+are not timings: minutes come from `speed` (timed alone, 2 threads, bf16). Run folders are not
+committed, so `report` on another machine refuses to drop the committed rows it cannot rebuild
+(`--drop-missing` writes without them).
 
 All fine-tuning starts from the trimmed e5-small (the vocabulary the pre-training keeps), so the
 only difference between a variant and no pre-training is the encoder's weights.
@@ -428,8 +430,21 @@ def cmd_report(args) -> None:
         probe = results.get(f"probe-{slug(name)}")
         if probe:
             figures["probe"][name] = probe["probe_macro_f1"]
+    missing = missing_rows(figures)
+    if missing and not args.drop_missing:
+        raise SystemExit(f"the committed report has {len(missing)} rows whose runs are not under {RUNS} (first: "
+                         f"{missing[0]}); run them here, or pass --drop-missing to write the report without them")
     write_results("further_pretraining", figures, summarise(figures))
     plot(figures, RESULTS / "further_pretraining.png")
+
+
+def missing_rows(figures: dict) -> list[str]:
+    """Rows of the committed report that `figures` lacks. Results live in run folders, which are not
+    committed: on a fresh machine a report would silently drop every row measured elsewhere."""
+    record = RESULTS / "further_pretraining.json"
+    committed = json.loads(record.read_text())["figures"] if record.exists() else {}
+    return [f"{part}: {key}" for part in ("finetune", "pretrain", "probe")
+            for key in committed.get(part, {}) if key not in figures[part]]
 
 
 def _interval(c: dict | None) -> str:
@@ -516,7 +531,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("next").set_defaults(run=cmd_next)
-    commands.add_parser("report").set_defaults(run=cmd_report)
+    report = commands.add_parser("report")
+    report.add_argument("--drop-missing", action="store_true",
+                        help="write the report even where committed rows have no run folder here")
+    report.set_defaults(run=cmd_report)
     speed = commands.add_parser("speed")
     speed.add_argument("--steps", type=int, default=15)
     speed.add_argument("--warmup", type=int, default=3)
