@@ -10,7 +10,7 @@ zips; scored on the whole dev split).
     python benchmarks/encoder_choice.py train --lane 1/2 &     # ... each its share of the runs
     python benchmarks/encoder_choice.py report                 # table, ensembles, paired bootstraps
 
-Equal wall time: e5-small trains the quickstart's 450 steps (two seeds) and 1,500 steps (one
+Equal training time: e5-small trains the quickstart's 450 steps (two seeds) and 1,500 steps (one
 seed); m3e-small trains the steps its measured speed buys in the same training time. Training
 minutes in the table are steps times the step time measured alone (`speed`); the lanes' own wall
 times are not timings.
@@ -131,8 +131,8 @@ def ensure_ensemble(budget: str, seed: int) -> str:
     from main_job import load_entries
 
     name = f"e5+m3e-{budget}-s{seed}"
-    if f"ensemble-{name}" not in load_entries():
-        entries = load_entries()
+    entries = load_entries()
+    if f"ensemble-{name}" not in entries:
         runs = [entries[entry_name(encoder, budget, seed)]["run_dir"] for encoder in CONFIGS]
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "main_job.py"), "ensemble", "--name", name,
                         *[arg for run in runs for arg in ("--run", run)]], cwd=ROOT, check=True,
@@ -140,7 +140,7 @@ def ensure_ensemble(budget: str, seed: int) -> str:
     return f"ensemble-{name}"
 
 
-def finished_runs(step_seconds: dict) -> tuple[dict, dict]:
+def finished_runs(step_seconds: dict) -> tuple[dict, list[dict]]:
     """(decisions, rows): per (variant, budget, seed) the dev decisions of each encoder alone, of
     their probability ensemble, and of each blended with the baseline; and the table's rows. A
     run trained with other steps than the speed file gives now is an error, not a silent row."""
@@ -151,7 +151,7 @@ def finished_runs(step_seconds: dict) -> tuple[dict, dict]:
     for budget, (_, seeds) in BUDGETS.items():
         for seed in seeds:
             names = {encoder: entry_name(encoder, budget, seed) for encoder in CONFIGS}
-            if any(name not in load_entries() for name in names.values()):
+            if not set(names.values()) <= load_entries().keys():
                 print(f"{budget} seed {seed}: not all runs have finished; skipped")
                 continue
             ensemble = ensure_ensemble(budget, seed)
