@@ -71,6 +71,12 @@ def alternate_children(script: str, flag: str, names, extra: list[str], repeats:
     return runs
 
 
+def equal_time_steps(steps: int, reference_seconds: float, seconds: float) -> int:
+    """The steps that train as long as `steps` of a reference do, from the time each takes per
+    step (or per row, for equal batches)."""
+    return round(steps * reference_seconds / seconds)
+
+
 TRIMMED_ENCODER = ROOT / "artifacts" / "e5-small-trimmed"
 
 

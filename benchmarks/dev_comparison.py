@@ -28,13 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, ensure_trimmed_encoder, write_results  # noqa: E402
+from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
 from clue_mtl.run_folder import RunFolder  # noqa: E402
 
 CONFIG = "configs/compare.yaml"
 RUNS = ROOT / "runs" / "compare"
 PRETRAINED = "runs/pretrain-e5-small/encoder"
 SOFT_LABELS = RUNS / "soft-labels-teachers.safetensors"
-TASKS = ("ocnli", "ocemotion", "tnews")
 TEACHERS = [f"teacher-{task}" for task in TASKS]
 
 LONGER = ["train.steps=600", "train.eval_every=600"]  # three times the budget, to see whether a gap closes

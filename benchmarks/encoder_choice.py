@@ -29,14 +29,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, alternate_children, machine, time_training_steps, write_results, write_whole  # noqa: E402
+from common import (RESULTS, ROOT, alternate_children, equal_time_steps, machine, time_training_steps,  # noqa: E402
+                    write_results, write_whole)
+from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
 
 CONFIGS = {"e5-small": "configs/quickstart.yaml", "m3e-small": "configs/quickstart-m3e.yaml"}
 SHORT_NAMES = {"e5-small": "e5", "m3e-small": "m3e"}  # in main_job.json's entry names
 REFERENCE = "e5-small"  # its steps set each budget; the other encoder gets the same minutes
 BUDGETS = {"quick": (450, (1, 2)), "long": (1500, (1,))}  # e5 steps, seeds
 SPEED_FILE = RESULTS / "encoder_choice_speed.json"
-TASKS = ("ocnli", "ocemotion", "tnews")
 
 
 # ----------------------------------------------------------------------------- speed
@@ -58,15 +59,15 @@ def cmd_speed(args) -> None:
                for name, results in runs.items()}
     record = {"command": " ".join(["python", *sys.argv]), "machine": machine(), "figures": figures}
     write_whole(SPEED_FILE, json.dumps(record, indent=2) + "\n")
-    for name, steps in equal_time_steps().items():
+    for name, steps in planned_steps().items():
         print(name, steps)
 
 
-def equal_time_steps() -> dict[tuple[str, str], int]:
+def planned_steps() -> dict[tuple[str, str], int]:
     """(encoder, budget) -> the steps that train for as long as the reference's steps do."""
     speed = json.loads(SPEED_FILE.read_text())["figures"]
     reference = speed[REFERENCE]["step_seconds"]
-    return {(encoder, budget): round(steps * reference / speed[encoder]["step_seconds"])
+    return {(encoder, budget): equal_time_steps(steps, reference, speed[encoder]["step_seconds"])
             for encoder in CONFIGS for budget, (steps, _) in BUDGETS.items()}
 
 
@@ -84,7 +85,7 @@ def cmd_train(args) -> None:
     from main_job import load_entries
 
     index, count = (int(part) for part in args.lane.split("/"))
-    steps = equal_time_steps()
+    steps = planned_steps()
     for encoder, budget, seed in jobs()[index::count]:
         name = entry_name(encoder, budget, seed)
         if name in load_entries():
@@ -146,7 +147,7 @@ def finished_runs(step_seconds: dict) -> tuple[dict, list[dict]]:
     run trained with other steps than the speed file gives now is an error, not a silent row."""
     from main_job import decisions, load_entries
 
-    planned = equal_time_steps()
+    planned = planned_steps()
     decided, rows = {}, []
     for budget, (_, seeds) in BUDGETS.items():
         for seed in seeds:

@@ -36,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, write_whole, ensure_trimmed_encoder, train_and_predict, write_results  # noqa: E402
+from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
 
 FINETUNE_CONFIG = "configs/quickstart.yaml"
 PRETRAIN_CONFIG = "configs/pretrain-e5-small.yaml"
@@ -45,7 +46,6 @@ M3E_FINETUNE_CONFIG = "configs/quickstart-m3e.yaml"
 M3E_PRETRAIN_CONFIG = "configs/pretrain-m3e-small.yaml"
 M3E_SHORT = 591  # quickstart-m3e's steps: the e5 quickstart's training time (encoder_choice.md)
 RUNS = ROOT / "runs" / "further_pretraining"
-TASKS = ("ocnli", "ocemotion", "tnews")
 DEV_ROWS = 2000
 SEEDS = (1, 2)
 SHORT, LONG = 450, 1500

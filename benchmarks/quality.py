@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, write_results  # noqa: E402
+from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
 from clue_mtl.run_folder import RunFolder  # noqa: E402
 
-TASKS = ("ocnli", "ocemotion", "tnews")
 
 
 def run_config(config: str) -> tuple[Path, float]:

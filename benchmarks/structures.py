@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, alternate_children, time_training_steps, train_and_predict, write_results  # noqa: E402
+from common import (RESULTS, ROOT, alternate_children, equal_time_steps, time_training_steps,  # noqa: E402
+                    train_and_predict, write_results)
+from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
 
 CONFIG = "configs/quickstart.yaml"
 RUNS = ROOT / "runs" / "structures"
-TASKS = ("ocnli", "ocemotion", "tnews")
 DEFAULT_STEPS = 450
 DEV_ROWS = 2000
 EVERY = "{ocnli: %s, ocemotion: %s, tnews: %s}"
@@ -99,7 +100,8 @@ def cmd_steps(args) -> None:
     speed = record["figures"]
     base = speed["default"]["samples_per_second"]
     for name, entry in speed.items():
-        entry["equal_time_steps"] = round(DEFAULT_STEPS * min(1.0, entry["samples_per_second"] / base))
+        seconds_per_row = 1 / entry["samples_per_second"]
+        entry["equal_time_steps"] = min(DEFAULT_STEPS, equal_time_steps(DEFAULT_STEPS, 1 / base, seconds_per_row))
     SPEED_FILE.write_text(json.dumps({**record, "figures": speed}, indent=2) + "\n")
     for name, entry in speed.items():
         print(f"{name}: {entry['samples_per_second']:.2f} samples/s -> {entry['equal_time_steps']} steps")
