@@ -15,7 +15,7 @@ pre-training minutes as extra fine-tuning steps.
 Every job is one process; a job's folder holds its result (`result.json`), so a killed lane loses
 only its current job, and lanes never take the same job (an exclusive claim file). Lane wall times
 are not timings: minutes come from `speed` (timed alone, 2 threads, bf16). Run folders are not
-committed, so `report` on another machine refuses to drop the committed rows it cannot rebuild
+committed, so `report` carries the committed rows it cannot rebuild, marked `†`
 (`--drop-missing` writes without them).
 
 All fine-tuning starts from the trimmed e5-small (the vocabulary the pre-training keeps), so the
@@ -430,21 +430,28 @@ def cmd_report(args) -> None:
         probe = results.get(f"probe-{slug(name)}")
         if probe:
             figures["probe"][name] = probe["probe_macro_f1"]
-    missing = missing_rows(figures)
-    if missing and not args.drop_missing:
-        raise SystemExit(f"the committed report has {len(missing)} rows whose runs are not under {RUNS} (first: "
-                         f"{missing[0]}); run them here, or pass --drop-missing to write the report without them")
+    if not args.drop_missing:
+        carried = carry_committed_rows(figures)
+        if carried:
+            print(f"{carried} rows carried from the committed report (their runs are not under {RUNS})")
     write_results("further_pretraining", figures, summarise(figures))
     plot(figures, RESULTS / "further_pretraining.png")
 
 
-def missing_rows(figures: dict) -> list[str]:
-    """Rows of the committed report that `figures` lacks. Results live in run folders, which are not
-    committed: on a fresh machine a report would silently drop every row measured elsewhere."""
+def carry_committed_rows(figures: dict) -> int:
+    """Copy into `figures` the committed report's rows that it lacks, marked `carried`, and count
+    them. Results live in run folders, which are not committed: without this, a report on a fresh
+    machine would drop every row measured elsewhere. A carried row keeps the figures and intervals
+    measured there; a new row can only be bootstrapped against runs whose predictions are here."""
     record = RESULTS / "further_pretraining.json"
     committed = json.loads(record.read_text())["figures"] if record.exists() else {}
-    return [f"{part}: {key}" for part in ("finetune", "pretrain", "probe")
-            for key in committed.get(part, {}) if key not in figures[part]]
+    carried = 0
+    for part in ("finetune", "pretrain", "probe"):
+        for key, entry in committed.get(part, {}).items():
+            if key not in figures[part]:
+                figures[part][key] = {**entry, "carried": True} if isinstance(entry, dict) else entry
+                carried += 1
+    return carried
 
 
 def _interval(c: dict | None) -> str:
@@ -468,11 +475,13 @@ def summarise(figures: dict) -> str:
     for entry in finetune.values():
         f1 = entry["macro_f1"]
         seeds = ", ".join(f"{v:.4f}" for v in entry["per_seed_mean"].values())
-        lines.append(f"| {entry['label']} | {entry['steps']} | {entry['pretrain_minutes']:.1f} "
+        carried = " †" if entry.get("carried") else ""
+        lines.append(f"| {entry['label']}{carried} | {entry['steps']} | {entry['pretrain_minutes']:.1f} "
                      f"| {entry['finetune_minutes']:.1f} | {f1['ocnli']:.4f} | {f1['ocemotion']:.4f} "
                      f"| {f1['tnews']:.4f} | **{entry['mean']:.4f}** | {seeds} | {_interval(entry.get('vs_none'))} "
                      f"| {_interval(entry.get('vs_equal_minutes'))} |")
-    lines += ["", "`*`: the interval excludes 0 (a difference); otherwise no difference.", "",
+    lines += ["", "`*`: the interval excludes 0 (a difference); otherwise no difference. `†`: carried from the "
+              "committed report (measured on an earlier machine, whose run folders are not here).", "",
               "## The pre-trainings: held-out masked LM, how far the layers moved, what a frozen probe reads", "",
               f"CKA: linear CKA of each layer's mean-pooled states on {CKA_TEXTS} held-out texts, against the "
               f"starting encoder. Probe: OCNLI dev macro-F1 of a logistic regression on a frozen layer's pooled "
@@ -533,7 +542,7 @@ def main() -> None:
     commands.add_parser("next").set_defaults(run=cmd_next)
     report = commands.add_parser("report")
     report.add_argument("--drop-missing", action="store_true",
-                        help="write the report even where committed rows have no run folder here")
+                        help="leave out the committed rows whose run folders are not here")
     report.set_defaults(run=cmd_report)
     speed = commands.add_parser("speed")
     speed.add_argument("--steps", type=int, default=15)
