@@ -8,7 +8,8 @@ pre-training minutes as extra fine-tuning steps.
 
     python benchmarks/further_pretraining.py speed            # alone: step times, 2 threads
     benchmarks/further_pretraining.sh &                        # two single-thread lanes side by side,
-    benchmarks/further_pretraining.sh &                        # each claiming the next job (resumable)
+    benchmarks/further_pretraining.sh &                        # each claiming the next job (resumable;
+                                                               # `--only m3e`: m3e-small's jobs only)
     #   (the lanes also run the diagnosis: CKA per layer at snapshot steps, frozen OCNLI probes)
     python benchmarks/further_pretraining.py report           # the table, bootstrap, figure
 
@@ -109,6 +110,7 @@ def jobs() -> list[dict]:
         out += [finetune_job(name, M3E_SHORT, seed) for seed in SEEDS for name in m3e
                 if (name, seed) != (m3e[0], SEEDS[0])]
         out += equal_minute_jobs(m3e[1], M3E_SHORT, speed)
+        out.append(probe_job(m3e[0]))  # the frozen probe of m3e-small as it ships, beside its warm-up's
     if speed is not None:  # the fine-tuning variants train the steps their speed buys in the baseline's time
         finetune = speed["finetune"]
         for name in FINETUNING:
@@ -263,7 +265,8 @@ def cmd_next(args) -> None:
     another lane runs is taken once that is done. One job a process, so that a lane started as
     `while python benchmarks/further_pretraining.py next; do :; done` picks up new jobs."""
     while True:
-        pending = [job for job in jobs() if not (job["dir"] / "result.json").exists()]
+        pending = [job for job in jobs() if not (job["dir"] / "result.json").exists()
+                   and (args.only is None or is_m3e(job["name"]))]
         ready = [job for job in pending if job["kind"] == "pretrain" or encoder_for(job["name"]) is not None]
         started = next((job for job in ready if claim(job)), None)
         if started is None:
@@ -539,7 +542,9 @@ def plot(figures: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("next").set_defaults(run=cmd_next)
+    next_job = commands.add_parser("next")
+    next_job.add_argument("--only", choices=["m3e"], help="only m3e-small's jobs")
+    next_job.set_defaults(run=cmd_next)
     report = commands.add_parser("report")
     report.add_argument("--drop-missing", action="store_true",
                         help="leave out the committed rows whose run folders are not here")
