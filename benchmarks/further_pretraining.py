@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, write_whole, ensure_trimmed_encoder, train_and_predict, write_results  # noqa: E402
+from common import (RESULTS, ROOT, ensure_trimmed_encoder, equal_time_steps, train_and_predict,  # noqa: E402
+                    write_results, write_whole)
 from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
 
 FINETUNE_CONFIG = "configs/quickstart.yaml"
@@ -114,7 +115,8 @@ def jobs() -> list[dict]:
     if speed is not None:  # the fine-tuning variants train the steps their speed buys in the baseline's time
         finetune = speed["finetune"]
         for name in FINETUNING:
-            steps = round(SHORT * min(1.0, finetune[name]["samples_per_second"] / finetune["none"]["samples_per_second"]))
+            steps = min(SHORT, equal_time_steps(SHORT, 1 / finetune["none"]["samples_per_second"],
+                                                1 / finetune[name]["samples_per_second"]))
             out += [finetune_job(name, steps, seed, budget=SHORT) for seed in SEEDS]
     out.append(pretrain_job("mlm"))
     out.append(probe_job("mlm"))
@@ -271,6 +273,8 @@ def cmd_next(args) -> None:
         started = next((job for job in ready if claim(job)), None)
         if started is None:
             if not any(not job["dir"].with_name(job["dir"].name + ".claim").exists() for job in pending):
+                if args.only and not any(is_m3e(job["name"]) for job in jobs()):
+                    print("no m3e-small jobs: time its steps first (`speed --only m3e`)", file=sys.stderr)
                 sys.exit(3)
             time.sleep(30)  # a job waits on a pre-training in the other lane
             continue
@@ -400,9 +404,7 @@ def cmd_report(args) -> None:
     step_seconds = {name: entry["step_seconds"] for name, entry in speed["figures"]["finetune"].items()}
     figures = {"speed": speed, "finetune": {}, "pretrain": {}, "probe": {}}
     # by budget; no pre-training first, then its equal-minute runs, then the variants
-    for (label, budget), by_seed in sorted(runs.items(), key=lambda item: (
-            is_m3e(item[0][0]), item[0][1], item[0][0] != baseline_label(item[0][0]),
-            not item[0][0].startswith(baseline_label(item[0][0])), item[0][0])):
+    for (label, budget), by_seed in sorted(runs.items(), key=lambda item: row_order(*item[0])):
         by_seed = dict(sorted(by_seed.items()))
         steps = next(iter(by_seed.values()))["steps"]
         scores = {seed: {t: task_f1(gold[t][0], np.asarray(r["predicted"][t]), gold[t][1]) for t in TASKS}
@@ -433,28 +435,49 @@ def cmd_report(args) -> None:
         probe = results.get(f"probe-{slug(name)}")
         if probe:
             figures["probe"][name] = probe["probe_macro_f1"]
+    figures["carried"] = {part: [] for part in ("finetune", "pretrain", "probe")}
     if not args.drop_missing:
-        carried = carry_committed_rows(figures)
-        if carried:
-            print(f"{carried} rows carried from the committed report (their runs are not under {RUNS})")
+        figures["carried"] = carry_committed_rows(figures)
+        count = sum(map(len, figures["carried"].values()))
+        if count:
+            print(f"{count} rows carried from the committed report (their runs are not under {RUNS})")
     write_results("further_pretraining", figures, summarise(figures))
     plot(figures, RESULTS / "further_pretraining.png")
 
 
-def carry_committed_rows(figures: dict) -> int:
-    """Copy into `figures` the committed report's rows that it lacks, marked `carried`, and count
-    them. Results live in run folders, which are not committed: without this, a report on a fresh
+def row_order(label: str, budget: int) -> tuple:
+    """e5-small before m3e-small, by budget; in each, no pre-training, its equal-minute runs, the rest."""
+    baseline = baseline_label(label)
+    return is_m3e(label), budget, label != baseline, not label.startswith(baseline), label
+
+
+def carry_committed_rows(figures: dict) -> dict[str, list[str]]:
+    """Copy into `figures` the committed report's rows that it lacks; the keys carried, by table.
+    Results live in run folders, which are not committed: without this, a report on a fresh
     machine would drop every row measured elsewhere. A carried row keeps the figures and intervals
-    measured there; a new row can only be bootstrapped against runs whose predictions are here."""
+    measured there (a new row can only be bootstrapped against runs whose predictions are here); a
+    row rebuilt here replaces it, also where its equal-minute steps came out different."""
     record = RESULTS / "further_pretraining.json"
     committed = json.loads(record.read_text())["figures"] if record.exists() else {}
-    carried = 0
-    for part in ("finetune", "pretrain", "probe"):
-        for key, entry in committed.get(part, {}).items():
-            if key not in figures[part]:
-                figures[part][key] = {**entry, "carried": True} if isinstance(entry, dict) else entry
-                carried += 1
+    carried: dict[str, list[str]] = {part: [] for part in ("finetune", "pretrain", "probe")}
+    rebuilt = {(e["label"], e["budget"]) for e in figures["finetune"].values()}
+    for key, entry in committed.get("finetune", {}).items():
+        if key not in figures["finetune"] and (entry["label"], entry["budget"]) not in rebuilt:
+            figures["finetune"][key] = {k: v for k, v in entry.items() if k != "carried"}
+            carried["finetune"].append(key)
+    figures["finetune"] = dict(sorted(figures["finetune"].items(),
+                                      key=lambda item: row_order(item[1]["label"], item[1]["budget"])))
+    for part in ("pretrain", "probe"):  # only names this script still knows (their colours, their rows)
+        for name, entry in committed.get(part, {}).items():
+            if name not in figures[part] and name in PRETRAINING:
+                figures[part][name] = ({k: v for k, v in entry.items() if k != "carried"}
+                                       if isinstance(entry, dict) else entry)
+                carried[part].append(name)
     return carried
+
+
+def dagger(figures: dict, part: str, key: str) -> str:
+    return " †" if key in figures.get("carried", {}).get(part, ()) else ""
 
 
 def _interval(c: dict | None) -> str:
@@ -475,11 +498,10 @@ def summarise(figures: dict) -> str:
              "runs trained in two single-thread lanes, whose wall times are not timings.", "",
              "| variant | steps | pre-training min | fine-tuning min | OCNLI | OCEMOTION | TNEWS | mean | per seed "
              "| vs none [95%] | vs equal minutes [95%] |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for entry in finetune.values():
+    for key, entry in finetune.items():
         f1 = entry["macro_f1"]
         seeds = ", ".join(f"{v:.4f}" for v in entry["per_seed_mean"].values())
-        carried = " †" if entry.get("carried") else ""
-        lines.append(f"| {entry['label']}{carried} | {entry['steps']} | {entry['pretrain_minutes']:.1f} "
+        lines.append(f"| {entry['label']}{dagger(figures, 'finetune', key)} | {entry['steps']} | {entry['pretrain_minutes']:.1f} "
                      f"| {entry['finetune_minutes']:.1f} | {f1['ocnli']:.4f} | {f1['ocemotion']:.4f} "
                      f"| {f1['tnews']:.4f} | **{entry['mean']:.4f}** | {seeds} | {_interval(entry.get('vs_none'))} "
                      f"| {_interval(entry.get('vs_equal_minutes'))} |")
@@ -494,7 +516,7 @@ def summarise(figures: dict) -> str:
     for name in PRETRAINING:
         scores = probe.get(name)
         probe_cells = "| - | -" if scores is None else (
-            f"| {scores[-1]:.4f} | {max(scores):.4f} (layer {scores.index(max(scores))})")
+            f"| {scores[-1]:.4f}{dagger(figures, 'probe', name)} | {max(scores):.4f} (layer {scores.index(max(scores))})")
         entry = pretrain.get(name)
         if entry is None:
             lines.append(f"| {name} | 0 | - | - | - | 1 / 1 {probe_cells} |" if PRETRAINING[name] is None
@@ -502,9 +524,11 @@ def summarise(figures: dict) -> str:
             continue
         cka = entry["trajectory"][-1]["cka"]
         unfrozen = entry["encoder_unfrozen_at"]
-        lines.append(f"| {name} | {entry['minutes']:.1f} | {'-' if unfrozen is None else f'step {unfrozen}'} "
+        lines.append(f"| {name}{dagger(figures, 'pretrain', name)} | {entry['minutes']:.1f} "
+                     f"| {'-' if unfrozen is None else f'step {unfrozen}'} "
                      f"| {entry['held_out_loss']:.4f} ({entry['start_loss']:.4f}) | {entry['held_out_accuracy']:.4f} "
                      f"| {cka[len(cka) // 2]:.3f} / {cka[-1]:.3f} {probe_cells} |")
+    lines += ["", "`†`: carried from the committed report, as in the first table."]
     lines += ["", "CKA with the start, by pre-training step (layers from 0, the embeddings, to the top: 12 for e5-small, 4 for m3e-small):", ""]
     for name, entry in pretrain.items():
         lines.append(f"- {name}: " + "; ".join(

@@ -24,7 +24,6 @@ from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
 from clue_mtl.run_folder import RunFolder  # noqa: E402
 
 
-
 def run_config(config: str) -> tuple[Path, float]:
     from clue_mtl.config import load_config
 
