@@ -26,6 +26,7 @@ from .errors import ConfigError
 from .structure import HeadConfig, PrivateConfig, validate_structure
 # `auto`: `hardware.resolve_precision` picks bf16 where the hardware has it (resolved at run time).
 PRECISIONS = ("no", "bf16", "fp16", "auto")
+ATTENTION_KERNELS = ("auto", "math", "torch")
 # `transformers.get_scheduler` names that need only warmup and total steps
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
@@ -183,6 +184,7 @@ class TrainConfig:
     log_every: int = 10
     num_threads: int = 0                 # torch threads on CPU; 0 leaves torch's default
     fused_optimizer: bool = True         # AdamW's fused kernel where torch has one (CPU, CUDA); false: the per-tensor loop
+    attention_kernel: str = "auto"       # auto (math on a CPU in bf16, else torch's pick) | math | torch (`hardware.attention_kernel`)
     ema_decay: float = 0.0               # >0: evaluate and save an exponential moving average of the weights
     fgm_epsilon: float = 0.0             # >0: FGM adversarial training on the word embeddings
     report_to: str = "none"              # none | tensorboard | wandb | mlflow | trackio (`tracking.py`)
@@ -446,6 +448,7 @@ def validate(config: RunConfig) -> None:
     need(config.train.sampling in ("proportional", "power", "uniform"),
          "train.sampling must be proportional, power or uniform")
     need(config.train.mixed_precision in PRECISIONS, "train.mixed_precision must be no, bf16, fp16 or auto")
+    need(config.train.attention_kernel in ATTENTION_KERNELS, "train.attention_kernel must be auto, math or torch")
     need(config.train.batch_size >= len(config.data.tasks),
          "train.batch_size must give every task at least one row per step")
     need(config.train.steps > 0, "train.steps must be positive")

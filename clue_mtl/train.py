@@ -34,7 +34,7 @@ from .data import save_split, task_frames
 from .distill import read_soft_labels
 from .ema import ExponentialMovingAverage
 from .encoders import keep_bottom_layers, load_encoder
-from .hardware import PRECISION_DTYPES, ThroughputMeter, count_flops, matmul_peak
+from .hardware import PRECISION_DTYPES, ThroughputMeter, attention_kernel, count_flops, matmul_peak
 from .inference import predict_logits
 from .losses import class_weights, task_loss
 from .masking import WholeWordMaskCollator
@@ -234,9 +234,13 @@ class Trainer(RunRecipe):
     def _optimizer_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The life of one step: for each micro-batch, the tasks' forward passes and losses, the
         weighting's backward (and FGM's), then the optimisers once the gradients are complete."""
-        accumulation = self.config.train.grad_accumulation
+        train = self.config.train
         self.model.train()
         self.step_tokens = 0
+        with attention_kernel(train.attention_kernel, self.accelerator.device.type, self.accelerator.mixed_precision):
+            return self._micro_steps(train.grad_accumulation)
+
+    def _micro_steps(self, accumulation: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         for micro in range(accumulation):
             batches = self._micro_batches(micro)
             with self.accelerator.accumulate(self.model), self._gradient_sync_context():

@@ -1,4 +1,4 @@
-"""Speed paths: the fused AdamW step, attention dropout, and the throughput meter of the progress bar."""
+"""Speed paths: the fused AdamW step, attention dropout and kernel, and the throughput meter of the progress bar."""
 
 import json
 
@@ -77,6 +77,33 @@ def test_attention_dropout_reaches_the_encoder(tiny_config):
 def test_attention_dropout_out_of_range_is_refused(tiny_config):
     with pytest.raises(ConfigError, match="attention_dropout"):
         validate(tiny_config("model.attention_dropout=1.5"))
+
+
+@pytest.mark.parametrize("setting, device, precision, math_only", [
+    ("auto", "cpu", "bf16", True), ("auto", "cpu", "no", False), ("auto", "cuda", "bf16", False),
+    ("math", "cuda", "bf16", True), ("torch", "cpu", "bf16", False),
+])
+def test_the_attention_kernel_setting_picks_the_math_kernel(setting, device, precision, math_only):
+    """Inside the context, the fused kernels are switched off exactly where the math one is chosen."""
+    with hardware.attention_kernel(setting, device, precision):
+        assert torch.backends.cuda.math_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() is not math_only
+    assert torch.backends.cuda.flash_sdp_enabled()   # and back after it
+
+
+def test_the_math_attention_kernel_trains_as_the_fused_one_does(tiny_config):
+    """Same function, other kernel: a step's losses agree whichever kernel runs attention."""
+    losses = {}
+    for kernel in ("torch", "math"):
+        trainer = Trainer(tiny_config(f"train.attention_kernel={kernel}", "model.dropout=0.0",
+                                      "model.attention_dropout=0.0", f"name=kernel-{kernel}"), show_progress=False)
+        losses[kernel] = [sum(trainer.run_step()[0].values()).item() for _ in range(3)]
+    assert losses["math"] == pytest.approx(losses["torch"], rel=1e-4)
+
+
+def test_an_unknown_attention_kernel_is_refused(tiny_config):
+    with pytest.raises(ConfigError, match="attention_kernel"):
+        validate(tiny_config("train.attention_kernel=flash"))
 
 
 def test_the_progress_bar_shows_rows_per_second_and_the_fraction_of_peak(tiny_config):
