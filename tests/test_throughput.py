@@ -141,3 +141,36 @@ def test_a_shallower_encoder_trains_saves_and_reloads(tiny_config):
     assert len(encoder_layers(reloaded.encoder)) == 2
     with pytest.raises(EncoderError, match="num_layers is 99"):
         Trainer(tiny_config("model.num_layers=99", "name=too-deep"), show_progress=False)
+
+
+def attention_backward_nodes(trainer) -> set[str]:
+    """The names of the scaled-dot-product attention nodes in one training step's loss graphs."""
+    graphs, forward_losses = [], trainer._forward_losses
+
+    def recording(batches):
+        losses, features, accuracies = forward_losses(batches)
+        graphs.extend(loss.grad_fn for loss in losses.values())
+        return losses, features, accuracies
+    trainer._forward_losses = recording
+    trainer.run_step()
+    names, seen, stack = set(), set(), list(graphs)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "Attention" in type(node).__name__:
+            names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("setting,precision,flash", [
+    ("torch", "no", True), ("math", "no", False), ("auto", "no", True), ("auto", "bf16", False)])
+def test_the_training_step_runs_attention_in_the_chosen_kernel(tiny_config, setting, precision, flash):
+    """Through the Trainer: the fused kernel's backward is in the step's graph unless the math
+    kernel was chosen (the setting is applied around the step, not only in `hardware`)."""
+    trainer = Trainer(tiny_config(f"train.attention_kernel={setting}", f"train.mixed_precision={precision}",
+                                  "model.attention_dropout=0.0"), show_progress=False)
+    nodes = attention_backward_nodes(trainer)
+    assert any("Flash" in name for name in nodes) is flash, nodes
