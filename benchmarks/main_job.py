@@ -65,7 +65,7 @@ def blend_entry(blend_dir: Path) -> dict:
 def cmd_run(args) -> None:
     from clue_mtl.config import load_config
 
-    name = args.name or f"{Path(args.config).stem}-s{args.seed}"
+    name = recorded_name(args)
     overrides = [f"name=main-{name}", f"train.seed={args.seed}", *(args.set or [])]
     config = load_config(ROOT / args.config, overrides)
     blend_dir = ROOT / "blends" / config.name
@@ -77,17 +77,24 @@ def cmd_run(args) -> None:
     subprocess.run(command, cwd=ROOT, check=True)
     seconds = time.perf_counter() - started
     run_dir = ROOT / config.output_dir / config.name
-    metrics = RunFolder(run_dir).metrics()
-    speeds = [r["steps_per_second"] for r in metrics if r["kind"] == "train"]
     entry = blend_entry(blend_dir)
     entry.update({
         "config": args.config, "overrides": overrides, "run_dir": str(run_dir.relative_to(ROOT)),
         "seconds": seconds, "steps": config.train.steps, "batch_size": config.train.batch_size,
-        "samples_per_second": speeds[-1] * config.train.batch_size if speeds else None,
+        "samples_per_second": training_speed(run_dir),
         "threads": os.environ.get("OMP_NUM_THREADS", "default"),
         "lane": args.lane, "command": " ".join(["python", "benchmarks/main_job.py", *sys.argv[1:]]),
     })
     record_entry(name, entry, args.compare or [])
+
+
+def training_speed(run_dir: Path) -> float | None:
+    """Training rows/s of a run as its metrics last logged it: over the whole run, its evaluations included."""
+    from clue_mtl.config import load_config
+
+    folder = RunFolder(run_dir)
+    speeds = [r["steps_per_second"] for r in folder.metrics() if r["kind"] == "train"]
+    return speeds[-1] * load_config(folder.config_file).train.batch_size if speeds else None
 
 
 def record_entry(name: str, entry: dict, compare: list[str]) -> None:
@@ -125,6 +132,8 @@ def cmd_existing(args) -> None:
     """Record a main job that ran elsewhere (e.g. `time make run`), with its measured wall time."""
     entry = blend_entry(ROOT / args.blend)
     entry.update({"seconds": args.seconds, "how": args.how, "command": args.how})
+    if args.run:
+        entry["samples_per_second"] = training_speed(ROOT / args.run)
     record_entry(args.name, entry, args.compare or [])
 
 
@@ -206,6 +215,38 @@ def report(entries: dict, compare: list[str]) -> None:
     write_results("main_job", figures, "\n".join(lines))
 
 
+def recorded_name(args) -> str | None:
+    """The entry a command adds to main_job.json (None for `report`)."""
+    if args.command == "run":
+        return args.name or f"{Path(args.config).stem}-s{args.seed}"
+    if args.command == "ensemble":
+        return f"ensemble-{args.name}"
+    return getattr(args, "name", None)
+
+
+def compare_problem(compare: list[str], adding: str | None) -> str | None:
+    """Why `--compare` cannot be computed once `adding` is recorded (checked before any work, so a
+    finished run is never lost to a comparison that fails at the end), or None."""
+    if not compare:
+        return None
+    if len(compare) % 2:
+        return "--compare takes pairs: A B [A B ...]"
+    entries = load_entries()
+    for joined in compare:
+        for name in joined.split("+"):
+            base, _, member = name.partition("@")
+            if base == adding:
+                continue
+            if base not in entries:
+                return f"--compare: no entry {base!r} in {RECORD.relative_to(ROOT)}"
+            if member and member not in entries[base]["members"]:
+                return f"--compare: {base!r} has no member {member!r} (it has {', '.join(entries[base]['members'])})"
+            if not (ROOT / entries[base]["blend_dir"] / "dev.safetensors").exists():
+                return (f"--compare: {base!r} has no {entries[base]['blend_dir']}/dev.safetensors here "
+                        "(blend folders are not committed; compare runs made on this machine)")
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -226,10 +267,14 @@ def main() -> None:
     existing.add_argument("--blend", required=True, help="the blend folder the job wrote")
     existing.add_argument("--seconds", type=float, required=True)
     existing.add_argument("--how", required=True, help="how the time was measured")
+    existing.add_argument("--run", help="its run folder, for the training rows/s")
     existing.add_argument("--compare", nargs="*")
     rep = commands.add_parser("report")
     rep.add_argument("--compare", nargs="*")
     args = parser.parse_args()
+    problem = compare_problem(args.compare or [], recorded_name(args))
+    if problem:
+        parser.error(problem)
     if args.command == "run":
         cmd_run(args)
     elif args.command == "ensemble":
