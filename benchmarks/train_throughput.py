@@ -13,7 +13,8 @@ AdamW's per-tensor loop, attention dropout 0.1); then one change at a time.
 
     python benchmarks/train_throughput.py                        # about 10 minutes on 2 cores
     python benchmarks/train_throughput.py --try-compile          # also torch.compile (minutes to compile)
-    python benchmarks/train_throughput.py --quality A B          # add main_job.json's equal-steps dev check
+    python benchmarks/train_throughput.py --render --quality A B # add main_job.json's equal-steps dev check
+                                                                 # (A, B: ENTRY@MEMBER, seeds joined by +)
 """
 
 from __future__ import annotations
@@ -97,9 +98,10 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
     return {"variant": variant, **result}
 
 
-def profile(steps: int, warmup: int) -> dict:
-    """Seconds per step by category for the kit after, from torch.profiler's operator self times;
-    what the operators do not cover is Python and framework overhead; data is timed on its own."""
+def profile(steps: int, warmup: int, overrides: list[str] | None = None) -> dict:
+    """Seconds per step by category for the kit after (or `overrides` on BASE), from torch.profiler's
+    operator self times; what the operators do not cover is Python and framework overhead; data is
+    timed on its own."""
     import tempfile
 
     from torch.profiler import ProfilerActivity
@@ -108,7 +110,7 @@ def profile(steps: int, warmup: int) -> dict:
     from clue_mtl.config import load_config
     from clue_mtl.train import Trainer
 
-    config = load_config(overrides=[*BASE, *AFTER, f"train.steps={warmup + steps + 1}"])
+    config = load_config(overrides=[*BASE, *(AFTER if overrides is None else overrides), f"train.steps={warmup + steps + 1}"])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, run_dir, show_progress=False)
         for _ in range(warmup):
@@ -140,22 +142,27 @@ def profile(steps: int, warmup: int) -> dict:
 
 def quality_rows(names: list[str]) -> list[str]:
     """Equal-steps dev macro-F1 from benchmarks/main_job.json (whole dev split, each run's own
-    argmax) and the paired bootstrap of the second against the first."""
+    argmax) and the paired bootstrap of the second against the first. A name may join seeds with
+    "+" (ENTRY@MEMBER+ENTRY@MEMBER), as `main_job.py report --compare` pairs them."""
     record = json.loads((RESULTS / "main_job.json").read_text())["figures"]
     lines = ["", "## Equal steps, dev macro-F1 (whole dev split)", "",
-             "| run | steps | OCNLI | OCEMOTION | TNEWS | mean |", "|---|---|---|---|---|---|"]
+             "| run | steps | seed | attention dropout | attention kernel | OCNLI | OCEMOTION | TNEWS | mean |",
+             "|---|---|---|---|---|---|---|---|---|"]
     from clue_mtl.config import load_config
 
-    for name in names:
+    for name in (part for joined in names for part in joined.split("+")):
         entry, _, member = name.partition("@")
         f1 = record[entry]["members"][member]
         mean = sum(f1.values()) / len(f1)
-        steps = load_config(RunFolder(ROOT / record[entry]["runs"][0]).config_file).train.steps
-        lines.append(f"| {member} | {steps} | {f1['ocnli']:.4f} | {f1['ocemotion']:.4f} | {f1['tnews']:.4f} | {mean:.4f} |")
+        config = load_config(RunFolder(ROOT / record[entry]["runs"][0]).config_file)
+        dropout = "encoder's" if config.model.attention_dropout is None else config.model.attention_dropout
+        lines.append(f"| {member} | {config.train.steps} | {config.train.seed} | {dropout} | "
+                     f"{config.train.attention_kernel} | {f1['ocnli']:.4f} | {f1['ocemotion']:.4f} | {f1['tnews']:.4f} | {mean:.4f} |")
     for label, c in record.get("_comparisons", {}).items():
         if all(name in label for name in names):
             verdict = "no difference" if c["low"] <= 0 <= c["high"] else "a difference"
-            lines.append(f"\nPaired bootstrap, {label}: {c['difference']:+.4f} "
+            seeds = " (seeds paired in order, averaged)" if "+" in label else ""
+            lines.append(f"\nPaired bootstrap, {label}{seeds}: {c['difference']:+.4f} "
                          f"[{c['low']:+.4f}, {c['high']:+.4f}] (95%, {c['samples']:,} resamples): {verdict}.")
     return lines
 
@@ -263,9 +270,8 @@ def report_lines(args, figures: dict, names: list[str], peak_of: dict) -> list[s
         lines.append(f"| {label} | {peak['float32'][shape] / 1e9:.0f} | {bf16 / 1e9:.1f} |" if bf16 else
                      f"| {label} | {peak['float32'][shape] / 1e9:.0f} | - |")
     lines += ["", "## Variants (one change at a time)", "", *speed_table(figures["variants"], names, peak_of), "",
-              f"Kit after over kit before: **{figures['speedup_after_over_before']:.2f}x** samples/s; over the kit "
-              f"without attention dropout (the kit as this benchmark last found it) "
-              f"{figures.get('speedup_after_over_previous', float('nan')):.2f}x; over naive "
+              f"Kit after over kit before: **{figures['speedup_after_over_before']:.2f}x** samples/s; over "
+              f"attention dropout 0 on torch's kernel {figures['speedup_after_over_previous']:.2f}x; over naive "
               f"{figures['speedup_after_over_naive']:.2f}x ({args.steps} timed steps after {args.warmup} warm-up, "
               f"median of {args.repeats} runs, variants alternating). Model FLOPs counted with "
               f"`torch.utils.flop_counter` (matrix products and attention), per padded token, on one step; "
