@@ -45,9 +45,9 @@ def attention_kernel(setting: str, device_type: str, precision: str) -> contextl
 
     "auto" is the math kernel (plain matrix products and a softmax) on a CPU in bf16, and torch's
     own pick elsewhere. On a CPU with AMX, torch picks its fused flash kernel when attention has
-    no dropout, and that kernel's bf16 backward took 0.20 s of a 0.82 s e5-small step, against
-    0.08 s for the math kernel's matrix products (benchmarks/results/train_throughput.md). In
-    float32 the two measured the same; on a GPU the fused kernels are the fast ones.
+    no dropout, and that kernel's bf16 backward took 0.19 s of a 0.76 s e5-small step; the math
+    kernel ran the step 1.29x faster (benchmarks/results/step_experiments.md). In float32 the
+    two measured within 2%; on a GPU the fused kernels are the fast ones.
     "math" forces the math kernel anywhere; "torch" leaves the choice to torch.
     """
     if setting == "math" or (setting == "auto" and device_type == "cpu" and precision == "bf16"):

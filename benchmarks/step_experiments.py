@@ -1,0 +1,163 @@
+"""Changes to the training step tried against the kit after (train_throughput.py's settings) that
+the kit does not have: each variant patches a fresh Trainer, then is timed in its own process,
+variants taking turns over repeats. A variant that pays here is a lever still to build (README,
+"Speed against this machine's own peak"), not a setting.
+
+    python benchmarks/step_experiments.py            # about 20 minutes on 2 cores, alone
+
+Variants: attention dropout 0 on torch's kernel (profiled too: why the kit pins the math kernel);
+attention dropout 0.1 under either attention kernel; one autocast region around the
+three task passes (so autocast's weight casts are cached across them); one encoder pass over all
+tasks' rows instead of one per task; torch.compile of the encoder; float32 under either kernel;
+and the weights kept in bf16 with the cost of a float32 master copy added (the model cast to bf16,
+no autocast, and after each step the trained weights copied to float32 and back: the two casts a
+master-weights optimiser would make; the update itself runs on the bf16 weights, so this times
+the idea and does not train it properly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import alternate_children, run_child, time_training_steps, write_results  # noqa: E402
+from train_throughput import AFTER, BASE, FUSED, NO_ATTENTION_DROPOUT, profile  # noqa: E402
+
+KIT_AFTER = "kit after (no attention dropout, math kernel)"
+VARIANTS = {  # name: (overrides on BASE, patch)
+    KIT_AFTER: (AFTER, None),
+    "attention dropout 0, torch's kernel (the fused flash kernel)": (NO_ATTENTION_DROPOUT, None),
+    "attention dropout 0.1, torch's kernel": (FUSED, None),
+    "attention dropout 0.1, math kernel": ([*FUSED, "train.attention_kernel=math"], None),
+    "one autocast region around the three task passes": (AFTER, "outer_autocast"),
+    "one encoder pass over all tasks' rows": (AFTER, "single_pass"),
+    "torch.compile of the encoder (dynamic shapes)": (AFTER, "compile"),
+    "float32, torch's kernel": ([*FUSED, "model.attention_dropout=0.0", "train.mixed_precision=no"], None),
+    "float32, math kernel": ([*AFTER, "train.mixed_precision=no", "train.attention_kernel=math"], None),
+    "bf16 weights with a float32 master copy's casts (simulated)": (
+        [*AFTER, "train.mixed_precision=no", "train.attention_kernel=math"], "bf16_weights"),
+}
+
+
+def outer_autocast(trainer) -> None:
+    step = trainer.run_step
+
+    def run_step():
+        with trainer.accelerator.autocast():
+            return step()
+    trainer.run_step = run_step
+
+
+def single_pass(trainer) -> None:
+    """All tasks' rows padded to one width and encoded together; each head takes its slice (no
+    token_type_ids: e5-small has none)."""
+    import torch
+    import torch.nn.functional as F
+
+    pad_id = trainer.tokenizer.pad_token_id
+
+    def forward_losses(batches):
+        with trainer.accelerator.autocast():  # calling the encoder directly skips the model's own autocast
+            return padded_together(trainer.model, batches)
+
+    def padded_together(model, batches):
+        width = max(b["input_ids"].shape[1] for b in batches.values())
+        ids = torch.cat([F.pad(b["input_ids"], (0, width - b["input_ids"].shape[1]), value=pad_id)
+                         for b in batches.values()])
+        mask = torch.cat([F.pad(b["attention_mask"], (0, width - b["attention_mask"].shape[1]))
+                          for b in batches.values()])
+        states = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        losses, features, accuracies, start = {}, {}, {}, 0
+        for task, batch in batches.items():
+            rows = slice(start, start + batch["input_ids"].shape[0])
+            start = rows.stop
+            logits, features[task] = model.heads[task]([states[rows]], mask[rows], None)
+            losses[task] = trainer._task_loss(task, logits, batch)
+            accuracies[task] = (logits.detach().argmax(-1) == batch["labels"]).float().mean()
+        return losses, features, accuracies
+    trainer._forward_losses = forward_losses
+
+
+def compile_encoder(trainer) -> None:
+    import torch
+
+    trainer.unwrapped.encoder = torch.compile(trainer.unwrapped.encoder, dynamic=True)
+
+
+def bf16_weights(trainer) -> None:
+    import torch
+
+    parameters = list(trainer.unwrapped.parameters())
+    trained = [p for p in parameters if p.requires_grad]
+    with torch.no_grad():
+        for p in parameters:
+            p.data = p.data.to(torch.bfloat16)
+    masters = [p.detach().float() for p in trained]
+    step = trainer.run_step
+
+    def run_step():
+        result = step()
+        with torch.no_grad():
+            torch._foreach_copy_(masters, [p.data for p in trained])
+            torch._foreach_copy_([p.data for p in trained], masters)
+        return result
+    trainer.run_step = run_step
+
+
+PATCHES = {"outer_autocast": outer_autocast, "single_pass": single_pass, "compile": compile_encoder,
+           "bf16_weights": bf16_weights}
+
+
+def measure(name: str, steps: int, warmup: int) -> dict:
+    overrides, patch = VARIANTS[name]
+    with contextlib.redirect_stdout(sys.stderr):
+        result = time_training_steps([*BASE, *overrides], steps, warmup,
+                                     prepare=PATCHES[patch] if patch else None)
+    return {"variant": name, **result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # child modes
+    parser.add_argument("--profile-flash", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(measure(args.variant, args.steps, args.warmup)))
+        return
+    if args.profile_flash:
+        with contextlib.redirect_stdout(sys.stderr):
+            profiled = profile(5, args.warmup, NO_ATTENTION_DROPOUT)
+        print(json.dumps(profiled))
+        return
+    runs = alternate_children(__file__, "--variant", VARIANTS, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
+                              args.repeats, lambda result: f"{result['samples_per_second']:.1f} samples/s")
+    figures = {name: {"samples_per_second": statistics.median(r["samples_per_second"] for r in results),
+                      "samples_per_second_runs": [r["samples_per_second"] for r in results],
+                      "padded_tokens_per_step": results[0]["padded_tokens_per_step"]}
+               for name, results in runs.items()}
+    flash = run_child([__file__, "--profile-flash", "--warmup", str(args.warmup)])
+    reference = figures[KIT_AFTER]["samples_per_second"]
+    lines = ["# Training-step changes tried against the kit after (e5-small, 24 rows per step, max length 128, CPU)",
+             "", "| variant | samples/s (median) | each run | x kit after |", "|---|---|---|---|"]
+    for name, f in figures.items():
+        each = ", ".join(f"{r:.1f}" for r in f["samples_per_second_runs"])
+        lines.append(f"| {name} | {f['samples_per_second']:.1f} | {each} | {f['samples_per_second'] / reference:.2f} |")
+    lines += ["", f"{args.steps} timed steps after {args.warmup} warm-up, median of {args.repeats} runs, each in a "
+              "fresh process, variants taking turns. The settings are train_throughput.py's (BASE); "
+              "see this script's docstring for what each variant changes.",
+              "", f"Why the math kernel: torch.profiler over 5 steps of attention dropout 0 on torch's kernel, "
+              f"{flash['step_seconds_profiled']:.2f} s per profiled step; top operators by self time (seconds per "
+              "step): " + ", ".join(f"`{name}` {seconds:.3f}" for name, seconds in flash["top_operators"][:6]) + "."]
+    write_results("step_experiments", {"variants": figures, "flash_profile": flash}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
