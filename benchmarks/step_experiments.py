@@ -29,6 +29,7 @@ from common import alternate_children, run_child, time_training_steps, write_res
 from train_throughput import AFTER, BASE, FUSED, NO_ATTENTION_DROPOUT, profile  # noqa: E402
 
 KIT_AFTER = "kit after (no attention dropout, math kernel)"
+FLOAT32_MATH = [*AFTER, "train.mixed_precision=no", "train.attention_kernel=math"]  # auto would leave float32 to torch
 VARIANTS = {  # name: (overrides on BASE, patch)
     KIT_AFTER: (AFTER, None),
     "attention dropout 0, torch's kernel (the fused flash kernel)": (NO_ATTENTION_DROPOUT, None),
@@ -37,10 +38,9 @@ VARIANTS = {  # name: (overrides on BASE, patch)
     "one autocast region around the three task passes": (AFTER, "outer_autocast"),
     "one encoder pass over all tasks' rows": (AFTER, "single_pass"),
     "torch.compile of the encoder (dynamic shapes)": (AFTER, "compile"),
-    "float32, torch's kernel": ([*FUSED, "model.attention_dropout=0.0", "train.mixed_precision=no"], None),
-    "float32, math kernel": ([*AFTER, "train.mixed_precision=no", "train.attention_kernel=math"], None),
-    "bf16 weights with a float32 master copy's casts (simulated)": (
-        [*AFTER, "train.mixed_precision=no", "train.attention_kernel=math"], "bf16_weights"),
+    "float32, torch's kernel": ([*NO_ATTENTION_DROPOUT, "train.mixed_precision=no"], None),
+    "float32, math kernel": (FLOAT32_MATH, None),
+    "bf16 weights with a float32 master copy's casts (simulated)": (FLOAT32_MATH, "bf16_weights"),
 }
 
 

@@ -110,7 +110,8 @@ def profile(steps: int, warmup: int, overrides: list[str] | None = None) -> dict
     from clue_mtl.config import load_config
     from clue_mtl.train import Trainer
 
-    config = load_config(overrides=[*BASE, *(AFTER if overrides is None else overrides), f"train.steps={warmup + steps + 1}"])
+    variant = AFTER if overrides is None else overrides
+    config = load_config(overrides=[*BASE, *variant, f"train.steps={warmup + steps + 1}"])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, run_dir, show_progress=False)
         for _ in range(warmup):
