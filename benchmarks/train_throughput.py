@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, alternate_children, run_child, time_training_steps, write_results  # noqa: E402
+from common import RESULTS, ROOT, alternate_children, run_child, time_training_steps, write_results, write_whole  # noqa: E402
 from clue_mtl.run_folder import RunFolder  # noqa: E402
 
 BASE = [
@@ -250,8 +250,8 @@ def render(args) -> None:
     names = list(figures["variants"])
     peak_of = {"no": figures["peak"]["float32"]["square"], "bf16": figures["peak"]["bf16"]["square"]}
     lines = report_lines(measured, figures, names, peak_of)
-    (RESULTS / "train_throughput.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    (RESULTS / "train_throughput.md").write_text("\n".join(lines).rstrip() + "\n")
+    write_whole(RESULTS / "train_throughput.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    write_whole(RESULTS / "train_throughput.md", "\n".join(lines).rstrip() + "\n")
     print("\n".join(lines))
 
 
