@@ -171,6 +171,37 @@ def pad_rows(data: EncodedTask, rows: np.ndarray, pad_id: int,
     return pad_batch([data.input_ids[i] for i in rows], pad_id, pad_to_multiple_of, token_types)
 
 
+@dataclass(frozen=True)
+class TaskRows:
+    """Where one task's batch lies in a joint batch: its rows, and its own padded width."""
+    task: str
+    rows: slice
+    width: int
+
+
+def joint_batch(batches: dict[str, dict[str, torch.Tensor]], pad_id: int
+                ) -> tuple[tuple[TaskRows, ...], dict[str, torch.Tensor]]:
+    """The tasks' batches stacked into one, right-padded to the widest (`pad_id`, attention mask 0,
+    segment 0): one encoder pass for every task. Segment ids are zeros for a task without them
+    (what the encoder assumes when given none), and absent when no task has them. `pad_id` is the
+    tokenizer's, so the added padding is what a task's own batch would have held."""
+    width = max(batch["input_ids"].shape[1] for batch in batches.values())
+    with_segments = any("token_type_ids" in batch for batch in batches.values())
+    parts, columns, start = [], {"input_ids": [], "attention_mask": [], "token_type_ids": []}, 0
+    for task, batch in batches.items():
+        rows, own_width = batch["input_ids"].shape
+        parts.append(TaskRows(task, slice(start, start + rows), own_width))
+        start += rows
+        extra = (0, width - own_width)
+        columns["input_ids"].append(torch.nn.functional.pad(batch["input_ids"], extra, value=pad_id))
+        columns["attention_mask"].append(torch.nn.functional.pad(batch["attention_mask"], extra, value=0))
+        if with_segments:
+            segments = batch.get("token_type_ids", torch.zeros_like(batch["input_ids"]))
+            columns["token_type_ids"].append(torch.nn.functional.pad(segments, extra, value=0))
+    joint = {key: torch.cat(values) for key, values in columns.items() if values}
+    return tuple(parts), joint
+
+
 class TaskStream:
     """An endless, seeded sequence of one task's batches, addressable by step."""
 

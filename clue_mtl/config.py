@@ -27,6 +27,7 @@ from .structure import HeadConfig, PrivateConfig, validate_structure
 # `auto`: `hardware.resolve_precision` picks bf16 where the hardware has it (resolved at run time).
 PRECISIONS = ("no", "bf16", "fp16", "auto")
 ATTENTION_KERNELS = ("auto", "math", "torch")
+ENCODER_PASSES = ("auto", "joint", "per_task")
 # `transformers.get_scheduler` names that need only warmup and total steps
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
@@ -47,7 +48,8 @@ RESUMABLE_KEYS = ("name", "output_dir", "train.num_threads", "train.report_to")
 # the key out at that value, so checkpoints saved before it still resume).
 ADDED_KEYS = {"train.scheduler": "linear", "model.heads": {}, "model.private": {},
               "auxiliary_mlm.batch_size": 0, "auxiliary_mlm.mlm_probability": 0.15,
-              "auxiliary_mlm.anneal": "none", "auxiliary_mlm.pairs": False, "auxiliary_mlm.max_texts": None}
+              "auxiliary_mlm.anneal": "none", "auxiliary_mlm.pairs": False, "auxiliary_mlm.max_texts": None,
+              "train.encoder_pass": "per_task"}
 
 
 # ----------------------------------------------------------------------------- bounded YAML
@@ -185,6 +187,7 @@ class TrainConfig:
     num_threads: int = 0                 # torch threads on CPU; 0 leaves torch's default
     fused_optimizer: bool = True         # AdamW's fused kernel where torch has one (CPU, CUDA); false: the per-tensor loop
     attention_kernel: str = "auto"       # auto (math on a CPU in bf16, else torch's pick) | math | torch (`hardware.attention_kernel`)
+    encoder_pass: str = "auto"           # joint (one pass over all tasks' rows) | per_task | auto (`Trainer._joint_encoder_pass`)
     ema_decay: float = 0.0               # >0: evaluate and save an exponential moving average of the weights
     fgm_epsilon: float = 0.0             # >0: FGM adversarial training on the word embeddings
     report_to: str = "none"              # none | tensorboard | wandb | mlflow | trackio (`tracking.py`)
@@ -449,6 +452,7 @@ def validate(config: RunConfig) -> None:
          "train.sampling must be proportional, power or uniform")
     need(config.train.mixed_precision in PRECISIONS, "train.mixed_precision must be no, bf16, fp16 or auto")
     need(config.train.attention_kernel in ATTENTION_KERNELS, "train.attention_kernel must be auto, math or torch")
+    need(config.train.encoder_pass in ENCODER_PASSES, "train.encoder_pass must be auto, joint or per_task")
     need(config.train.batch_size >= len(config.data.tasks),
          "train.batch_size must give every task at least one row per step")
     need(config.train.steps > 0, "train.steps must be positive")
@@ -658,3 +662,9 @@ def _validate_choices(config: RunConfig) -> None:
     if config.train.fgm_epsilon > 0 and weighting.manual_gradients:
         raise ConfigError(f"train.fgm_epsilon does not combine with weighting.method {config.weighting.method!r}, "
                           "which writes gradients by hand")
+    if config.train.encoder_pass == "joint" and config.model.private:
+        raise ConfigError("train.encoder_pass joint runs one encoder for every task; model.private gives tasks "
+                          "their own layers or adapters (use auto or per_task)")
+    if config.train.encoder_pass == "joint" and weighting.manual_gradients:
+        raise ConfigError(f"train.encoder_pass joint shares one graph between the tasks; weighting.method "
+                          f"{config.weighting.method!r} backpropagates each task alone (use auto or per_task)")

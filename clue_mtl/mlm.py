@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batching import EncodedTask, TaskStream
+from .batching import EncodedTask, TaskRows, TaskStream
 from .errors import ConfigError
 from .masking import Text, WholeWordMaskCollator
 from .tasks import MLM_TASK
@@ -256,7 +256,8 @@ def auxiliary_head(source: str, encoder: nn.Module, features: list[dict], skip_i
 class WithMaskedLM(nn.Module):
     """`model` (a `MultiTaskModel`) and a masked-LM head over its shared encoder.
 
-    `forward(task, ...)` is the task's forward; `forward(MLM_TASK, input_ids, attention_mask,
+    `forward(task, ...)` is the task's forward (or, given a joint batch's `TaskRows`, every task's);
+    `forward(MLM_TASK, input_ids, attention_mask,
     token_type_ids, labels=...)` is the masked-LM pass through the shared encoder (no task's
     private layers or adapters) and returns (logits at the masked positions, their targets).
     """
@@ -266,7 +267,7 @@ class WithMaskedLM(nn.Module):
         self.model = model
         self.mlm_head = head
 
-    def forward(self, task: str, input_ids, attention_mask, token_type_ids=None, labels=None):
+    def forward(self, task: str | tuple[TaskRows, ...], input_ids, attention_mask, token_type_ids=None, labels=None):
         if task != MLM_TASK:
             return self.model(task, input_ids, attention_mask, token_type_ids)
         inputs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}

@@ -16,6 +16,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
+from .batching import TaskRows
 from .config import ModelConfig
 from .encoders import encoder_layers, keep_bottom_layers
 from .heads import AnswerHead, build_head
@@ -28,9 +29,10 @@ from .tasks import get_task
 class MultiTaskModel(nn.Module):
     """A shared encoder and one head per task; `forward(task, ...)` runs the encoder on one task's batch.
 
-    The encoder runs once per task per step, so each task's batch is padded only to its own
-    longest row, the tasks' graphs stay separate (per-task gradients come cheap), and each task
-    can run its own layers and adapters.
+    Run per task, each task's batch is padded only to its own longest row, the tasks' graphs stay
+    separate (per-task gradients come cheap), and each task can run its own layers and adapters.
+    `forward(parts, ...)` with the tasks' `TaskRows` runs the encoder once over all of them (a
+    `batching.joint_batch`): fewer, larger matrix products, for models without private parts.
 
     heads: each task's resolved head spec (`structure.resolve_heads`); private: the tasks' private
     parts (`structure.resolve_private`); sep_token_id: where a pair's first segment ends, for SAN
@@ -64,19 +66,45 @@ class MultiTaskModel(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.heads)
 
-    def forward(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, task: str | tuple[TaskRows, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor] | dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The task's logits and the vector its classifier read. `token_type_ids` (segment ids of a
-        BERT-style pair) reach the encoder only when given, so encoders without them are called as before."""
-        head = self.heads[task]
+        BERT-style pair) reach the encoder only when given, so encoders without them are called as before.
+        Given the `TaskRows` of a joint batch instead of a task: {task: (logits, features)} from one
+        encoder pass over all the rows."""
+        if not isinstance(task, str):
+            return self._joint_forward(task, input_ids, attention_mask, token_type_ids)
         states = self.hidden_states(task, input_ids, attention_mask, token_type_ids,
-                                    every_layer=head.features.needs_all_layers)
+                                    every_layer=self.heads[task].features.needs_all_layers)
+        return self._head_output(task, states, input_ids, attention_mask, token_type_ids)
+
+    def _joint_forward(self, parts: tuple[TaskRows, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       token_type_ids: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each part's rows cut back to its own width: the states, mask and segment ids its head
+        would have had from a pass of its own (padding is masked out of attention)."""
+        if self.private is not None or self.adapters is not None:
+            raise ValueError("one encoder pass serves every task only where no task has private layers or adapters")
+        every_layer = any(self.heads[part.task].features.needs_all_layers for part in parts)
+        states = self.hidden_states(None, input_ids, attention_mask, token_type_ids, every_layer=every_layer)
+        outputs = {}
+        for part in parts:
+            rows, width = part.rows, part.width
+            segments = None if token_type_ids is None else token_type_ids[rows, :width]
+            outputs[part.task] = self._head_output(part.task, [state[rows, :width] for state in states],
+                                                   input_ids[rows, :width], attention_mask[rows, :width], segments)
+        return outputs
+
+    def _head_output(self, task: str, states: list[torch.Tensor], input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        head = self.heads[task]
         segments = None
         if isinstance(head, AnswerHead):
             segments = pair_segments(input_ids, token_type_ids, self.sep_token_id)
         return head(states, attention_mask, segments)
 
-    def hidden_states(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def hidden_states(self, task: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       token_type_ids: torch.Tensor | None = None, every_layer: bool = False) -> list[torch.Tensor]:
         """[embeddings, layer 1, ..., top] token states as the task's encoder computes them (with its
         private layers and adapters); only [top] unless `every_layer`."""

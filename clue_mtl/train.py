@@ -6,9 +6,10 @@ decay/no-decay groups and layer-wise learning-rate decay; warmup and a learning-
 clipping and accumulation; bf16/fp16; evaluation every N steps by mean macro-F1 with the best
 checkpoint kept and early stopping; exact resume (`resume=True`).
 
-Trade-offs: the encoder runs once per task per step (less padding, separate graphs for per-task
-gradients) rather than once over a mixed batch; the batch stream is indexed by step, so resuming
-needs no data-loader state.
+Trade-offs: the encoder runs once over every task's rows of a step (`train.encoder_pass`: fewer,
+larger matrix products) unless per-task passes are needed (private layers, per-task gradients),
+at the price of padding every row to the step's widest; the batch stream is indexed by step, so
+resuming needs no data-loader state.
 
 The run folder's layout is `run_folder.py`'s.
 """
@@ -28,7 +29,8 @@ from transformers import get_scheduler
 
 from .accelerator import fresh_accelerator
 from .adversarial import FGM
-from .batching import EncodedTask, MultiTaskBatches, encode_frame, task_batch_sizes, tokenizer_fingerprint
+from .batching import (EncodedTask, MultiTaskBatches, encode_frame, joint_batch, task_batch_sizes,
+                       tokenizer_fingerprint)
 from .config import RunConfig, save_config, validate, weighted_tasks
 from .data import save_split, task_frames
 from .distill import read_soft_labels
@@ -96,7 +98,7 @@ class Trainer(RunRecipe):
         self._setup_data()
         self._setup_model()
         self.meter = self._throughput_meter()
-        self.step_tokens = 0  # padded tokens of the last step's batches, all micro-batches
+        self.step_tokens = 0  # padded tokens the encoder ran in the last step, all micro-batches and passes
 
     # ----------------------------------------------------------------------------- setup
     def _setup_data(self) -> None:
@@ -172,6 +174,7 @@ class Trainer(RunRecipe):
                                   num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.steps))
         self.weighting = build_weighting(cfg.weighting.method, weighted_tasks(cfg), cfg.weighting.params)
         self.weighting.to(accelerator.device)
+        self.joint_pass = self._joint_encoder_pass()
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         # Not prepared by Accelerate: strategies set these gradients by hand, unscaled and
         # identical on every rank, so no loss-scale division and no second scaler update apply.
@@ -193,6 +196,17 @@ class Trainer(RunRecipe):
             if cfg.train.class_weighting else None
             for task, data in self.train_data.items()
         }
+
+    def _joint_encoder_pass(self) -> bool:
+        """`train.encoder_pass` resolved. auto: one pass over every task's rows (1.05-1.11x the whole
+        step on 2 AMX cores: benchmarks/train_throughput, step_experiments) unless a task has private
+        layers or adapters (its rows need an encoder of their own), or the weighting method
+        backpropagates each task's loss alone (PCGrad, MGDA: one backward per task
+        through one shared graph would need it retained, and fails without)."""
+        choice = self.config.train.encoder_pass
+        if choice == "auto":
+            return not self.config.model.private and not self.weighting.manual_gradients
+        return choice == "joint"
 
     def _checkpoint_components(self) -> dict:
         components = {"optimizer": self.optimizer, "scheduler": self.scheduler, "weighting": self.weighting}
@@ -253,28 +267,39 @@ class Trainer(RunRecipe):
         return {task: loss.detach() for task, loss in losses.items()}, total
 
     def _micro_batches(self, micro: int) -> dict[str, dict[str, torch.Tensor]]:
-        """This step's `micro`-th batch of every task, on the device; counts its padded tokens."""
+        """This step's `micro`-th batch of every task, on the device."""
         index = self.state.step * self.config.train.grad_accumulation + micro
         step_batches = dict(self.batches[index])
         if self.mlm_batches is not None:
             step_batches[MLM_TASK] = self.mlm_batches[index]
-        batches = {task: {key: value.to(self.accelerator.device) for key, value in batch.items()}
-                   for task, batch in step_batches.items()}
-        self.step_tokens += sum(int(batch["input_ids"].numel()) for batch in batches.values())
-        return batches
+        return {task: {key: value.to(self.accelerator.device) for key, value in batch.items()}
+                for task, batch in step_batches.items()}
 
     def _forward_losses(self, batches: dict[str, dict[str, torch.Tensor]]):
-        """One encoder pass per task: its loss, its pooled features and its batch accuracy."""
+        """Each task's loss, its pooled features and its batch accuracy (the auxiliary masked LM
+        runs its own pass); counts the padded tokens the encoder ran."""
         losses, features, accuracies = {}, {}, {}
-        for task, batch in batches.items():
-            if task == MLM_TASK:
-                losses[task], accuracies[task] = self._masked_lm_loss(batch)
-                continue
-            logits, features[task] = self.model(task, batch["input_ids"], batch["attention_mask"],
-                                                batch.get("token_type_ids"))
-            losses[task] = self._task_loss(task, logits, batch)
-            accuracies[task] = (logits.detach().argmax(-1) == batch["labels"]).float().mean()
+        tasks = {task: batch for task, batch in batches.items() if task != MLM_TASK}
+        for task, (logits, features[task]) in self._task_outputs(tasks).items():
+            losses[task] = self._task_loss(task, logits, tasks[task])
+            accuracies[task] = (logits.detach().argmax(-1) == tasks[task]["labels"]).float().mean()
+        if MLM_TASK in batches:
+            self.step_tokens += int(batches[MLM_TASK]["input_ids"].numel())
+            losses[MLM_TASK], accuracies[MLM_TASK] = self._masked_lm_loss(batches[MLM_TASK])
         return losses, features, accuracies
+
+    def _task_outputs(self, batches: dict[str, dict[str, torch.Tensor]]
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{task: (logits, features)}: one encoder pass over every task's rows, or one per task."""
+        if self.joint_pass and len(batches) > 1:
+            parts, joint = joint_batch(batches, self.batches.pad_id)
+            self.step_tokens += int(joint["input_ids"].numel())
+            return self.model(parts, joint["input_ids"], joint["attention_mask"], joint.get("token_type_ids"))
+        outputs = {}
+        for task, batch in batches.items():
+            self.step_tokens += int(batch["input_ids"].numel())
+            outputs[task] = self.model(task, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return outputs
 
     def _masked_lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The auxiliary task's mean loss over its masked tokens (annealed: times 1 - step/steps)

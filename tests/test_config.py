@@ -122,3 +122,17 @@ def test_a_key_added_later_reads_as_its_old_behaviour_when_a_saved_config_lacks_
     cosine = config_to_dict(load_config(overrides=["train.scheduler=cosine"]))
     assert config_differences(saved, cosine) == ["train.scheduler: 'linear' -> 'cosine'"]
     assert config_fingerprint(saved) != config_fingerprint(cosine)
+
+
+def test_a_run_saved_before_the_joint_encoder_pass_resumes_only_as_it_ran():
+    """Such runs ran the encoder once per task: the new default (auto) computes another run, so
+    resuming names what changed, and the old setting resumes with the fingerprint it was saved with."""
+    from clue_mtl.config import config_differences, config_fingerprint
+
+    current = config_to_dict(load_config())
+    saved = {**current, "train": {k: v for k, v in current["train"].items() if k != "encoder_pass"}}
+    assert config_differences(saved, current) == ["train.encoder_pass: 'per_task' -> 'auto'"]
+    assert config_fingerprint(saved) != config_fingerprint(current)
+    as_it_ran = config_to_dict(load_config(overrides=["train.encoder_pass=per_task"]))
+    assert config_differences(saved, as_it_ran) == []
+    assert config_fingerprint(saved) == config_fingerprint(as_it_ran)

@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from clue_mtl.batching import joint_batch
+from clue_mtl.config import load_config
 from clue_mtl.encoders import load_encoder
 from clue_mtl.model import MultiTaskModel, build_model
 from clue_mtl.pooling import POOLINGS, pool_mean
+from clue_mtl.testing import build_tiny_encoder
 
 
 def test_poolings_respect_the_mask():
@@ -67,3 +70,48 @@ def test_segment_embedding_changes_pair_logits_only(tiny_bert):
         segment_b += torch.randn(segment_b.shape, generator=torch.Generator().manual_seed(0))  # a constant shift would vanish in LayerNorm
     assert not np.allclose(before_pairs, predict("ocnli", pairs))
     np.testing.assert_array_equal(before_singles, predict("tnews", singles))
+
+
+# heads that read every layer, a pair's segments (SAN) and every token (BiLSTM): what a joint
+# pass must hand each head exactly as the task's own pass would
+JOINT_HEADS = ("model.heads={ocnli: {type: san, steps: 2, features: scalar_mix}, ocemotion: {type: bilstm, "
+               "hidden: 8}, tnews: {features: concat, layers: 2, pooling: mean}}")
+
+
+@pytest.mark.parametrize("kind", ["bert", "xlmr"])
+def test_one_encoder_pass_gives_every_task_the_output_of_its_own_pass(tmp_path, kind):
+    path = build_tiny_encoder(tmp_path / kind, kind=kind)
+    config = load_config(overrides=[f"model.encoder={path}", "model.dropout=0.0", JOINT_HEADS])
+    encoder, tokenizer = load_encoder(path)
+    torch.manual_seed(0)
+    model = build_model(encoder, ["ocnli", "ocemotion", "tnews"], config.model,
+                        sep_token_id=tokenizer.sep_token_id).eval()
+    batches = {
+        "ocnli": dict(tokenizer(["今天天气很好", "他在看书"], ["天气不错啊真的", "书"], padding=True, return_tensors="pt")),
+        "ocemotion": dict(tokenizer(["我今天非常非常开心，真的太好了！", "难过"], padding=True, return_tensors="pt")),
+        "tnews": dict(tokenizer(["股市", "新闻标题", "体育"], padding=True, return_tensors="pt")),
+    }
+    batches["tnews"].pop("token_type_ids", None)  # a task without segment ids beside one with them
+    parts, joint = joint_batch(batches, tokenizer.pad_token_id)
+    widths = {task: batch["input_ids"].shape[1] for task, batch in batches.items()}
+    assert [(part.task, part.width) for part in parts] == list(widths.items())
+    assert joint["input_ids"].shape == (7, max(widths.values()))
+    assert ("token_type_ids" in joint) is (kind == "bert")
+    assert int(joint["input_ids"][5, widths["tnews"]:].ne(tokenizer.pad_token_id).sum()) == 0
+    with torch.no_grad():
+        together = model(parts, joint["input_ids"], joint["attention_mask"], joint.get("token_type_ids"))
+        assert list(together) == list(batches)
+        for task, batch in batches.items():
+            alone = model(task, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            for got, expected in zip(together[task], alone):
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_encoder_pass_is_refused_where_tasks_run_their_own_layers(tiny_bert):
+    config = load_config(overrides=[f"model.encoder={tiny_bert}", "model.private={tnews: {type: layers, layers: 1}}"])
+    encoder, tokenizer = load_encoder(tiny_bert)
+    model = build_model(encoder, ["ocnli", "tnews"], config.model)
+    batches = {task: dict(tokenizer(["股市", "新闻"], padding=True, return_tensors="pt")) for task in ("ocnli", "tnews")}
+    parts, joint = joint_batch(batches, tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="private layers or adapters"):
+        model(parts, joint["input_ids"], joint["attention_mask"])

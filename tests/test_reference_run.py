@@ -22,11 +22,14 @@ from clue_mtl.train import Trainer
 REFERENCE = Path(__file__).with_name("reference_run.json")
 CASES = {
     "uncertainty": ("train.mixed_precision=no", "train.steps=6", "train.eval_every=3", "model.dropout=0.1",
-                    "weighting.method=uncertainty"),
+                    "weighting.method=uncertainty", "train.encoder_pass=per_task"),
+    # one encoder pass over the three tasks' rows (the default where no task needs its own)
+    "uncertainty-joint": ("train.mixed_precision=no", "train.steps=6", "train.eval_every=3", "model.dropout=0.1",
+                          "weighting.method=uncertainty", "train.encoder_pass=joint"),
     # accumulation, EMA and a weighting optimiser: the order of the steps after the last micro-batch
     "famo-accumulation-ema": ("train.mixed_precision=no", "train.steps=6", "train.eval_every=3",
                               "model.dropout=0.1", "weighting.method=famo", "train.grad_accumulation=2",
-                              "train.ema_decay=0.9"),
+                              "train.ema_decay=0.9", "train.encoder_pass=per_task"),
 }
 RELATIVE_TOLERANCE = 2e-3
 

@@ -199,9 +199,50 @@ def test_bert_segment_ids_reach_the_encoder_in_training_fgm_and_evaluation(tiny_
         return segments
 
     trainer.run_step()
-    assert len(calls) == 6   # three tasks, twice (FGM)
+    assert len(calls) == 4   # one pass over the three tasks' rows, then FGM's pass per task
     trainer.evaluate()
     for call in calls:
         assert torch.equal(call["token_type_ids"].cpu(), expected_segments(call["input_ids"], call["attention_mask"]))
     pair_calls = [call for call in calls if call["token_type_ids"].any()]
-    assert len(pair_calls) >= 3 and all(call["token_type_ids"].sum(1).min() > 0 for call in pair_calls)
+    assert len(pair_calls) >= 3  # the joint pass, FGM's OCNLI pass, the OCNLI evaluation
+
+
+@pytest.mark.parametrize("overrides, joint", [
+    ((), True),
+    (("weighting.method=gradnorm",), True),          # its per-task gradients reach only the last layer
+    (("weighting.method=pcgrad",), False),           # backpropagates each task alone
+    (("weighting.method=mgda",), False),
+    (("model.private={tnews: {type: lora, rank: 2}}",), False),
+    (("model.private={ocnli: {type: layers, layers: 1}}",), False),
+    (("train.encoder_pass=per_task",), False),
+])
+def test_auto_runs_one_encoder_pass_per_step_unless_a_task_needs_its_own(tiny_config, overrides, joint):
+    trainer = Trainer(tiny_config(*overrides), show_progress=False)
+    calls = []
+    trainer.unwrapped.encoder.register_forward_hook(lambda module, args, output: calls.append(1))
+    trainer.run_step()
+    assert trainer.joint_pass is joint
+    assert len(calls) == (1 if joint else 3)
+    assert trainer.state.step == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.encoder_pass=both", "train.encoder_pass must be auto, joint or per_task"),
+    ("weighting.method=pcgrad", "backpropagates each task alone"),
+    ("model.private={tnews: {type: lora, rank: 2}}", "model.private gives tasks"),
+])
+def test_a_joint_encoder_pass_that_cannot_work_is_refused(tiny_config, override, message):
+    from clue_mtl.errors import ConfigError
+
+    overrides = [override] if override.startswith("train.") else ["train.encoder_pass=joint", override]
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(*overrides)
+
+
+def test_one_encoder_pass_counts_the_padded_tokens_it_ran(tiny_config):
+    """The throughput meter's tokens are the joint batch's: every row padded to the step's widest."""
+    trainer = Trainer(tiny_config(), show_progress=False)
+    batches = trainer.batches[0]
+    trainer.run_step()
+    width = max(batch["input_ids"].shape[1] for batch in batches.values())
+    assert trainer.step_tokens == width * sum(len(batch["input_ids"]) for batch in batches.values())
