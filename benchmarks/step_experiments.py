@@ -1,7 +1,8 @@
-"""Changes to the training step tried against the kit after (train_throughput.py's settings) that
-the kit does not have: each variant patches a fresh Trainer, then is timed in its own process,
-variants taking turns over repeats. A variant that pays here is a lever still to build (README,
-"Speed against this machine's own peak"), not a setting.
+"""Changes to the training step tried against the kit with one encoder pass per task
+(train_throughput.py's math-kernel settings, the kit after until the joint pass was built): each
+variant patches a fresh Trainer, then is timed in its own process, variants taking turns over
+repeats. A variant that pays here is a lever to build (README, "Speed against this machine's own
+peak"), not a setting; the joint pass it measured (`single_pass`) is now `train.encoder_pass`.
 
     python benchmarks/step_experiments.py            # about 20 minutes on 2 cores, alone
 
@@ -26,18 +27,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate_children, run_child, time_training_steps, write_results  # noqa: E402
-from train_throughput import AFTER, BASE, FUSED, NO_ATTENTION_DROPOUT, profile  # noqa: E402
+from train_throughput import BASE, FUSED, MATH_KERNEL, NO_ATTENTION_DROPOUT, profile  # noqa: E402
 
 KIT_AFTER = "kit after (no attention dropout, math kernel)"
-FLOAT32_MATH = [*AFTER, "train.mixed_precision=no", "train.attention_kernel=math"]  # auto would leave float32 to torch
+FLOAT32_MATH = [*MATH_KERNEL, "train.mixed_precision=no", "train.attention_kernel=math"]  # auto would leave float32 to torch
 VARIANTS = {  # name: (overrides on BASE, patch)
-    KIT_AFTER: (AFTER, None),
+    KIT_AFTER: (MATH_KERNEL, None),
     "attention dropout 0, torch's kernel (the fused flash kernel)": (NO_ATTENTION_DROPOUT, None),
     "attention dropout 0.1, torch's kernel": (FUSED, None),
     "attention dropout 0.1, math kernel": ([*FUSED, "train.attention_kernel=math"], None),
-    "one autocast region around the three task passes": (AFTER, "outer_autocast"),
-    "one encoder pass over all tasks' rows": (AFTER, "single_pass"),
-    "torch.compile of the encoder (dynamic shapes)": (AFTER, "compile"),
+    "one autocast region around the three task passes": (MATH_KERNEL, "outer_autocast"),
+    "one encoder pass over all tasks' rows": (MATH_KERNEL, "single_pass"),
+    "torch.compile of the encoder (dynamic shapes)": (MATH_KERNEL, "compile"),
     "float32, torch's kernel": ([*NO_ATTENTION_DROPOUT, "train.mixed_precision=no"], None),
     "float32, math kernel": (FLOAT32_MATH, None),
     "bf16 weights with a float32 master copy's casts (simulated)": (FLOAT32_MATH, "bf16_weights"),
