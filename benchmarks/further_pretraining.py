@@ -9,7 +9,7 @@ pre-training minutes as extra fine-tuning steps.
     python benchmarks/further_pretraining.py speed            # alone: step times, 2 threads
     benchmarks/further_pretraining.sh &                        # two single-thread lanes side by side,
     benchmarks/further_pretraining.sh &                        # each claiming the next job (resumable;
-                                                               # `--only m3e|diagnosis|auxiliary`: a share)
+                                                               # `--only m3e|diagnosis|auxiliary|variants`: a share)
     #   (the lanes also run the diagnosis: CKA per layer at snapshot steps, frozen OCNLI probes)
     python benchmarks/further_pretraining.py report           # the table, bootstrap, figure
 
@@ -65,8 +65,18 @@ PRETRAINING: dict[str, list[str] | None] = {
                                      "data.pairs=true"],
     f"{M3E}none": None,
     f"{M3E}head warm-up, lr 5e-5": [f"train.steps={PRETRAIN_STEPS}", "train.eval_every=100", *WARMUP],
+    # the head warm-up with one setting changed: the encoder's rate, its lower layers' rates, masking
+    "head warm-up, lr 2e-5": [f"train.steps={PRETRAIN_STEPS}", "train.eval_every=100", *WARMUP, "train.lr=2e-5"],
+    "head warm-up, lr 5e-5, layer decay 0.8": [f"train.steps={PRETRAIN_STEPS}", "train.eval_every=100", *WARMUP,
+                                               "train.layer_lr_decay=0.8"],
+    "head warm-up, lr 5e-5, masking 0.30": [f"train.steps={PRETRAIN_STEPS}", "train.eval_every=100", *WARMUP,
+                                            "masking.mlm_probability=0.3"],
 }
 FINETUNED = ("none", "head warm-up, lr 5e-5")  # the pre-trainings fine-tuned (the others: diagnosis only)
+# fine-tuned at the short budget only, against no pre-training and against equal minutes; their
+# equal-minute runs are named by their steps, so variants whose pre-training took the same
+# minutes share them
+SHORT_ONLY = ("head warm-up, lr 2e-5", "head warm-up, lr 5e-5, layer decay 0.8", "head warm-up, lr 5e-5, masking 0.30")
 # fine-tuning variants that change the fine-tuning itself (no pre-training)
 FINETUNING: dict[str, list[str]] = {
     "auxiliary MLM (8 texts a step, annealed)": ["auxiliary_mlm.batch_size=8", "auxiliary_mlm.anneal=linear"],
@@ -121,8 +131,12 @@ def jobs() -> list[dict]:
     out.append(pretrain_job("mlm"))
     out.append(probe_job("mlm"))
     out += [pretrain_job(name) for name, overrides in PRETRAINING.items()
-            if overrides is not None and name not in (*FINETUNED, "mlm") and not is_m3e(name)]
-    out += [probe_job(name) for name in PRETRAINING if PRETRAINING[name] is not None and name not in (*FINETUNED, "mlm")]
+            if overrides is not None and name not in (*FINETUNED, "mlm", *SHORT_ONLY) and not is_m3e(name)]
+    out += [probe_job(name) for name in PRETRAINING if PRETRAINING[name] is not None
+            and name not in (*FINETUNED, "mlm", *SHORT_ONLY)]
+    for name in SHORT_ONLY:
+        out += [pretrain_job(name), probe_job(name), *(finetune_job(name, SHORT, seed) for seed in SEEDS)]
+        out += [job for job in equal_minute_jobs(name, SHORT, speed) if job["dir"] not in {j["dir"] for j in out}]
     return out
 
 
@@ -139,6 +153,8 @@ ONLY = {
     # the auxiliary masked-LM task at equal time, and the no-pre-training runs it is compared with
     "auxiliary": lambda job: job["kind"] == "finetune" and job["budget"] == SHORT and (
         job["name"] in FINETUNING or (job["label"] == "none" and job["steps"] == SHORT)),
+    # the head warm-up's one-setting variants (SHORT_ONLY), their probes and equal-minute runs
+    "variants": lambda job: job["name"] in SHORT_ONLY or job.get("label", "").endswith(SHARED_EQUAL_MINUTES),
 }
 
 
@@ -150,11 +166,21 @@ def equal_minute_jobs(name: str, budget: int, speed: dict | None) -> list[dict]:
         return []
     baseline = baseline_label(name)
     minutes = pretraining_minutes(name, json.loads(record.read_text()), speed["pretrain"])
-    steps = budget + round(minutes * 60 / speed["finetune"][baseline]["step_seconds"])
-    return [finetune_job(baseline, steps, seed, label=equal_minutes_label(name), budget=budget) for seed in SEEDS]
+    steps = equal_minute_steps(name, budget, minutes, speed)
+    return [finetune_job(baseline, steps, seed, label=equal_minutes_label(name, steps), budget=budget) for seed in SEEDS]
 
 
-def equal_minutes_label(name: str) -> str:
+def equal_minute_steps(name: str, budget: int, minutes: float, speed: dict) -> int:
+    """`budget` plus the fine-tuning steps that `minutes` of pre-training buy at the baseline's step time."""
+    return budget + round(minutes * 60 / speed["finetune"][baseline_label(name)]["step_seconds"])
+
+
+SHARED_EQUAL_MINUTES = "steps, a pre-training's minutes"
+
+
+def equal_minutes_label(name: str, steps: int) -> str:
+    if name in SHORT_ONLY:
+        return f"{baseline_label(name)}, {steps} {SHARED_EQUAL_MINUTES}"
     return f"{baseline_label(name)}, {name.removeprefix(M3E)}'s minutes as steps"
 
 
@@ -433,7 +459,9 @@ def cmd_report(args) -> None:
         pretrained = results.get(f"pretrain-{slug(label)}")
         entry["pretrain_minutes"] = (pretraining_minutes(label, pretrained, speed["figures"]["pretrain"])
                                      if pretrained else 0.0)
-        for key, other_label in (("vs_none", baseline_label(label)), ("vs_equal_minutes", equal_minutes_label(label))):
+        equal_steps = equal_minute_steps(label, budget, entry["pretrain_minutes"], speed["figures"])
+        for key, other_label in (("vs_none", baseline_label(label)),
+                                 ("vs_equal_minutes", equal_minutes_label(label, equal_steps))):
             other = runs.get((other_label, budget), {}) if other_label != label else {}
             pairs = [(r["predicted"], other[seed]["predicted"]) for seed, r in by_seed.items() if seed in other]
             if pairs:
@@ -559,7 +587,8 @@ def plot(figures: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (cka_axis, probe_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = dict(zip(PRETRAINING, ["black", "tab:red", "tab:blue", "tab:green", "tab:gray", "tab:purple"]))
+    colors = dict(zip(PRETRAINING, ["black", "tab:red", "tab:blue", "tab:green", "tab:gray", "tab:purple",
+                                    "tab:orange", "tab:brown", "tab:olive"]))
     for name, entry in figures["pretrain"].items():
         for t in entry["trajectory"]:
             final = t is entry["trajectory"][-1]
@@ -584,8 +613,9 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     next_job = commands.add_parser("next")
     next_job.add_argument("--only", choices=list(ONLY),
-                          help="m3e-small's jobs; the diagnosis (plain and pair pre-training, probes); or the "
-                               "auxiliary masked LM and its no-pre-training baselines")
+                          help="m3e-small's jobs; the diagnosis (plain and pair pre-training, probes); the "
+                               "auxiliary masked LM and its no-pre-training baselines; or the head warm-up's "
+                               "one-setting variants")
     next_job.set_defaults(run=cmd_next)
     report = commands.add_parser("report")
     report.add_argument("--drop-missing", action="store_true",

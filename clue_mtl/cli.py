@@ -159,11 +159,11 @@ def _config(args):
 
 
 def _check_run_folder(args, config) -> None:
-    from .config import config_to_dict
+    from .config import added_keys, config_to_dict
     from .run_folder import RunFolder
 
     folder = RunFolder(args.run_dir or Path(config.output_dir) / config.name)
-    folder.check_claim(config_to_dict(config), resume=args.resume, overwrite=args.overwrite)
+    folder.check_claim(config_to_dict(config), resume=args.resume, overwrite=args.overwrite, added=added_keys(config))
 
 
 def cmd_train(args) -> int:

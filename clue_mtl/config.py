@@ -50,6 +50,9 @@ ADDED_KEYS = {"train.scheduler": "linear", "model.heads": {}, "model.private": {
               "auxiliary_mlm.batch_size": 0, "auxiliary_mlm.mlm_probability": 0.15,
               "auxiliary_mlm.anneal": "none", "auxiliary_mlm.pairs": False, "auxiliary_mlm.max_texts": None,
               "train.encoder_pass": "per_task"}
+# The same for pre-training configs, whose keys partly share names with the run config's: a run
+# config always saved `train.layer_lr_decay`, a pre-training config only since it was added there.
+PRETRAIN_ADDED_KEYS = {**ADDED_KEYS, "train.layer_lr_decay": 1.0}
 
 
 # ----------------------------------------------------------------------------- bounded YAML
@@ -417,16 +420,23 @@ def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_fingerprint(values: dict[str, Any]) -> str:
-    """A digest of what a config makes a run compute (`RESUMABLE_KEYS` left out)."""
+def added_keys(config: Any) -> dict[str, Any]:
+    """The keys added since `config`'s kind of run was first saved (`ADDED_KEYS`, `PRETRAIN_ADDED_KEYS`)."""
+    return PRETRAIN_ADDED_KEYS if isinstance(config, PretrainConfig) else ADDED_KEYS
+
+
+def config_fingerprint(values: dict[str, Any], added: dict[str, Any] = ADDED_KEYS) -> str:
+    """A digest of what a config makes a run compute (`RESUMABLE_KEYS` left out, and `added` keys
+    at the value that does what runs did before them)."""
     flat = {k: v for k, v in _flatten(values).items()
-            if k not in RESUMABLE_KEYS and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
+            if k not in RESUMABLE_KEYS and not (k in added and v == added[k])}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def config_differences(saved: dict[str, Any], current: dict[str, Any],
+                       added: dict[str, Any] = ADDED_KEYS) -> list[str]:
     """`key: saved -> current` for every setting (outside `RESUMABLE_KEYS`) the two configs differ in."""
-    old, new = ADDED_KEYS | _flatten(saved), ADDED_KEYS | _flatten(current)
+    old, new = added | _flatten(saved), added | _flatten(current)
     missing = object()
     return [f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
             for key in sorted(set(old) | set(new))
@@ -557,6 +567,7 @@ class PretrainTrainConfig:
     steps: int = 1000
     batch_size: int = 32                 # texts per step and process
     lr: float = 1e-4
+    layer_lr_decay: float = 1.0          # <1: lower encoder layers learn more slowly (the head at lr)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     scheduler: str = "linear"            # after warmup: linear | cosine | constant_with_warmup | ... (SCHEDULERS)
@@ -623,6 +634,7 @@ def validate_pretrain(config: PretrainConfig) -> None:
     need(train.steps <= MAX_STEPS, f"train.steps must be at most {MAX_STEPS:,}")
     _validate_numbers(train, need)
     _validate_schedule_and_tracking(train, need)
+    need(0 < train.layer_lr_decay <= 1, "train.layer_lr_decay must lie in (0, 1]")
     if train.head_warmup_steps:
         need(0 < train.head_warmup_steps < train.steps, "train.head_warmup_steps must lie between 0 and train.steps")
         need(train.head_warmup_eval_every > 0, "train.head_warmup_eval_every must be positive")

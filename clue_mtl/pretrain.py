@@ -51,6 +51,7 @@ from transformers import get_scheduler
 from .accelerator import fresh_accelerator
 from .batching import tokenizer_fingerprint
 from .config import ConfigError, PretrainConfig, save_config
+from .encoders import encoder_layers
 from .masking import WholeWordMaskCollator
 from .mlm import (MaskedBatches, MaskedLMObjective, encode_texts, fixed_masked_batches, load_masked_lm, paired_corpus,
                   sample_texts, set_unigram_bias)
@@ -175,20 +176,39 @@ class Pretrainer(RunRecipe):
                               "module over the encoder, so the encoder cannot be frozen alone")
         encoder_ids = {id(p) for p in model.base_model.parameters()}
         self.head_parameters = [p for p in model.parameters() if id(p) not in encoder_ids]
-        groups = []
-        for part in (list(model.base_model.parameters()), self.head_parameters):  # encoder, then head
-            trainable = [p for p in part if p.requires_grad]
-            groups += [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
-                       {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+        groups, parts = self._parameter_groups(model)
         optimizer = adamw(groups, lr=cfg.train.lr, device_type=accelerator.device.type,
                           precision=accelerator.mixed_precision)
         if cfg.train.head_warmup_steps:
-            factors = [self._lr_factor(part) for part in ("encoder", "encoder", "head", "head")]
+            factors = [self._lr_factor(part) for part in parts]
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         else:
             scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_training_steps=cfg.train.steps,
                                       num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.steps))
         self.model, self.optimizer, self.scheduler = accelerator.prepare(objective, optimizer, scheduler)
+
+    def _parameter_groups(self, model: nn.Module) -> tuple[list[dict], list[str]]:
+        """AdamW's groups, and the part ("encoder" or "head") each belongs to: the encoder's, top
+        layer first, then the head's; in each, matrices with weight decay, then vectors without.
+        Encoder layer i of n (the embeddings are layer 0, and with them the decoder tied to the word
+        embeddings) learns at lr * layer_lr_decay ** (n - i); the head and anything above the last
+        layer at lr. At layer_lr_decay 1 these are the four groups runs always had, so their
+        optimiser checkpoints still load."""
+        train = self.config.train
+        layers = encoder_layers(model)
+        scale_of = {id(p): train.layer_lr_decay ** (len(layers) - 1 - i)
+                    for i, layer in enumerate(layers) for p in layer.parameters()}
+        groups, parts = [], []
+        for part, parameters in (("encoder", list(model.base_model.parameters())), ("head", self.head_parameters)):
+            scale = {id(p): scale_of.get(id(p), 1.0) if part == "encoder" else 1.0 for p in parameters}
+            trainable = [p for p in parameters if p.requires_grad]
+            for rate in sorted({scale[id(p)] for p in trainable} or {1.0}, reverse=True):
+                at_rate = [p for p in trainable if scale[id(p)] == rate]
+                groups += [{"params": [p for p in at_rate if p.ndim >= 2], "lr": train.lr * rate,
+                            "weight_decay": train.weight_decay},
+                           {"params": [p for p in at_rate if p.ndim < 2], "lr": train.lr * rate, "weight_decay": 0.0}]
+                parts += [part, part]
+        return groups, parts
 
     def _lr_factor(self, part: str):
         """The learning-rate factor of the encoder's or the head's groups at a step, with a head

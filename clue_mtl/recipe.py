@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .config import config_fingerprint, config_to_dict
+from .config import added_keys, config_fingerprint, config_to_dict
 from .errors import RunFolderError, TrainingDiverged
 from .run_folder import RunFolder
 from .tracking import flat_record, hyperparameters
@@ -123,7 +123,8 @@ class RunRecipe(ABC):
     # ------------------------------------------------------------------------- the run folder
     def _claim_run_dir(self, overwrite: bool) -> None:
         """Refuse a folder holding another run (or this run under another config); clear it for `overwrite`."""
-        self.folder.check_claim(config_to_dict(self.config), resume=self.resume, overwrite=overwrite)
+        self.folder.check_claim(config_to_dict(self.config), resume=self.resume, overwrite=overwrite,
+                               added=added_keys(self.config))
         self.accelerator.wait_for_everyone()
         if overwrite and self.accelerator.is_main_process:
             self.folder.clear()
@@ -141,20 +142,23 @@ class RunRecipe(ABC):
         if self._tracking:
             self.accelerator.log(flat_record(record), step=record["step"])
 
+    def _fingerprint(self) -> str:
+        return config_fingerprint(config_to_dict(self.config), added_keys(self.config))
+
     def save_checkpoint(self) -> None:
         """`checkpoint-STEP/` beside the last checkpoint, swapped in so that no kill strands the run."""
         self._stop_if_weights_not_finite()
         self._checkpoint_step = self.state.step
         checkpoint.save_checkpoint(
             self.run_dir, self.state.step, model=self.model, components=self._all_checkpoint_components(),
-            recipe_state=self.state.to_dict(), fingerprint=config_fingerprint(config_to_dict(self.config)),
+            recipe_state=self.state.to_dict(), fingerprint=self._fingerprint(),
             accelerator=self.accelerator)
 
     def load_checkpoint(self) -> None:
         """Continue from the newest complete checkpoint (`CheckpointError` when there is none)."""
         values = checkpoint.load_checkpoint(
             self.run_dir, model=self.model, components=self._all_checkpoint_components(),
-            fingerprint=config_fingerprint(config_to_dict(self.config)), accelerator=self.accelerator)
+            fingerprint=self._fingerprint(), accelerator=self.accelerator)
         try:
             self.state = self.state_class(**values)
         except TypeError as error:

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from . import checkpoint
-from .config import config_differences, read_yaml
+from .config import ADDED_KEYS, config_differences, read_yaml
 from .errors import RunFolderError
 
 MODEL_FILE = "model.safetensors"   # in best/ and in every saved model folder (`MultiTaskModel.save`)
@@ -140,8 +140,10 @@ class RunFolder:
         held = [name for name in RUN_ENTRIES if os.path.lexists(self.path / name)]
         return held + checkpoint.checkpoint_names(self.path)
 
-    def check_claim(self, config_values: dict, *, resume: bool, overwrite: bool) -> None:
-        """Raise `RunFolderError` unless a run may start (or resume) here under this config."""
+    def check_claim(self, config_values: dict, *, resume: bool, overwrite: bool,
+                    added: dict = ADDED_KEYS) -> None:
+        """Raise `RunFolderError` unless a run may start (or resume) here under this config
+        (`added`: the keys added since its kind of run was first saved, `config.added_keys`)."""
         if resume and overwrite:
             raise RunFolderError("resume and overwrite exclude each other: resume continues the run, overwrite "
                                  "discards it")
@@ -150,7 +152,7 @@ class RunFolder:
         if resume:
             if self.config_file.is_file():
                 saved = read_yaml(self.config_file)
-                differences = config_differences(saved if isinstance(saved, dict) else {}, config_values)
+                differences = config_differences(saved if isinstance(saved, dict) else {}, config_values, added)
                 if differences:
                     shown = "; ".join(differences[:4]) + (
                         f"; and {len(differences) - 4} more" if len(differences) > 4 else "")

@@ -265,6 +265,7 @@ def test_pretrain_configs_load():
     ("masking.mlm_probability=0", "mlm_probability"),
     ("data.held_out_fraction=1", "held_out_fraction"),
     ("model.trim_vocab=1", "expected bool"),
+    ("train.layer_lr_decay=0", "layer_lr_decay"),
 ])
 def test_bad_pretrain_overrides_fail_loudly(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -320,6 +321,48 @@ def test_head_warmup_ends_at_its_step_limit(pretrain_config):
     pretrainer.train(until_step=3)
     assert pretrainer.state.encoder_unfrozen_at == 3
     assert [g["lr"] for g in pretrainer.optimizer.param_groups] == [0.0] * 4
+
+
+def test_layer_lr_decay_scales_each_encoder_layer_and_keeps_the_head_at_lr(pretrain_config, tmp_path):
+    """Layer i of n (embeddings 0, with the tied decoder) at lr * decay ** (n - i), the head at lr;
+    with a head warm-up the whole encoder stays frozen, then every layer trains at its own rate."""
+    from clue_mtl.encoders import encoder_layers
+
+    config = pretrain_config("train.layer_lr_decay=0.5", "train.head_warmup_steps=2",
+                             "train.head_warmup_eval_every=100", "train.warmup_ratio=0")
+    pretrainer = Pretrainer(config, tmp_path / "decay", show_progress=False, cache_dir=None)
+    model = pretrainer.masked_lm
+    layers = encoder_layers(model)
+    rate_of = {id(p): group["initial_lr"] for group in pretrainer.optimizer.param_groups for p in group["params"]}
+    for i, layer in enumerate(layers):
+        assert [rate_of[id(p)] for p in layer.parameters()] == pytest.approx(
+            [3e-3 * 0.5 ** (len(layers) - 1 - i)] * len(list(layer.parameters())))
+    assert {rate_of[id(p)] for p in pretrainer.head_parameters} == {3e-3}
+    assert len(rate_of) == len(list(model.parameters()))
+    encoder_before, _ = _encoder_and_head(pretrainer)
+    pretrainer.train(until_step=2)
+    frozen, _ = _encoder_and_head(pretrainer)
+    assert all(torch.equal(encoder_before[k], frozen[k]) for k in frozen)
+    pretrainer.resume = True
+    pretrainer.train(until_step=3)
+    steps = {g["initial_lr"]: g["lr"] for g in pretrainer.optimizer.param_groups}
+    assert all(now == pytest.approx(initial * 3 / 4) for initial, now in steps.items())  # linear decay, step 1 of 4
+    trained, _ = _encoder_and_head(pretrainer)
+    assert not torch.equal(frozen["embeddings.word_embeddings.weight"], trained["embeddings.word_embeddings.weight"])
+
+
+def test_layer_lr_decay_one_keeps_the_four_groups_of_saved_runs(pretrain_config, tmp_path):
+    """Without decay the optimiser has the groups runs saved before the setting had (so their
+    checkpoints load), and a pre-training config saved without the key resumes as decay 1."""
+    from clue_mtl.config import added_keys, config_differences, config_fingerprint, config_to_dict
+
+    config = pretrain_config()
+    pretrainer = Pretrainer(config, tmp_path / "plain", show_progress=False, cache_dir=None)
+    assert [g["weight_decay"] > 0 for g in pretrainer.optimizer.param_groups] == [True, False, True, False]
+    values = config_to_dict(config)
+    saved = {**values, "train": {k: v for k, v in values["train"].items() if k != "layer_lr_decay"}}
+    assert config_differences(saved, values, added_keys(config)) == []
+    assert config_fingerprint(saved, added_keys(config)) == config_fingerprint(values, added_keys(config))
 
 
 def test_head_warmup_config_errors(pretrain_config):
