@@ -148,7 +148,7 @@ AS_THE_STUDY_RAN = ["train.attention_kernel=torch", "train.encoder_pass=per_task
 ONLY = {
     "m3e": lambda job: is_m3e(job["name"]),
     # the pre-trainings that are diagnosed but not fine-tuned (plain masked LM, pairs), and their probes
-    "diagnosis": lambda job: job["kind"] in ("pretrain", "probe") and job["name"] not in FINETUNED
+    "diagnosis": lambda job: job["kind"] in ("pretrain", "probe") and job["name"] not in (*FINETUNED, *SHORT_ONLY)
     and not is_m3e(job["name"]),
     # the auxiliary masked-LM task at equal time, and the no-pre-training runs it is compared with
     "auxiliary": lambda job: job["kind"] == "finetune" and job["budget"] == SHORT and (

@@ -190,7 +190,7 @@ class TrainConfig:
     num_threads: int = 0                 # torch threads on CPU; 0 leaves torch's default
     fused_optimizer: bool = True         # AdamW's fused kernel where torch has one (CPU, CUDA); false: the per-tensor loop
     attention_kernel: str = "auto"       # auto (math on a CPU in bf16, else torch's pick) | math | torch (`hardware.attention_kernel`)
-    encoder_pass: str = "auto"           # joint (one pass over all tasks' rows) | per_task | auto (`Trainer._joint_encoder_pass`)
+    encoder_pass: str = "auto"           # joint (one pass over all tasks' rows) | per_task | auto (`resolved_encoder_pass`)
     ema_decay: float = 0.0               # >0: evaluate and save an exponential moving average of the weights
     fgm_epsilon: float = 0.0             # >0: FGM adversarial training on the word embeddings
     report_to: str = "none"              # none | tensorboard | wandb | mlflow | trackio (`tracking.py`)
@@ -325,7 +325,25 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
     config = _build(RunConfig, values, "")
     validate(config)
+    # `auto` is resolved as the config is read, so the saved config, the checkpoint's fingerprint
+    # and the resume check hold the pass that runs: a run saved before the key existed (one pass
+    # per task) resumes wherever auto still gives that, and is refused where it now gives joint.
+    config.train.encoder_pass = resolved_encoder_pass(config)
     return config
+
+
+def resolved_encoder_pass(config: RunConfig) -> str:
+    """`train.encoder_pass` with auto resolved: one pass over every task's rows (joint; 1.05-1.11x
+    the whole step on 2 AMX cores: benchmarks/train_throughput, step_experiments) unless a task has
+    private layers or adapters (its rows need an encoder of their own), or the weighting method
+    backpropagates each task's loss alone (PCGrad, MGDA: one backward per task through one shared
+    graph would need it retained)."""
+    from .weighting import METHODS
+
+    if config.train.encoder_pass != "auto":
+        return config.train.encoder_pass
+    per_task = bool(config.model.private) or METHODS[config.weighting.method].manual_gradients
+    return "per_task" if per_task else "joint"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

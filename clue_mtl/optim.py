@@ -21,10 +21,7 @@ def parameter_groups(model: nn.Module, *, lr: float, head_lr: float, weight_deca
     """
     scale_of: dict[int, float] = {}
     for layers in model.encoder_stacks():
-        depth = len(layers) - 1
-        for i, layer in enumerate(layers):
-            for parameter in layer.parameters():
-                scale_of[id(parameter)] = layer_lr_decay ** (depth - i)
+        scale_of |= layer_rate_scales(layers, layer_lr_decay)
 
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
@@ -37,6 +34,13 @@ def parameter_groups(model: nn.Module, *, lr: float, head_lr: float, weight_deca
         {"params": params, "lr": rate, "weight_decay": weight_decay if decays else 0.0}
         for (rate, decays), params in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1]))
     ]
+
+
+def layer_rate_scales(layers: list[nn.Module], decay: float) -> dict[int, float]:
+    """id(parameter) -> decay ** (layers above its layer), for [embeddings, layer 1, ..., top] as
+    `encoders.encoder_layers` lists them: the learning-rate factor of layer-wise decay."""
+    return {id(parameter): decay ** (len(layers) - 1 - i)
+            for i, layer in enumerate(layers) for parameter in layer.parameters()}
 
 
 FUSED_DEVICES = ("cpu", "cuda", "xpu", "mps")

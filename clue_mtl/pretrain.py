@@ -5,7 +5,7 @@ files; both OCNLI sentences), once each (`vocab.corpus_texts`), less a held-out 
 hash of each text; with `data.pairs`, OCNLI's sentences are trained as `tokenizer(a, b)` pairs
 (the held-out texts stay single, so every variant is measured on the same texts); a masked-LM
 head warm-up (`train.head_warmup_steps`: the head trains alone, the encoder frozen, until the
-held-out loss flattens); any Hugging Face checkpoint (hub id or folder, with or without a masked-LM
+held-out loss flattens); layer-wise learning-rate decay of the encoder (`train.layer_lr_decay`); any Hugging Face checkpoint (hub id or folder, with or without a masked-LM
 head) or a fresh model from its config; optional vocabulary trimming first; whole-word masking
 from jieba; AdamW with warmup and linear decay, gradient clipping, bf16/fp16; held-out masked-LM
 loss and accuracy every N steps under one fixed masking; exact resume (`resume=True`).
@@ -55,7 +55,7 @@ from .encoders import encoder_layers
 from .masking import WholeWordMaskCollator
 from .mlm import (MaskedBatches, MaskedLMObjective, encode_texts, fixed_masked_batches, load_masked_lm, paired_corpus,
                   sample_texts, set_unigram_bias)
-from .optim import adamw
+from .optim import adamw, layer_rate_scales
 from .recipe import RunRecipe
 from .run_folder import RunFolder
 from .tracking import accelerator_kwargs
@@ -195,9 +195,8 @@ class Pretrainer(RunRecipe):
         layer at lr. At layer_lr_decay 1 these are the four groups runs always had, so their
         optimiser checkpoints still load."""
         train = self.config.train
-        layers = encoder_layers(model)
-        scale_of = {id(p): train.layer_lr_decay ** (len(layers) - 1 - i)
-                    for i, layer in enumerate(layers) for p in layer.parameters()}
+        # without decay, no layer list is needed (an architecture whose layers are not found still trains)
+        scale_of = layer_rate_scales(encoder_layers(model), train.layer_lr_decay) if train.layer_lr_decay < 1 else {}
         groups, parts = [], []
         for part, parameters in (("encoder", list(model.base_model.parameters())), ("head", self.head_parameters)):
             scale = {id(p): scale_of.get(id(p), 1.0) if part == "encoder" else 1.0 for p in parameters}

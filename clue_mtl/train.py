@@ -31,7 +31,7 @@ from .accelerator import fresh_accelerator
 from .adversarial import FGM
 from .batching import (EncodedTask, MultiTaskBatches, encode_frame, joint_batch, task_batch_sizes,
                        tokenizer_fingerprint)
-from .config import RunConfig, save_config, validate, weighted_tasks
+from .config import RunConfig, resolved_encoder_pass, save_config, validate, weighted_tasks
 from .data import save_split, task_frames
 from .distill import read_soft_labels
 from .ema import ExponentialMovingAverage
@@ -98,7 +98,7 @@ class Trainer(RunRecipe):
         self._setup_data()
         self._setup_model()
         self.meter = self._throughput_meter()
-        self.step_tokens = 0  # padded tokens the encoder ran in the last step, all micro-batches and passes
+        self.step_tokens = 0  # padded tokens of the last step's task passes, all micro-batches (not FGM's)
 
     # ----------------------------------------------------------------------------- setup
     def _setup_data(self) -> None:
@@ -174,7 +174,7 @@ class Trainer(RunRecipe):
                                   num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.steps))
         self.weighting = build_weighting(cfg.weighting.method, weighted_tasks(cfg), cfg.weighting.params)
         self.weighting.to(accelerator.device)
-        self.joint_pass = self._joint_encoder_pass()
+        self.joint_pass = resolved_encoder_pass(cfg) == "joint"
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         # Not prepared by Accelerate: strategies set these gradients by hand, unscaled and
         # identical on every rank, so no loss-scale division and no second scaler update apply.
@@ -196,17 +196,6 @@ class Trainer(RunRecipe):
             if cfg.train.class_weighting else None
             for task, data in self.train_data.items()
         }
-
-    def _joint_encoder_pass(self) -> bool:
-        """`train.encoder_pass` resolved. auto: one pass over every task's rows (1.05-1.11x the whole
-        step on 2 AMX cores: benchmarks/train_throughput, step_experiments) unless a task has private
-        layers or adapters (its rows need an encoder of their own), or the weighting method
-        backpropagates each task's loss alone (PCGrad, MGDA: one backward per task
-        through one shared graph would need it retained, and fails without)."""
-        choice = self.config.train.encoder_pass
-        if choice == "auto":
-            return not self.config.model.private and not self.weighting.manual_gradients
-        return choice == "joint"
 
     def _checkpoint_components(self) -> dict:
         components = {"optimizer": self.optimizer, "scheduler": self.scheduler, "weighting": self.weighting}

@@ -125,14 +125,25 @@ def test_a_key_added_later_reads_as_its_old_behaviour_when_a_saved_config_lacks_
 
 
 def test_a_run_saved_before_the_joint_encoder_pass_resumes_only_as_it_ran():
-    """Such runs ran the encoder once per task: the new default (auto) computes another run, so
-    resuming names what changed, and the old setting resumes with the fingerprint it was saved with."""
+    """Such runs ran the encoder once per task. auto is resolved as the config is read: where it
+    now gives one joint pass, resuming names what changed; where it still gives one pass per task
+    (private layers, PCGrad, MGDA), or with per_task written out, the run resumes with the
+    fingerprint it was saved with."""
     from clue_mtl.config import config_differences, config_fingerprint
 
+    def saved_before_the_key(values: dict) -> dict:
+        return {**values, "train": {k: v for k, v in values["train"].items() if k != "encoder_pass"}}
+
     current = config_to_dict(load_config())
-    saved = {**current, "train": {k: v for k, v in current["train"].items() if k != "encoder_pass"}}
-    assert config_differences(saved, current) == ["train.encoder_pass: 'per_task' -> 'auto'"]
+    assert current["train"]["encoder_pass"] == "joint"
+    saved = saved_before_the_key(current)
+    assert config_differences(saved, current) == ["train.encoder_pass: 'per_task' -> 'joint'"]
     assert config_fingerprint(saved) != config_fingerprint(current)
     as_it_ran = config_to_dict(load_config(overrides=["train.encoder_pass=per_task"]))
     assert config_differences(saved, as_it_ran) == []
     assert config_fingerprint(saved) == config_fingerprint(as_it_ran)
+    for override in ("weighting.method=pcgrad", "model.private={ocnli: {type: layers, layers: 1}}"):
+        still_per_task = config_to_dict(load_config(overrides=[override]))
+        assert still_per_task["train"]["encoder_pass"] == "per_task"
+        assert config_differences(saved_before_the_key(still_per_task), still_per_task) == []
+        assert config_fingerprint(saved_before_the_key(still_per_task)) == config_fingerprint(still_per_task)

@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -98,9 +99,17 @@ def test_one_encoder_pass_gives_every_task_the_output_of_its_own_pass(tmp_path, 
     assert joint["input_ids"].shape == (7, max(widths.values()))
     assert ("token_type_ids" in joint) is (kind == "bert")
     assert int(joint["input_ids"][5, widths["tnews"]:].ne(tokenizer.pad_token_id).sum()) == 0
+    seen_widths = {}  # each head is handed its own width, not the widest task's (its padding cut off)
+
+    def record_width(task: str, head, args) -> None:
+        seen_widths.setdefault(task, {arg.shape[1] for arg in (*args[0], args[1])})
+
+    for task in batches:
+        model.heads[task].register_forward_pre_hook(functools.partial(record_width, task))
     with torch.no_grad():
         together = model(parts, joint["input_ids"], joint["attention_mask"], joint.get("token_type_ids"))
         assert list(together) == list(batches)
+        assert seen_widths == {task: {width} for task, width in widths.items()}
         for task, batch in batches.items():
             alone = model(task, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
             for got, expected in zip(together[task], alone):
