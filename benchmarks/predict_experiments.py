@@ -80,8 +80,9 @@ def main() -> None:
             logits_of(*setting, tests, pad_id)
             seconds[name].append(time.perf_counter() - started)
 
-    base_test = logits_of(*chosen[BASE], tests, pad_id)
-    base_dev = logits_of(*chosen[BASE], devs, pad_id)
+    outputs = {name: (logits_of(*setting, tests, pad_id), logits_of(*setting, devs, pad_id))
+               for name, setting in chosen.items()}
+    base_test, base_dev = outputs[BASE]
 
     def dev_f1(logits: dict) -> dict:
         return {t: task_report(t, dev_frames[t]["label"], [run.labels[t][i] for i in logits[t].argmax(-1)])["macro_f1"]
@@ -89,8 +90,7 @@ def main() -> None:
 
     base_f1 = dev_f1(base_dev)
     figures = {}
-    for name, setting in chosen.items():
-        test, dev = logits_of(*setting, tests, pad_id), logits_of(*setting, devs, pad_id)
+    for name, (test, dev) in outputs.items():
         figures[name] = {
             "rows_per_second": rows / statistics.median(seconds[name]),
             "rows_per_second_runs": [rows / s for s in seconds[name]],

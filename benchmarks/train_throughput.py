@@ -155,19 +155,16 @@ def quality_rows(names: list[str]) -> list[str]:
     lines = ["", "## Equal steps, dev macro-F1 (whole dev split)", "",
              "| run | steps | seed | attention dropout | attention kernel | encoder pass | OCNLI | OCEMOTION | TNEWS | mean |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    from clue_mtl.config import ADDED_KEYS, load_config, read_yaml
+    from clue_mtl.config import load_run_config
 
     for name in (part for joined in names for part in joined.split("+")):
         entry, _, member = name.partition("@")
         f1 = record[entry]["members"][member]
         mean = sum(f1.values()) / len(f1)
-        config_file = RunFolder(ROOT / record[entry]["runs"][0]).config_file
-        config = load_config(config_file)
-        # a run saved before `train.encoder_pass` existed ran what that key's added value does
-        encoder_pass = read_yaml(config_file)["train"].get("encoder_pass", ADDED_KEYS["train.encoder_pass"])
+        config = load_run_config(RunFolder(ROOT / record[entry]["runs"][0]).config_file)
         dropout = "encoder's" if config.model.attention_dropout is None else config.model.attention_dropout
         lines.append(f"| {member} | {config.train.steps} | {config.train.seed} | {dropout} | "
-                     f"{config.train.attention_kernel} | {encoder_pass} | {f1['ocnli']:.4f} | {f1['ocemotion']:.4f} | {f1['tnews']:.4f} | {mean:.4f} |")
+                     f"{config.train.attention_kernel} | {config.train.encoder_pass} | {f1['ocnli']:.4f} | {f1['ocemotion']:.4f} | {f1['tnews']:.4f} | {mean:.4f} |")
     for label, c in record.get("_comparisons", {}).items():
         if all(name in label for name in names):
             verdict = "no difference" if c["low"] <= 0 <= c["high"] else "a difference"

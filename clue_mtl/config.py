@@ -398,6 +398,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         return config_from_dict(values)
 
 
+def load_run_config(path: str | Path) -> RunConfig:
+    """A run folder's saved config as that run ran: a key added since it was saved (`ADDED_KEYS`)
+    takes the value that does what runs did before it, not today's default."""
+    values = _read_values(path, [])
+    for dotted, value in ADDED_KEYS.items():
+        *sections, key = dotted.split(".")
+        node = values
+        for section in sections:
+            node = node.setdefault(section, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict):  # anything else is left for validation to name
+            node.setdefault(key, copy.deepcopy(value))
+    with _naming_the_file(path):
+        return config_from_dict(values)
+
+
 @contextlib.contextmanager
 def _naming_the_file(path: str | Path | None):
     """Errors in a config read from a file start with the file's name."""

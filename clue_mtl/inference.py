@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from .batching import encode_frame, inference_batches
-from .config import RunConfig, load_config
+from .config import RunConfig, load_run_config
 from .data import load_split, read_task_file
 from .hardware import resolve_precision
 from .model import MultiTaskModel
@@ -80,7 +80,7 @@ class LoadedRun:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if not self.folder.has_model():
             raise FileNotFoundError(f"{self.run_dir} holds no trained model (expected {self.folder.best_model_file})")
-        self.config: RunConfig = load_config(self.folder.config_file)
+        self.config: RunConfig = load_run_config(self.folder.config_file)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder.tokenizer_dir)
         self.model = MultiTaskModel.load(self.folder.best_dir).to(device).eval()
         self.labels: dict[str, list[str]] = self.folder.read_labels()

@@ -199,10 +199,9 @@ class Pretrainer(RunRecipe):
         scale_of = layer_rate_scales(encoder_layers(model), train.layer_lr_decay) if train.layer_lr_decay < 1 else {}
         groups, parts = [], []
         for part, parameters in (("encoder", list(model.base_model.parameters())), ("head", self.head_parameters)):
-            scale = {id(p): scale_of.get(id(p), 1.0) if part == "encoder" else 1.0 for p in parameters}
-            trainable = [p for p in parameters if p.requires_grad]
-            for rate in sorted({scale[id(p)] for p in trainable} or {1.0}, reverse=True):
-                at_rate = [p for p in trainable if scale[id(p)] == rate]
+            trainable = [p for p in parameters if p.requires_grad]  # the head holds no layer: at 1
+            for rate in sorted({scale_of.get(id(p), 1.0) for p in trainable} or {1.0}, reverse=True):
+                at_rate = [p for p in trainable if scale_of.get(id(p), 1.0) == rate]
                 groups += [{"params": [p for p in at_rate if p.ndim >= 2], "lr": train.lr * rate,
                             "weight_decay": train.weight_decay},
                            {"params": [p for p in at_rate if p.ndim < 2], "lr": train.lr * rate, "weight_decay": 0.0}]

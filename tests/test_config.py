@@ -147,3 +147,20 @@ def test_a_run_saved_before_the_joint_encoder_pass_resumes_only_as_it_ran():
         assert still_per_task["train"]["encoder_pass"] == "per_task"
         assert config_differences(saved_before_the_key(still_per_task), still_per_task) == []
         assert config_fingerprint(saved_before_the_key(still_per_task)) == config_fingerprint(still_per_task)
+
+
+def test_a_saved_run_config_reads_as_the_run_ran(tmp_path):
+    """A run folder's config.yaml saved before a key existed reads with that key's old behaviour
+    (one encoder pass per task), not today's default; a mangled section is named, not a traceback."""
+    from clue_mtl.config import load_run_config
+
+    path = tmp_path / "config.yaml"
+    save_config(load_config(), path)
+    assert load_run_config(path).train.encoder_pass == "joint"
+    text = path.read_text(encoding="utf-8")
+    path.write_text("\n".join(line for line in text.splitlines() if "encoder_pass" not in line), encoding="utf-8")
+    assert load_run_config(path).train.encoder_pass == "per_task"
+    assert load_config(path).train.encoder_pass == "joint"  # a config to train with takes today's default
+    path.write_text(text.replace("train:\n", "train: 5\nunused:\n", 1), encoding="utf-8")
+    with pytest.raises(ConfigError, match="config.yaml"):
+        load_run_config(path)
