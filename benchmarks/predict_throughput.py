@@ -2,7 +2,10 @@
 
 Trains nothing: a run folder is made from e5-small with fresh heads (the speed of prediction does
 not depend on the weights), then `predict_submission` reads the test files, tokenises, predicts
-in length-sorted batches and writes the zip, which `read_submission` validates.
+in length-sorted batches and writes the zip, which `read_submission` validates. Two ways, taking
+turns: the kit's (the weights cast to bf16 once where prediction runs in bf16) and float32 weights
+cast by autocast in every forward pass (the kit before issue 13); then the parts of one
+prediction, timed apart.
 
     python benchmarks/predict_throughput.py [--split a] [--repeats 3]
 """
@@ -19,6 +22,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, peak_rss_mb, write_results  # noqa: E402
 from clue_mtl.run_folder import RunFolder  # noqa: E402
+
+
+# name -> predict_submission's float32_weights
+BEFORE = "kit before: float32 weights cast in each forward pass (bf16 autocast)"
+VARIANTS = {BEFORE: True, "kit: weights cast to bf16 once as the run loads": False}
 
 
 def make_run(run_dir: Path) -> None:
@@ -38,6 +46,43 @@ def make_run(run_dir: Path) -> None:
     folder.write_labels({t: list(TASKS[t].labels) for t in config.data.tasks})
 
 
+def phases(run_dir: Path, split: str) -> dict:
+    """Seconds of each part of one prediction with the kit's settings, timed apart: loading the
+    tokenizer, loading the model (and, for comparison, the random draw of the encoder's weights that
+    loading skips), reading and tokenising the test files, the forward passes."""
+    import json
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from clue_mtl.batching import encode_frame
+    from clue_mtl.data import load_split
+    from clue_mtl.inference import LoadedRun, predict_logits
+    from clue_mtl.model import MultiTaskModel, encoder_from_config
+
+    folder = RunFolder(run_dir)
+    seconds = {}
+    started = time.perf_counter()
+    AutoTokenizer.from_pretrained(folder.tokenizer_dir)
+    seconds["tokenizer load"] = time.perf_counter() - started
+    started = time.perf_counter()
+    MultiTaskModel.load(folder.best_dir)
+    seconds["model load"] = time.perf_counter() - started
+    encoder_config = json.loads((folder.best_dir / "model.json").read_text(encoding="utf-8"))["encoder_config"]
+    started = time.perf_counter()
+    encoder_from_config(AutoConfig.for_model(encoder_config.pop("model_type"), **encoder_config))
+    seconds["(the random draw of the encoder's weights, skipped)"] = time.perf_counter() - started
+    run = LoadedRun(run_dir, show_progress=False)
+    started = time.perf_counter()
+    tests = {task: encode_frame(run.tokenizer, load_split(ROOT / "data", task, split), task,
+                                max_length=run.config.data.max_length) for task in run.tasks}
+    seconds["reading and tokenising"] = time.perf_counter() - started
+    started = time.perf_counter()
+    for task, data in tests.items():
+        predict_logits(run.model, task, data, pad_id=run.tokenizer.pad_token_id, bf16=run.bf16)
+    seconds["forward passes"] = time.perf_counter() - started
+    return seconds
+
+
 def int8_check(run_dir: Path, split: str) -> dict:
     """Dynamic int8 quantisation of the Linear layers (torch.ao), tried on a trained run: test rows/s
     against float32 on the same rows, and on the run's dev rows the argmax agreement and macro-F1."""
@@ -52,7 +97,7 @@ def int8_check(run_dir: Path, split: str) -> dict:
     from clue_mtl.data import load_dev_rows, load_split, load_split_ids
     from clue_mtl.inference import LoadedRun, predict_logits
 
-    run = LoadedRun(run_dir)
+    run = LoadedRun(run_dir, float32_weights=True)
     quantised = copy.deepcopy(run.model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notice
@@ -113,31 +158,45 @@ def main() -> None:
         run_dir = Path(scratch) / "run"
         make_run(run_dir)
         precision = "bf16" if LoadedRun(run_dir).bf16 else "float32"
-        seconds = []
+        seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for repeat in range(args.repeats):
-            out = Path(scratch) / f"sub-{repeat}.zip"
-            started = time.perf_counter()
-            predict_submission([run_dir], out, split=args.split, data_dir=ROOT / "data")
-            seconds.append(time.perf_counter() - started)
-            rows = sum(len(frame) for frame in read_submission(out).values())
+            for name, float32_weights in VARIANTS.items():  # taking turns, so drift hits both
+                out = Path(scratch) / f"sub-{repeat}-{int(float32_weights)}.zip"
+                started = time.perf_counter()
+                predict_submission([run_dir], out, split=args.split, data_dir=ROOT / "data",
+                                   float32_weights=float32_weights)
+                seconds[name].append(time.perf_counter() - started)
+                rows = sum(len(frame) for frame in read_submission(out).values())
         _, flops = count_flops(lambda: predict_submission([run_dir], Path(scratch) / "counted.zip", split=args.split,
                                                        data_dir=ROOT / "data"))
+        parts = phases(run_dir, args.split)
     peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32,
                        size=4096 if precision == "float32" else None, seconds=1.0)
-    median = statistics.median(seconds)
-    figures = {"rows": rows, "precision": precision, "seconds_runs": seconds, "seconds": median,
-               "rows_per_second": rows / median, "peak_rss_mb": peak_rss_mb(), "model_flops": flops,
-               "model_flops_per_second": flops / median, "matmul_peak_flops_per_second": peak}
+    figures = {"rows": rows, "precision": precision, "peak_rss_mb": peak_rss_mb(), "model_flops": flops,
+               "matmul_peak_flops_per_second": peak, "variants": {}, "phases": parts}
+    for name, runs in seconds.items():
+        median = statistics.median(runs)
+        figures["variants"][name] = {"seconds_runs": runs, "seconds": median, "rows_per_second": rows / median,
+                                     "model_flops_per_second": flops / median}
+    before = figures["variants"][BEFORE]["rows_per_second"]
     lines = [
         f"# Prediction throughput (e5-small, test {args.split.upper()}, {precision} as `auto` picks here, CPU)", "",
-        "| rows | seconds (median) | rows/s | model GFLOP/s | matmul peak GFLOP/s | of peak | peak RSS (MB) |",
+        f"{rows:,} rows. Matrix-product peak {peak / 1e9:.0f} GFLOP/s ({precision}, large square, same run); "
+        f"peak RSS {figures['peak_rss_mb']:.0f} MB.", "",
+        "| variant | seconds (median) | each run | rows/s | x before | model GFLOP/s | of peak |",
         "|---|---|---|---|---|---|---|",
-        f"| {rows} | {median:.1f} | {figures['rows_per_second']:.0f} | {flops / median / 1e9:.0f} | {peak / 1e9:.0f} | "
-        f"{flops / median / peak:.0%} | {figures['peak_rss_mb']:.0f} |",
-        "", f"From the test files to a validated zip: load the run, read, tokenise, predict, write; "
-            f"median of {args.repeats}. Model FLOPs counted with `torch.utils.flop_counter` over one more "
-            f"prediction of the same files; the peak is a large square product in the same precision.",
     ]
+    for name, f in figures["variants"].items():
+        runs = ", ".join(f"{r:.1f}" for r in f["seconds_runs"])
+        lines.append(f"| {name} | {f['seconds']:.1f} | {runs} | {f['rows_per_second']:.0f} | "
+                     f"{f['rows_per_second'] / before:.2f} | {f['model_flops_per_second'] / 1e9:.0f} | "
+                     f"{f['model_flops_per_second'] / peak:.0%} |")
+    lines += ["", "| part of one prediction (kit, timed apart) | seconds |", "|---|---|"]
+    lines += [f"| {part} | {value:.2f} |" for part, value in figures["phases"].items()]
+    lines += ["", f"From the test files to a validated zip: load the run, read, tokenise, predict, write; "
+                  f"median of {args.repeats}, the variants taking turns. Model FLOPs counted with "
+                  f"`torch.utils.flop_counter` over one more prediction of the same files; the peak is a large "
+                  f"square product in the same precision. Where `auto` picks float32 the two variants are one path."]
     if args.int8_check:
         figures["int8"] = int8_check(ROOT / args.int8_check, args.split)
         lines += int8_lines(figures["int8"])

@@ -63,6 +63,8 @@ class TaskHead(nn.Module):
 class BiLSTM(nn.Module):
     """A bidirectional LSTM over each row's real tokens (packed: padding never enters a state)."""
 
+    keeps_float32 = True  # runs with autocast off: its weights stay float32 where a model is cast to bf16
+
     def __init__(self, width: int, hidden: int):
         super().__init__()
         self.lstm = nn.LSTM(width, hidden, batch_first=True, bidirectional=True)
@@ -105,6 +107,8 @@ class AnswerHead(nn.Module):
     (keeping at least one per row) and averages the rest; prediction averages all K. The logits
     returned are the log of the averaged probabilities.
     """
+
+    keeps_float32 = True  # runs with autocast off: its weights stay float32 where a model is cast to bf16
 
     def __init__(self, features: LayerFeatures, num_labels: int, *, steps: int, step_dropout: float,
                  dropout: float, samples: int = 1):

@@ -25,6 +25,11 @@ from .run_folder import MODEL_FILE, MODEL_META_FILE
 from .structure import resolve_heads, resolve_private
 from .tasks import get_task
 
+try:  # transformers' switch for skipping the random draw of weights about to be loaded
+    from transformers.initialization import no_init_weights
+except ImportError:  # releases that kept it elsewhere, or had none: the draw runs, only slower
+    no_init_weights = contextlib.nullcontext
+
 
 class MultiTaskModel(nn.Module):
     """A shared encoder and one head per task; `forward(task, ...)` runs the encoder on one task's batch.
@@ -162,7 +167,9 @@ class MultiTaskModel(nn.Module):
         meta = model_structure(json.loads((directory / MODEL_META_FILE).read_text(encoding="utf-8")))
         encoder_config = dict(meta["encoder_config"])
         config = AutoConfig.for_model(encoder_config.pop("model_type"), **encoder_config)
-        model = cls(encoder_from_config(config), meta["task_labels"], heads=meta["heads"], private=meta["private"],
+        with no_init_weights():  # the strict load below sets every weight: skip the random draw (1.2 s for e5-small)
+            encoder = encoder_from_config(config)
+        model = cls(encoder, meta["task_labels"], heads=meta["heads"], private=meta["private"],
                     dropout=meta["dropout"], sep_token_id=meta["sep_token_id"])
         load_model(model, str(directory / MODEL_FILE))
         return model

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from clue_mtl import hardware
 from clue_mtl.averaging import average_weights
 from clue_mtl.config import load_config
+from clue_mtl.data import load_split
 from clue_mtl.errors import AveragingError, ConfigError
 from clue_mtl.features import LayerFeatures
 from clue_mtl.heads import AnswerHead
@@ -235,7 +238,7 @@ CASES = [(method, "mixed") for method in sorted(METHODS)] + [("equal", "all priv
 
 
 @pytest.mark.parametrize("method, mix", CASES)
-def test_every_structure_trains_with_every_method_and_resumes_exactly(tiny_config, tmp_path, method, mix):
+def test_every_structure_trains_with_every_method_and_resumes_exactly(tiny_config, tmp_path, monkeypatch, method, mix):
     config = tiny_config(*MIXES[mix], f"weighting.method={method}", "train.steps=3", "train.eval_every=3",
                          "train.mixed_precision=bf16", *([PARAMS[method]] if method in PARAMS else []))
     straight = Trainer(config, tmp_path / "straight", show_progress=False)
@@ -256,9 +259,39 @@ def test_every_structure_trains_with_every_method_and_resumes_exactly(tiny_confi
     logs = [RunFolder(tmp_path / run).metrics(timings=False) for run in ("straight", "resumed")]
     assert logs[0] == logs[1]
 
-    loaded = LoadedRun(tmp_path / "straight", show_progress=False)  # the structure comes from best/model.json
+    # the structure comes from best/model.json; float32 weights, to compare them exactly
+    loaded = LoadedRun(tmp_path / "straight", show_progress=False, float32_weights=True)
     for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(tensor, final[name]), name
+
+    # every head predicts with the weights cast to bf16, but those that run with autocast off
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    cast = LoadedRun(tmp_path / "straight", device="cpu", show_progress=False)
+    float32 = {name for name, module in cast.model.named_modules() if getattr(module, "keeps_float32", False)}
+    assert cast.bf16 and {p.dtype for p in cast.model.encoder.parameters()} == {torch.bfloat16}
+    assert bool(float32) is (mix == "mixed")   # its SAN and BiLSTM heads
+    for name, parameter in cast.model.named_parameters():
+        kept = any(name.startswith(f"{module}.") for module in float32)
+        assert parameter.dtype == (torch.float32 if kept else torch.bfloat16), name
+    for task in cast.tasks:
+        probabilities = cast.probabilities(task, load_split(config.data.data_dir, task, "a").head(6))
+        assert np.isfinite(probabilities).all() and np.allclose(probabilities.sum(-1), 1.0, atol=1e-5)
+
+
+def test_loading_a_model_skips_the_random_draw_of_the_weights_it_reads(tiny_bert, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    model = tiny_model(tiny_bert, *MIXES["mixed"])   # private layers and adapters too
+    model.save(tmp_path / "m")
+
+    def drawn(self):
+        raise AssertionError("the encoder's weights were drawn at random, then overwritten by the load")
+
+    monkeypatch.setattr(PreTrainedModel, "initialize_weights", drawn)
+    loaded = MultiTaskModel.load(tmp_path / "m")
+    saved = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
 
 
 def test_models_saved_before_per_task_structures_still_load(tiny_bert, tmp_path):

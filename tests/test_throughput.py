@@ -174,3 +174,27 @@ def test_the_training_step_runs_attention_in_the_chosen_kernel(tiny_config, sett
                                   "model.attention_dropout=0.0"), show_progress=False)
     nodes = attention_backward_nodes(trainer)
     assert any("Flash" in name for name in nodes) is flash, nodes
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_a_loaded_run_predicts_with_its_weights_cast_to_bf16_once(tiny_config, monkeypatch, fast_bf16):
+    import numpy as np
+
+    from clue_mtl.data import load_split
+    from clue_mtl.inference import LoadedRun
+
+    trainer = Trainer(tiny_config("train.steps=3", "train.mixed_precision=auto"), show_progress=False)
+    trainer.train()
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: fast_bf16)
+    cast = LoadedRun(trainer.run_dir, "cpu", show_progress=False)
+    kept = LoadedRun(trainer.run_dir, "cpu", show_progress=False, float32_weights=True)
+    expected = torch.bfloat16 if fast_bf16 else torch.float32   # no bf16 where the machine emulates it
+    assert cast.bf16 is fast_bf16
+    assert {p.dtype for p in cast.model.parameters()} == {expected}
+    assert {p.dtype for p in kept.model.parameters()} == {torch.float32}
+    frame = load_split(trainer.config.data.data_dir, "tnews", "a").head(40)
+    cast_probabilities, kept_probabilities = cast.probabilities("tnews", frame), kept.probabilities("tnews", frame)
+    np.testing.assert_allclose(cast_probabilities.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(cast_probabilities, kept_probabilities, atol=0.02)
+    if not fast_bf16:
+        np.testing.assert_array_equal(cast_probabilities, kept_probabilities)   # one path

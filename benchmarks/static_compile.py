@@ -1,0 +1,84 @@
+"""torch.compile of the encoder with static shapes (issue 13): every batch width padded to a multiple
+of 32, so a 128-token step compiles at most four widths, against the kit after as it ships and
+the same padding without compiling (what the padding alone costs).
+
+train_throughput.py's kit after (one encoder pass over every task's rows, math attention kernel);
+each variant in a fresh process, variants taking turns; the warm-up steps, which compile, are
+timed apart from the steps that count. Inductor keeps compiled graphs on disk between processes:
+point TORCHINDUCTOR_CACHE_DIR at an empty folder to time a first compilation.
+
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/static_compile.py [--steps 30] [--warmup 15] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import alternate_children, time_training_steps, write_results  # noqa: E402
+from train_throughput import AFTER  # noqa: E402
+
+KIT = "kit after"
+VARIANTS = {  # name: (pad widths to a multiple of, compile)
+    KIT: (None, False),
+    "widths padded to a multiple of 32": (32, False),
+    "widths padded to a multiple of 32, encoder compiled with static shapes": (32, True),
+}
+
+
+def measure(name: str, steps: int, warmup: int) -> dict:
+    import contextlib
+
+    import torch
+
+    multiple, compiled = VARIANTS[name]
+
+    def prepare(trainer) -> None:
+        trainer.batches.pad_to_multiple_of = multiple
+        if compiled:
+            trainer.unwrapped.encoder = torch.compile(trainer.unwrapped.encoder, dynamic=False)
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return {"variant": name, **time_training_steps(AFTER, steps, warmup, prepare=prepare)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=15, help="enough steps to meet every width before timing")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(measure(args.variant, args.steps, args.warmup)))
+        return
+    runs = alternate_children(__file__, "--variant", VARIANTS, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
+                              args.repeats, lambda result: f"{result['samples_per_second']:.1f} samples/s")
+    figures = {name: {"samples_per_second": statistics.median(r["samples_per_second"] for r in results),
+                      "samples_per_second_runs": [r["samples_per_second"] for r in results],
+                      "warmup_seconds": [r["warmup_seconds"] for r in results],
+                      "padded_tokens_per_step": results[0]["padded_tokens_per_step"]}
+               for name, results in runs.items()}
+    reference = figures[KIT]["samples_per_second"]
+    lines = ["# torch.compile with static shapes against the kit after (e5-small, 24 rows a step, max length 128, "
+             "CPU)", "", "| variant | samples/s (median) | each run | x kit after | padded tokens/step "
+             "| warm-up seconds |", "|---|---|---|---|---|---|"]
+    for name, f in figures.items():
+        each = ", ".join(f"{r:.1f}" for r in f["samples_per_second_runs"])
+        warmup = ", ".join(f"{s:.0f}" for s in f["warmup_seconds"])
+        lines.append(f"| {name} | {f['samples_per_second']:.1f} | {each} | {f['samples_per_second'] / reference:.2f} "
+                     f"| {f['padded_tokens_per_step']:.0f} | {warmup} |")
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "inductor's default folder, as found")
+    lines += ["", f"{args.steps} timed steps after {args.warmup} warm-up steps (which compile), "
+              f"{args.repeats} run(s) of each in a fresh process, variants taking turns; train_throughput.py's "
+              f"settings (AFTER). Inductor's cache: {cache}."]
+    write_results("static_compile", figures, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
