@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -69,6 +70,24 @@ def alternate_children(script: str, flag: str, names, extra: list[str], repeats:
             runs[name].append(run_child([script, flag, name, *extra]))
             print(f"repeat {repeat + 1}: {name}: {describe(runs[name][-1])}", flush=True)
     return runs
+
+
+def timing_arguments(parser: argparse.ArgumentParser, *, steps: int, warmup: int = 3,
+                     repeats: int = 2) -> argparse.ArgumentParser:
+    """The arguments of a script that times variants of a training step, each in a fresh process:
+    --steps, --warmup and --repeats, and the hidden --variant of the child that times one."""
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # child mode: time this one, print its JSON
+    return parser
+
+
+def time_variants(script: str, variants, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Every variant timed by `script --variant NAME` in a fresh process, taking turns
+    (`alternate_children`), with `timing_arguments`' steps, warm-up and repeats."""
+    return alternate_children(script, "--variant", variants, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
+                              args.repeats, lambda result: f"{result['samples_per_second']:.1f} samples/s")
 
 
 def equal_time_steps(steps: int, reference_seconds: float, seconds: float) -> int:

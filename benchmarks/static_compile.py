@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate_children, time_training_steps, write_results  # noqa: E402
+from common import time_training_steps, time_variants, timing_arguments, write_results  # noqa: E402
 from train_throughput import AFTER  # noqa: E402
 
 KIT = "kit after"
@@ -49,16 +49,12 @@ def measure(name: str, steps: int, warmup: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=15, help="enough steps to meet every width before timing")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
+    timing_arguments(parser, steps=30, warmup=15, repeats=1)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(measure(args.variant, args.steps, args.warmup)))
         return
-    runs = alternate_children(__file__, "--variant", VARIANTS, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
-                              args.repeats, lambda result: f"{result['samples_per_second']:.1f} samples/s")
+    runs = time_variants(__file__, VARIANTS, args)
     figures = {name: {"samples_per_second": statistics.median(r["samples_per_second"] for r in results),
                       "samples_per_second_runs": [r["samples_per_second"] for r in results],
                       "warmup_seconds": [r["warmup_seconds"] for r in results],

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate_children, run_child, time_training_steps, write_results  # noqa: E402
+from common import run_child, time_training_steps, time_variants, timing_arguments, write_results  # noqa: E402
 from train_throughput import BASE, FUSED, MATH_KERNEL, NO_ATTENTION_DROPOUT, profile  # noqa: E402
 
 KIT_AFTER = "kit after (no attention dropout, math kernel)"
@@ -124,10 +124,7 @@ def measure(name: str, steps: int, warmup: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--variant", help=argparse.SUPPRESS)  # child modes
+    timing_arguments(parser, steps=30)
     parser.add_argument("--profile-flash", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -138,8 +135,7 @@ def main() -> None:
             profiled = profile(5, args.warmup, NO_ATTENTION_DROPOUT)
         print(json.dumps(profiled))
         return
-    runs = alternate_children(__file__, "--variant", VARIANTS, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
-                              args.repeats, lambda result: f"{result['samples_per_second']:.1f} samples/s")
+    runs = time_variants(__file__, VARIANTS, args)
     figures = {name: {"samples_per_second": statistics.median(r["samples_per_second"] for r in results),
                       "samples_per_second_runs": [r["samples_per_second"] for r in results],
                       "padded_tokens_per_step": results[0]["padded_tokens_per_step"]}

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, alternate_children, run_child, time_training_steps, write_results, write_whole  # noqa: E402
+from common import (RESULTS, ROOT, run_child, time_training_steps, time_variants, timing_arguments,  # noqa: E402
+                    write_results, write_whole)
 from clue_mtl.run_folder import RunFolder  # noqa: E402
 
 BASE = [
@@ -190,15 +191,12 @@ def speed_table(figures: dict, names: list[str], peak_of: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2)
+    timing_arguments(parser, steps=20)
     parser.add_argument("--try-compile", action="store_true", help="also time torch.compile of the encoder (once)")
     parser.add_argument("--quality", nargs=2, metavar="ENTRY@MEMBER",
                         help="main_job.json entries of the before and after runs at equal steps")
     parser.add_argument("--render", action="store_true",
                         help="rewrite the .md from the measured .json (e.g. with --quality), measuring nothing")
-    parser.add_argument("--variant", help=argparse.SUPPRESS)  # child modes
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -215,8 +213,7 @@ def main() -> None:
     from clue_mtl.encoders import ensure_encoder
 
     ensure_encoder(ROOT / "artifacts/e5-small")
-    runs = alternate_children(__file__, "--variant", VARIANTS, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
-                              args.repeats, lambda result: f"{result['samples_per_second']:.1f} samples/s")
+    runs = time_variants(__file__, VARIANTS, args)
     figures = {"variants": {}}
     for name, results in runs.items():
         figures["variants"][name] = {

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, TRIMMED_ENCODER, alternate_children, ensure_trimmed_encoder, time_training_steps, write_results  # noqa: E402
+from common import (ROOT, TRIMMED_ENCODER, ensure_trimmed_encoder, time_training_steps, time_variants,  # noqa: E402
+                    timing_arguments, write_results)
 
 FULL, TRIMMED = ROOT / "artifacts/e5-small", TRIMMED_ENCODER
 VARIANTS = {
@@ -40,10 +41,7 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--variant", help=argparse.SUPPRESS)  # child mode
+    timing_arguments(parser, steps=20)
     args = parser.parse_args()
     if args.variant:
         import json
@@ -52,8 +50,7 @@ def main() -> None:
         return
 
     ensure_trimmed_encoder()
-    runs = alternate_children(__file__, "--variant", VARIANTS, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
-                              args.repeats, lambda result: f"{result['samples_per_second']:.1f} samples/s")
+    runs = time_variants(__file__, VARIANTS, args)
     figures = {}
     for variant, results in runs.items():
         figures[variant] = {
