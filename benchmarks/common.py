@@ -111,7 +111,8 @@ def train_and_predict(config: str, run_dir: Path, overrides: list[str], frames: 
 
     from clue_mtl.inference import LoadedRun
 
-    run = LoadedRun(run_dir, show_progress=False)
+    # float32 weights: the studies' cached predictions were made so, and a resumed study compares with them
+    run = LoadedRun(run_dir, show_progress=False, float32_weights=True)
     predicted = {task: run.probabilities(task, frame).argmax(-1).tolist() for task, frame in frames.items()}
     return {"command": " ".join(command), "lane_seconds": seconds, "predicted": predicted}
 
