@@ -80,7 +80,7 @@ def main() -> None:
 
     from clue_mtl.batching import encode_frame
     from clue_mtl.data import load_split, task_frames
-    from clue_mtl.inference import LoadedRun, bf16_weights
+    from clue_mtl.inference import LoadedRun, bf16_weights, float32_modules
     from clue_mtl.metrics import task_report
 
     run = LoadedRun(args.run_dir, show_progress=False, float32_weights=True)
@@ -94,7 +94,7 @@ def main() -> None:
     encoder_model = copy.deepcopy(run.model)
     encoder_model.encoder.to(torch.bfloat16)
     chosen = variants(run.model, bf16_weights(copy.deepcopy(run.model)), encoder_model, bf16_model)
-    float32_heads = any(getattr(module, "keeps_float32", False) for module in run.model.modules())
+    float32_heads = bool(float32_modules(run.model))
     if float32_heads:  # a SAN or BiLSTM head would meet bf16 activations with nothing to cast them
         print("this run has a head that runs in float32: the variants without autocast are left out", file=sys.stderr)
         chosen = {name: setting for name, setting in chosen.items() if setting[1]}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, peak_rss_mb, write_results  # noqa: E402
-from clue_mtl.run_folder import RunFolder  # noqa: E402
+from clue_mtl.run_folder import MODEL_META_FILE, RunFolder  # noqa: E402
 
 
 # name -> predict_submission's float32_weights
@@ -52,12 +52,12 @@ def phases(run_dir: Path, split: str) -> dict:
     loading skips), reading and tokenising the test files, the forward passes."""
     import json
 
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from clue_mtl.batching import encode_frame
     from clue_mtl.data import load_split
     from clue_mtl.inference import LoadedRun, predict_logits
-    from clue_mtl.model import MultiTaskModel, encoder_from_config
+    from clue_mtl.model import MultiTaskModel, encoder_from_config, saved_encoder_config
 
     folder = RunFolder(run_dir)
     seconds = {}
@@ -67,9 +67,9 @@ def phases(run_dir: Path, split: str) -> dict:
     started = time.perf_counter()
     MultiTaskModel.load(folder.best_dir)
     seconds["model load"] = time.perf_counter() - started
-    encoder_config = json.loads((folder.best_dir / "model.json").read_text(encoding="utf-8"))["encoder_config"]
+    config = saved_encoder_config(json.loads((folder.best_dir / MODEL_META_FILE).read_text(encoding="utf-8")))
     started = time.perf_counter()
-    encoder_from_config(AutoConfig.for_model(encoder_config.pop("model_type"), **encoder_config))
+    encoder_from_config(config)
     seconds["(the random draw of the encoder's weights, skipped)"] = time.perf_counter() - started
     run = LoadedRun(run_dir, show_progress=False)
     started = time.perf_counter()

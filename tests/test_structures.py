@@ -16,7 +16,7 @@ from clue_mtl.data import load_split
 from clue_mtl.errors import AveragingError, ConfigError
 from clue_mtl.features import LayerFeatures
 from clue_mtl.heads import AnswerHead
-from clue_mtl.inference import LoadedRun
+from clue_mtl.inference import LoadedRun, float32_modules
 from clue_mtl.model import MultiTaskModel, build_model, pair_segments
 from clue_mtl.encoders import encoder_layers, load_encoder
 from clue_mtl.optim import parameter_groups
@@ -267,7 +267,7 @@ def test_every_structure_trains_with_every_method_and_resumes_exactly(tiny_confi
     # every head predicts with the weights cast to bf16, but those that run with autocast off
     monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
     cast = LoadedRun(tmp_path / "straight", device="cpu", show_progress=False)
-    float32 = {name for name, module in cast.model.named_modules() if getattr(module, "keeps_float32", False)}
+    float32 = set(float32_modules(cast.model))
     assert cast.bf16 and {p.dtype for p in cast.model.encoder.parameters()} == {torch.bfloat16}
     assert bool(float32) is (mix == "mixed")   # its SAN and BiLSTM heads
     for name, parameter in cast.model.named_parameters():
