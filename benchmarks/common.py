@@ -14,6 +14,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
+# torch.compile's on-disk graph caches store pickles: off in every benchmark and in the children they
+# start (the environment is inherited), before torch is imported. Compiled kernels are still cached.
+os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"
+os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
+
 
 def machine() -> dict:
     import torch

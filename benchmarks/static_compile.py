@@ -4,8 +4,9 @@ the same padding without compiling (what the padding alone costs).
 
 train_throughput.py's kit after (one encoder pass over every task's rows, math attention kernel);
 each variant in a fresh process, variants taking turns; the warm-up steps, which compile, are
-timed apart from the steps that count. Inductor keeps compiled graphs on disk between processes:
-point TORCHINDUCTOR_CACHE_DIR at an empty folder to time a first compilation.
+timed apart from the steps that count. Inductor keeps compiled kernels on disk between processes
+(its pickled graph caches are off: common.py): point TORCHINDUCTOR_CACHE_DIR at an empty folder to
+time a first compilation.
 
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/static_compile.py [--steps 30] [--warmup 15] [--repeats 1]
 """
