@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import replace_folder
 from .errors import AveragingError
 from .model import model_structure
 from .run_folder import RunFolder
@@ -126,14 +127,18 @@ def average_weights(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path
     averaged = {k: (s / len(runs)).to(reference[k].dtype) if reference[k].is_floating_point() else s
                 for k, s in sums.items()}
 
-    out.best_dir.mkdir(parents=True, exist_ok=True)
-    save_file(averaged, str(out.best_model_file))
-    for source, target in zip(_run_files(first), _run_files(out)):
-        if source != first.best_model_file:
-            (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
     sources = {"method": "uniform", "runs": [str(run.path.resolve()) for run in runs],
                "best": [run.best_evaluation() for run in runs]}
-    out.averaged_from_file.write_text(json.dumps(sources, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    # the soup appears whole or not at all: a kill leaves no half folder that refuses the next try
+    with out.lock(), replace_folder(out.path) as staging:
+        written = RunFolder(staging)
+        written.best_dir.mkdir()
+        save_file(averaged, str(written.best_model_file))
+        for source, target in zip(_run_files(first), _run_files(written)):
+            if source != first.best_model_file:
+                (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
+        written.averaged_from_file.write_text(json.dumps(sources, indent=2, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
     return out.path
 
 

@@ -22,7 +22,9 @@ column order) with `TASK.safetensors` (idf, coefficients, intercepts).
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +38,13 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
-from .data import DataError, load_split, save_split, stratified_split
+from .atomic import recover_folder, replace_folder
+from .data import DataError, check_training_files, checked_test_files, load_split, save_split, stratified_split
 from .metrics import format_report, leaderboard_score, task_report
 from .run_folder import RunFolder
-from .submission import write_submission
+from .submission import write_streamed_submission
 from .tasks import TASK_NAMES, TASKS, Task, get_task
+from .untrusted import LARGE_LIMIT, first_line, read_json, safetensors_shapes
 
 BASELINE_FILE = "baseline.json"
 FORMAT = 1
@@ -118,22 +122,26 @@ class BaselineModel:
 
     @classmethod
     def load(cls, directory: str | Path, task: Task | str) -> "BaselineModel":
+        """A task's fitted baseline from `TASK.json` and `TASK.safetensors`, which may come from
+        anywhere: files that are not a baseline's are one `DataError` line naming them."""
         task = task if isinstance(task, Task) else get_task(task)
         directory = Path(directory)
-        try:
-            meta = json.loads((directory / f"{task.name}.json").read_text(encoding="utf-8"))
-            tensors = load_file(str(directory / f"{task.name}.safetensors"))
-        except (OSError, UnicodeDecodeError, ValueError, SafetensorError) as error:
-            raise DataError(f"{directory}: cannot read the {task.name} baseline ({error})") from None
-        terms = meta.get("terms") if isinstance(meta, dict) else None
-        features = len(terms or []) * task.text_columns
-        well_formed = (isinstance(terms, list) and all(isinstance(t, str) for t in terms) and len(set(terms)) == len(terms)
-                       and tensors.get("idf", np.empty(0)).shape == (len(terms),)
-                       and tensors.get("coef", np.empty(0)).shape == (task.num_labels, features)
-                       and tensors.get("intercept", np.empty(0)).shape == (task.num_labels,))
-        if not well_formed or not terms:
+        meta_file, tensors_file = directory / f"{task.name}.json", directory / f"{task.name}.safetensors"
+        meta = read_json(meta_file, limit=LARGE_LIMIT, what=f"{task.name} baseline's vocabulary", error=DataError)
+        terms, C = (meta.get("terms"), meta.get("C", 1.0)) if isinstance(meta, dict) else (None, None)
+        shapes = safetensors_shapes(tensors_file, what=f"{task.name} baseline's weights", error=DataError)
+        well_formed = (isinstance(terms, list) and terms and all(isinstance(t, str) for t in terms)
+                       and len(set(terms)) == len(terms) and type(C) in (int, float) and C > 0
+                       # read from the header: a file whose tensors do not fit is refused before it is loaded
+                       and shapes == {"idf": (len(terms),), "coef": (task.num_labels, len(terms) * task.text_columns),
+                                      "intercept": (task.num_labels,)})
+        if not well_formed:
             raise DataError(f"{directory}: the {task.name} baseline files do not fit together")
-        model = cls(task, C=float(meta.get("C", 1.0)))
+        try:
+            tensors = load_file(str(tensors_file))
+        except (OSError, ValueError, SafetensorError) as error:
+            raise DataError(f"{tensors_file}: cannot read the {task.name} baseline ({first_line(error)})") from None
+        model = cls(task, C=float(C))
         model.vectorizer = _vectorizer(terms)
         model.vectorizer.idf_ = tensors["idf"]
         model.coef, model.intercept = tensors["coef"], tensors["intercept"]
@@ -152,14 +160,12 @@ class BaselineRun:
     @classmethod
     def load(cls, run_dir: str | Path) -> "BaselineRun":
         run_dir = Path(run_dir)
+        recover_folder(run_dir)  # a kill in the middle of `save_baseline`'s swap left it aside
         path = run_dir / BASELINE_FILE
-        try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        if not os.path.lexists(path):
             raise DataError(f"{run_dir} holds no baseline (expected {BASELINE_FILE}); "
-                            f"fit one with `clue-mtl baseline --run-dir {run_dir}`") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise DataError(f"{path}: cannot read ({error})") from None
+                            f"fit one with `clue-mtl baseline --run-dir {run_dir}`")
+        info = read_json(path, what="baseline description", error=DataError)
         tasks = info.get("tasks") if isinstance(info, dict) else None
         if (not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(tasks, list) or not tasks
                 or not all(isinstance(t, str) and t in TASKS for t in tasks)):
@@ -178,6 +184,19 @@ class BaselineRun:
         return self.models[task].probabilities(frame)
 
 
+def _locking_run_dir(function):
+    """`function` run holding the lock of its `run_dir` keyword (when given), taken before the fit:
+    a second command into the folder is refused at once, not after minutes of fitting."""
+    @functools.wraps(function)
+    def locked(*args, run_dir: str | Path | None = None, **kwargs):
+        if run_dir is None:
+            return function(*args, **kwargs)
+        with RunFolder(run_dir).lock():
+            return function(*args, run_dir=run_dir, **kwargs)
+    return locked
+
+
+@_locking_run_dir
 def run_baseline(data_dir: str | Path, out_dir: str | Path | None = "submissions", dev_fraction: float = 0.1,
                  seed: int = 42, progress: bool = True, *, max_rows: int | None = None,
                  id_mode: str = "file", C: float = 1.0, run_dir: str | Path | None = None,
@@ -195,9 +214,10 @@ def run_baseline(data_dir: str | Path, out_dir: str | Path | None = "submissions
     start = time.perf_counter()
     say = print if progress else (lambda *args, **kwargs: None)
     tasks = list(tasks or TASK_NAMES)
+    check_training_files(data_dir, tasks)  # every file before any fit: a fault in the last costs seconds
+    test_files = ({split: checked_test_files(tasks, split=split, data_dir=data_dir, id_mode=id_mode)
+                   for split in ("a", "b")} if out_dir is not None else {})
     reports, task_seconds, models, dev_ids = {}, {}, {}, {}
-    predictions: dict[str, dict[str, list[str]]] = {"a": {}, "b": {}}
-    test_frames: dict[str, dict[str, pd.DataFrame]] = {"a": {}, "b": {}}
     for number, name in enumerate(tasks, start=1):
         task_start = time.perf_counter()
         task = TASKS[name]
@@ -207,11 +227,6 @@ def run_baseline(data_dir: str | Path, out_dir: str | Path | None = "submissions
             _, train = stratified_split(train, max_rows / len(train), seed)
         models[name] = model = BaselineModel(task, C=C).fit(train)
         reports[name] = task_report(task, dev["label"], model.predict(dev))
-        if out_dir is not None:
-            for split in ("a", "b"):
-                frame = load_split(data_dir, task, split)
-                test_frames[split][name] = frame
-                predictions[split][name] = model.predict(frame)
         task_seconds[name] = time.perf_counter() - task_start
         say(f"[baseline {number}/{len(tasks)}] {name}: train {len(train):,} rows, dev "
             f"{len(dev):,} rows, dev macro-F1 {reports[name]['macro_f1']:.4f} "
@@ -220,9 +235,9 @@ def run_baseline(data_dir: str | Path, out_dir: str | Path | None = "submissions
     say(format_report(reports))
     zips = {}
     if out_dir is not None:
-        zips = {split: write_submission(predictions[split], test_frames[split],
-                                        Path(out_dir) / f"baseline_test_{split}.zip", id_mode=id_mode,
-                                        allow_partial=len(tasks) < 3)
+        zips = {split: write_streamed_submission(test_files[split], lambda name, frame: models[name].predict(frame),
+                                                 Path(out_dir) / f"baseline_test_{split}.zip", id_mode=id_mode,
+                                                 allow_partial=len(tasks) < 3, progress=False)
                 for split in ("a", "b")}
         say(f"wrote {zips['a']} and {zips['b']} (id_mode {id_mode})", flush=True)
     if run_dir is not None:
@@ -238,17 +253,18 @@ def run_baseline(data_dir: str | Path, out_dir: str | Path | None = "submissions
 
 def save_baseline(run_dir: str | Path, models: dict[str, BaselineModel], dev_ids: dict[str, list[str]],
                   settings: dict, reports: dict) -> Path:
-    """Write a baseline folder; `baseline.json` goes last, so a folder that has it is complete."""
+    """Write a baseline folder whole: its files go into a new folder beside it, swapped in when
+    complete (`atomic.replace_folder`), so wherever a kill lands the previous baseline stays
+    readable. Holds the folder's lock meanwhile (already held when called by `run_baseline`)."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / BASELINE_FILE).unlink(missing_ok=True)
-    for model in models.values():
-        model.save(run_dir)
-    folder = RunFolder(run_dir)
-    save_split(dev_ids, folder.split_file)
-    folder.write_labels({task: list(get_task(task).labels) for task in models})
-    info = {"format": FORMAT, "kind": "tfidf-char-lr", "tasks": list(models), "settings": settings,
-            "dev_macro_f1": {task: report["macro_f1"] for task, report in reports.items()},
-            "dev_mean_macro_f1": leaderboard_score(reports)}
-    (run_dir / BASELINE_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
+    with RunFolder(run_dir).lock(), replace_folder(run_dir) as staging:
+        for model in models.values():
+            model.save(staging)
+        folder = RunFolder(staging)
+        save_split(dev_ids, folder.split_file)
+        folder.write_labels({task: list(get_task(task).labels) for task in models})
+        info = {"format": FORMAT, "kind": "tfidf-char-lr", "tasks": list(models), "settings": settings,
+                "dev_macro_f1": {task: report["macro_f1"] for task, report in reports.items()},
+                "dev_mean_macro_f1": leaderboard_score(reports)}
+        (staging / BASELINE_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
     return run_dir

@@ -13,7 +13,6 @@ of a pair), they are kept beside the input ids and every batch carries them; whe
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +22,7 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from .atomic import replace_file
 from .tasks import get_task
 
 LENGTH_GROUP_SPAN = 50  # batches per length-sorted chunk: long enough to group, short enough to stay random
@@ -96,14 +96,11 @@ def encode_frame(tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, task: 
     input_ids = [np.asarray(row, dtype=np.int32) for row in encoded["input_ids"]]
     token_types = [np.asarray(row, dtype=np.int8) for row in encoded["token_type_ids"]] if segments else None
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"flat": np.concatenate(input_ids),
                   "offsets": np.concatenate([[0], np.cumsum([len(row) for row in input_ids])])}
         if segments:
             arrays["token_type_flat"] = np.concatenate(token_types)
-        temporary = cache_file.with_suffix(f".{os.getpid()}.tmp.npz")  # processes may race to write
-        np.savez(temporary, **arrays)
-        temporary.replace(cache_file)
+        replace_file(cache_file, lambda temporary: np.savez(temporary, **arrays))  # processes may race to write
     return EncodedTask(task, ids, input_ids, labels, token_type_ids=token_types)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,11 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
+from .atomic import recover_folder, replace_folder
 from .errors import BlendError
 from .run_folder import RunFolder
 from .tasks import TASK_NAMES, get_task
+from .untrusted import LARGE_LIMIT, checked_size, open_regular, read_json
 
 BLEND_FILE = "blend.json"
 DEV_FILE = "dev.safetensors"
@@ -212,6 +215,7 @@ def load_member(path: str | Path):
     from .baseline import BASELINE_FILE, BaselineRun
 
     path = Path(path)
+    recover_folder(path)  # a baseline whose save a kill cut between its two renames
     if not path.is_dir():
         raise BlendError(f"member {path} is not a folder")
     if (path / BASELINE_FILE).exists():
@@ -232,17 +236,20 @@ def split_fingerprints(run_dir: str | Path) -> dict[str, str]:
 
 def member_fingerprint(run_dir: str | Path) -> str:
     """A digest of the files a member predicts with (weights, tokenizer, config, labels, split),
-    so a blend notices a retrained member."""
+    so a blend notices a retrained member. Each is read only as a regular file, weights of any size
+    and the others within `LARGE_LIMIT` (a link to /dev/zero would be digested forever, a FIFO
+    waited on): anything else there is one `BlendError` line naming it."""
     run_dir = Path(run_dir)
     folder = RunFolder(run_dir)
     files = sorted(run_dir.glob("*.safetensors")) + sorted(run_dir.glob("*.json"))
     files += [folder.config_file] if folder.config_file.exists() else []  # a baseline folder has none
     for directory in (folder.best_dir, folder.tokenizer_dir):  # the weights, and what turns text into their inputs
-        files += sorted(p for p in directory.glob("*") if p.is_file())
+        files += sorted(p for p in directory.glob("*") if not p.is_dir())
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\x00")
-        with open(path, "rb") as handle:
+        limit = None if path.suffix == ".safetensors" else LARGE_LIMIT
+        with open_regular(path, limit=limit, what="blend member's files", error=BlendError) as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
@@ -322,29 +329,25 @@ class Blend:
             raise BlendError(f"{where}: not a blend file ({type(error).__name__}: {error})") from None
 
     def save(self, directory: str | Path, dev_arrays: dict[str, np.ndarray]) -> Path:
-        """Write `dev.safetensors`, then `blend.json` (last: a folder with it is complete)."""
+        """Write `dev.safetensors` and `blend.json` into a new folder swapped in whole for `directory`
+        (`atomic.replace_folder`): wherever a kill lands, the previous blend stays readable. Holds
+        the folder's lock meanwhile (already held when called by `build_blend`)."""
         from safetensors.numpy import save_file
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / BLEND_FILE).unlink(missing_ok=True)
-        save_file(dev_arrays, str(directory / DEV_FILE))
-        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
-        temporary = directory / f".{BLEND_FILE}.tmp"
-        temporary.write_text(text, encoding="utf-8")
-        temporary.replace(directory / BLEND_FILE)
+        with RunFolder(directory).lock(), replace_folder(directory) as staging:
+            save_file(dev_arrays, str(staging / DEV_FILE))
+            text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+            (staging / BLEND_FILE).write_text(text, encoding="utf-8")
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> "Blend":
+        recover_folder(directory)  # a kill in the middle of `save`'s swap left it aside
         path = Path(directory) / BLEND_FILE
-        try:
-            text = path.read_text(encoding="utf-8")
-            values = json.loads(text)
-        except FileNotFoundError:
-            raise BlendError(f"{directory} holds no blend (expected {BLEND_FILE}); fit one with `clue-mtl blend`") from None
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-            raise BlendError(f"{path}: cannot read ({type(error).__name__})") from None
+        if not os.path.lexists(path):
+            raise BlendError(f"{directory} holds no blend (expected {BLEND_FILE}); fit one with `clue-mtl blend`")
+        values = read_json(path, what="blend", error=BlendError)
         if not isinstance(values, dict):
             raise BlendError(f"{path}: not a blend file")
         return cls.from_dict(values, str(path))
@@ -358,6 +361,18 @@ def build_blend(member_dirs: Sequence[str | Path], out: str | Path, *, data_dir:
     dev_probabilities: member folder -> task -> probabilities already computed on the dev rows
     (e.g. by the main job), so they are not predicted twice.
     """
+    # `out` is locked before the fit: a second command writing it is refused at once, not after the fit
+    with RunFolder(out).lock():
+        result, arrays = _fit_blend(member_dirs, data_dir=data_dir, settings=settings, progress=progress,
+                                    dev_probabilities=dev_probabilities)
+        result.save(out, arrays)
+    return result
+
+
+def _fit_blend(member_dirs: Sequence[str | Path], *, data_dir: str | Path | None, settings: FitSettings,
+               progress: bool, dev_probabilities: dict[str, dict[str, np.ndarray]] | None
+               ) -> tuple[Blend, dict[str, np.ndarray]]:
+    """The fitted blend and the arrays of its `dev.safetensors` (see `build_blend`)."""
     from tqdm.auto import tqdm
 
     paths = [Path(p) for p in member_dirs]
@@ -365,7 +380,7 @@ def build_blend(member_dirs: Sequence[str | Path], out: str | Path, *, data_dir:
         raise BlendError("name at least one member (--run or --baseline)")
     members = [load_member(p) for p in paths]
     names = _unique_names(paths)
-    from .data import load_dev_rows, load_split_ids
+    from .data import DataError, dev_frames, load_split_ids
 
     data_dir = data_dir or _member_data_dir(members[0])
     tasks = [t for t in TASK_NAMES if any(t in m.tasks for m in members)]
@@ -384,13 +399,21 @@ def build_blend(member_dirs: Sequence[str | Path], out: str | Path, *, data_dir:
     arrays: dict[str, np.ndarray] = {}
     blends, scores = {}, {}
     work = tqdm(total=sum(len(m.tasks) for m in members), desc="blend", disable=not progress, dynamic_ncols=True)
+    frames, problems = {}, []  # every task's dev rows before the first member predicts
     for task in tasks:
         chosen = [i for i, m in enumerate(members) if task in m.tasks]
         for i in chosen:
             if list(members[i].labels[task]) != list(get_task(task).labels):
                 raise BlendError(f"{paths[i]}: its {task} labels are not in the task's order")
         split_file = RunFolder(paths[chosen[0]]).split_file
-        frame = load_dev_rows(data_dir, task, load_split_ids(split_file)[task], split_file)
+        try:
+            frames.update(dev_frames(data_dir, [task], load_split_ids(split_file), split_file))
+        except DataError as error:
+            problems.extend(error.problems)
+    if problems:
+        raise DataError(problems)
+    for task, frame in frames.items():
+        chosen = [i for i, m in enumerate(members) if task in m.tasks]
         gold = frame["label"].map(get_task(task).label_index()).to_numpy(dtype=np.int64)
         probabilities = []
         for i in chosen:
@@ -410,9 +433,7 @@ def build_blend(member_dirs: Sequence[str | Path], out: str | Path, *, data_dir:
 
     described = [{"name": n, "kind": "baseline" if isinstance(m, BaselineRun) else "run", "path": str(p.resolve()),
                   "fingerprint": member_fingerprint(p)} for n, m, p in zip(names, members, paths)]
-    result = Blend(described, shared, blends, scores, settings)
-    result.save(out, arrays)
-    return result
+    return Blend(described, shared, blends, scores, settings), arrays
 
 
 def load_blend_members(blend: Blend, where: str | Path) -> dict[str, object]:
@@ -432,32 +453,29 @@ def load_blend_members(blend: Blend, where: str | Path) -> dict[str, object]:
 def predict_blend_submission(blend_dir: str | Path, out: str | Path, *, split: str = "a",
                              data_dir: str | Path | None = None, test_files: dict[str, str | Path] | None = None,
                              id_mode: str | None = None, progress: bool = True) -> Path:
-    """Predict every task's test file with a fitted blend and write the submission zip."""
-    from tqdm.auto import tqdm
-
-    from .data import load_split, read_task_file
-    from .submission import write_submission
+    """Predict every task's test file with a fitted blend and write the submission zip: every file
+    checked before the first model pass, then predicted in chunks (`write_streamed_submission`)."""
+    from .data import checked_test_files
+    from .submission import write_streamed_submission
 
     blend = Blend.load(blend_dir)
     members = load_blend_members(blend, blend_dir)
+    for member in members.values():
+        member.show_progress = False  # one bar over the rows of every file instead
     first = next(iter(members.values()))
-    data_dir = data_dir or _member_data_dir(first)
     config = next((m.config for m in members.values() if getattr(m, "config", None) is not None), None)
     id_mode = id_mode or (config.data.id_mode if config is not None else "file")
-    predictions, frames = {}, {}
-    work = tqdm(total=sum(len(b.members) for b in blend.tasks.values()), desc=f"predict {split}",
-                disable=not progress, dynamic_ncols=True)
-    for task, task_blend in blend.tasks.items():
-        frames[task] = (read_task_file(test_files[task], task, labelled=False) if test_files and task in test_files
-                        else load_split(data_dir, task, split))
-        probabilities = []
-        for name in task_blend.members:
-            probabilities.append(members[name].probabilities(task, frames[task]))
-            work.update(1)
+    files = checked_test_files(list(blend.tasks), split=split, data_dir=data_dir or _member_data_dir(first),
+                               test_files=test_files, id_mode=id_mode)
+
+    def decide(task: str, frame) -> list[str]:
+        task_blend = blend.tasks[task]
+        probabilities = [members[name].probabilities(task, frame) for name in task_blend.members]
         labels = get_task(task).labels
-        predictions[task] = [labels[i] for i in task_blend.decide(probabilities)]
-    work.close()
-    return write_submission(predictions, frames, out, id_mode=id_mode, allow_partial=len(blend.tasks) < 3)
+        return [labels[i] for i in task_blend.decide(probabilities)]
+
+    return write_streamed_submission(files, decide, out, id_mode=id_mode, allow_partial=len(blend.tasks) < 3,
+                                     progress=progress)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -501,6 +519,7 @@ def evaluate_blend(blend_dir: str | Path, *, plots: bool = True) -> dict:
     if plots:
         from safetensors import SafetensorError
 
+        checked_size(blend_dir / DEV_FILE, limit=None, what="blend's dev predictions", error=BlendError)  # no FIFO
         try:
             arrays = load_file(str(blend_dir / DEV_FILE))
         except (OSError, ValueError, SafetensorError) as error:

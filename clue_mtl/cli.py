@@ -64,7 +64,9 @@ def cmd_link_data(args) -> int:
 def cmd_check_data(args) -> int:
     from .data import check_data
 
-    report, problems = check_data(args.data_dir)
+    report, problems, notes = check_data(args.data_dir, strict=args.strict, id_mode=args.id_mode)
+    if notes:
+        print("\n".join(f"warning: {line}" for line in notes), file=sys.stderr)
     if problems:
         print("\n".join(problems), file=sys.stderr)
         return 2
@@ -238,6 +240,7 @@ def cmd_run(args) -> int:
     from .submission import read_submission
     from .train import train
 
+    _check_job_files(config)
     ensure_encoder(config.model.encoder)
     # One process fits the baseline (before training, so its errors come early); only the main
     # process blends and predicts after training.
@@ -259,6 +262,17 @@ def cmd_run(args) -> int:
         rows = sum(len(frame) for frame in read_submission(path, allow_partial=len(config.data.tasks) < 3).values())
         print(f"test {split.upper()} submission: {path} ({rows} rows, validated)")
     return 0
+
+
+def _check_job_files(config) -> None:
+    """Every file the main job reads, before its first minute of work: the training files, and
+    the test A and B files it predicts at the end."""
+    from .data import check_training_files, checked_test_files
+
+    data = config.data
+    check_training_files(data.data_dir, list(data.tasks))
+    for split in ("a", "b"):
+        checked_test_files(list(data.tasks), split=split, data_dir=data.data_dir, id_mode=data.id_mode)
 
 
 def _fitted_baseline(config) -> Path:
@@ -317,10 +331,9 @@ def cmd_compare_encoders(args) -> int:
                   if args.probe_rows else "")
         print(f"{layer:5d}  {cka:.4f}{probes}")
     if args.json:  # beside the target, then renamed over it: never a half-written file
-        target = Path(args.json)
-        temporary = target.with_name(f".{target.name}.partial")
-        temporary.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        os.replace(temporary, target)
+        from .atomic import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 
@@ -349,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--source", default=str(DEFAULT_SHARED_DATA))
     data_dir(sub)
 
-    data_dir(command("check-data", cmd_check_data, "validate the competition files; print rows and label counts"))
+    sub = command("check-data", cmd_check_data, "validate the competition files; print rows and label counts")
+    data_dir(sub)
+    sub.add_argument("--strict", action="store_true",
+                     help="refuse rows that reading would mend (control characters, empty texts, blank lines)")
+    sub.add_argument("--id-mode", choices=["file", "row"], default="file",
+                     help="test ids are written (file: each must be unique) or replaced by row positions")
 
     sub = command("baseline", cmd_baseline, "TF-IDF + logistic regression: dev macro-F1 and test A/B zips")
     data_dir(sub)
@@ -441,10 +459,31 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _show_data_warnings() -> None:
+    """Rows a data file had mended print as `warning: FILE:LINE: ...` lines, each file's once."""
+    import warnings
+
+    from .errors import DataWarning
+
+    shown = warnings.showwarning
+    if getattr(shown, "shows_data_warnings", False):  # main() ran before in this process
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, DataWarning):
+            return shown(message, category, filename, lineno, file, line)
+        print("\n".join(f"warning: {text}" for text in str(message).splitlines()), file=file or sys.stderr)
+
+    show.shows_data_warnings = True
+    warnings.showwarning = show
+    warnings.simplefilter("default", DataWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     import threading
 
     args = build_parser().parse_args(argv)
+    _show_data_warnings()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:

@@ -1,18 +1,15 @@
-"""Reading and validating the competition files, and splitting off a development set.
+"""The competition files of a data folder: finding and reading them, checking the folder, and
+splitting off a development set.
 
-The files are tab separated with no quoting (a text may begin with `"`), CRLF line ends and no
-header. Readers check the whole file and raise one `DataError` that lists every problem as
-`FILE:LINE: what is wrong`, so a file can be fixed in one pass.
+One file's rows, its structural faults (refused with one `DataError` listing every problem as
+`FILE:LINE: what is wrong`, so a file can be fixed in one pass) and the content it mends (a
+`DataWarning`) are `task_files`' concern.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
-import os
-import re
-import stat
-import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -20,14 +17,16 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import pandas as pd
 
+from .atomic import write_text_atomic
 from .errors import DataError
+from .task_files import (CheckedFile, DataWarning, FileReader, FileReport, Row, file_kind,  # noqa: F401 (DataWarning)
+                         report_duplicate_ids, to_frame)
 from .tasks import TASKS, Task, as_task
 
 if TYPE_CHECKING:
     from .config import DataConfig
 
 SPLITS = ("train", "a", "b")
-MAX_PROBLEMS_PER_FILE = 20
 
 # CLUE's OCNLI spells its labels out; the competition files use their index in Task.labels.
 CLUE_LABELS = {"ocnli": {"entailment": "0", "neutral": "1", "contradiction": "2"}}
@@ -35,55 +34,27 @@ CLUE_TEXT_FIELDS = {"ocnli": ("sentence1", "sentence2"), "tnews": ("sentence",),
 CLUE_NO_CONSENSUS = "-"  # OCNLI pairs the annotators did not agree on
 
 
-class _Row(NamedTuple):
-    line: int
-    id: str
-    texts: tuple[str, ...]
-    label: str | None
-
-
-class _Problems:
-    """The problems of one file, with their line numbers (0 for the file as a whole)."""
-
-    def __init__(self, path: str | Path):
-        self.file = str(path)
-        self.found: list[tuple[int, str]] = []
-
-    def add(self, line: int, message: str) -> None:
-        self.found.append((line, message))
-
-    def raise_if_any(self) -> None:
-        if not self.found:
-            return
-        ordered = sorted(self.found, key=lambda problem: problem[0])
-        lines = [f"{self.file}:{line}: {message}" if line else f"{self.file}: {message}"
-                 for line, message in ordered[:MAX_PROBLEMS_PER_FILE]]
-        if len(ordered) > MAX_PROBLEMS_PER_FILE:
-            lines.append(f"{self.file}: ... and {len(ordered) - MAX_PROBLEMS_PER_FILE} more problems")
-        raise DataError(lines)
-
-
-def _text_names(task: Task) -> tuple[str, ...]:
-    return ("sentence1", "sentence2") if task.text_columns == 2 else ("text",)
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading
 
 
-def read_task_file(path: str | Path, task: Task | str, *, labelled: bool,
-                   normalize: bool = True) -> pd.DataFrame:
+def read_task_file(path: str | Path, task: Task | str, *, labelled: bool, normalize: bool = True,
+                   strict: bool = False, unique_ids: bool = True) -> pd.DataFrame:
     """A competition file as columns id, text_a, text_b (None for single texts) and, if labelled, label.
 
     Rows stay in file order. With `normalize`, texts go through `task.normalize`, the same function
-    at training and at prediction.
+    at training and at prediction. Structural faults raise `DataError` (every one, FILE:LINE);
+    mended content is one `DataWarning` (`task_files`). `unique_ids=False`: a test file whose ids
+    are not written (`--id-mode row`) may repeat them.
     """
-    task = as_task(task)
-    problems = _Problems(path)
-    rows = _tsv_rows(_read_lines(path, problems), task, labelled, problems)
-    _check_rows(rows, task, labelled, problems)
-    problems.raise_if_any()
-    return _to_frame(rows, task, labelled, normalize)
+    frame, _ = FileReader(path, task, labelled=labelled, strict=strict, unique_ids=unique_ids).read(normalize=normalize)
+    return frame
+
+
+def read_task_file_with_report(path: str | Path, task: Task | str, *, labelled: bool,
+                               normalize: bool = True) -> tuple[pd.DataFrame, FileReport]:
+    """`read_task_file` and what it mended (for a run folder's record), without the warning."""
+    return FileReader(path, task, labelled=labelled).read(normalize=normalize, warn=False)
 
 
 def read_clue_jsonl(path: str | Path, task: Task | str, *, labelled: bool = True,
@@ -94,176 +65,60 @@ def read_clue_jsonl(path: str | Path, task: Task | str, *, labelled: bool = True
     (no annotator consensus) are skipped.
     """
     task = as_task(task)
-    problems = _Problems(path)
+    report = FileReport(str(path), labelled)
     rows = []
-    for number, line in _read_lines(path, problems):
-        row = _json_row(number, line, task, labelled, problems)
+    for number, line in _json_lines(Path(path), report):
+        row = _json_row(number, line, task, labelled, report)
         if row is not None:
             rows.append(row)
-    _check_rows(rows, task, labelled, problems)
-    problems.raise_if_any()
-    return _to_frame(rows, task, labelled, normalize)
+    report_duplicate_ids(rows, report)
+    report.raise_if_any()
+    return to_frame(rows, task, labelled, normalize)
 
 
-def _read_lines(path: str | Path, problems: _Problems) -> list[tuple[int, str]]:
-    """The decoded lines with their 1-based numbers; undecodable lines are reported and left out."""
-    kind = _file_kind(Path(path))
+def _json_lines(path: Path, report: FileReport) -> list[tuple[int, str]]:
+    kind = file_kind(path)
     if kind != "file":
-        problems.add(0, kind)
+        report.problem(0, kind)
         return []
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as error:
-        problems.add(0, f"cannot read the file ({error.strerror or error})")
-        return []
-    lines = raw.removeprefix(codecs.BOM_UTF8).split(b"\n")
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if not lines:
-        problems.add(0, "empty file (no rows)")
-    decoded = []
-    for number, line in enumerate(lines, 1):
+    lines = []
+    for number, raw in enumerate(path.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines(), 1):
         try:
-            decoded.append((number, line.removesuffix(b"\r").decode("utf-8")))
+            lines.append((number, raw.decode("utf-8")))
         except UnicodeDecodeError as error:
-            problems.add(number, f"not valid UTF-8 (byte 0x{line[error.start]:02x} at byte {error.start + 1})")
-    return decoded
+            report.problem(number, f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at byte {error.start + 1})")
+    if not lines and not report.problem_count:
+        report.problem(0, "empty file (no rows)")
+    return [(number, line) for number, line in lines if line.strip()]
 
 
-def _tsv_rows(lines: list[tuple[int, str]], task: Task, labelled: bool,
-              problems: _Problems) -> list[_Row]:
-    columns = ("id", *_text_names(task), *(("label",) if labelled else ()))
-    split_lines = [(number, line.split("\t")) for number, line in lines]
-    if _is_wrong_kind_of_file(split_lines, len(columns), labelled, problems):
-        return []
-    rows = []
-    for number, fields in split_lines:
-        if len(fields) == len(columns):
-            label = fields[-1] if labelled else None
-            rows.append(_Row(number, fields[0], tuple(fields[1:1 + task.text_columns]), label))
-        elif fields == [""]:
-            problems.add(number, "blank line")
-        else:
-            hint = " (a tab inside a text?)" if len(fields) > len(columns) else ""
-            problems.add(number, f"expected {len(columns)} columns ({', '.join(columns)}), "
-                                 f"found {len(fields)}{hint}")
-    return rows
-
-
-def _is_wrong_kind_of_file(split_lines: list[tuple[int, list[str]]], expected: int, labelled: bool,
-                           problems: _Problems) -> bool:
-    """A test file read as training data, or the reverse: one problem instead of one per line."""
-    found = {len(fields) for _, fields in split_lines}
-    first_line = split_lines[0][0] if split_lines else 0
-    if labelled and found == {expected - 1}:
-        problems.add(first_line, "looks like a test file (no label column); expected a training file")
-    elif not labelled and found == {expected + 1}:
-        problems.add(first_line, "looks like a training file (it has a label column); expected a test file")
-    else:
-        return False
-    return True
-
-
-def _json_row(number: int, line: str, task: Task, labelled: bool, problems: _Problems) -> _Row | None:
+def _json_row(number: int, line: str, task: Task, labelled: bool, report: FileReport) -> Row | None:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        problems.add(number, f"not valid JSON ({error.msg} at column {error.colno})")
+        report.problem(number, f"not valid JSON ({error.msg} at column {error.colno})")
         return None
     if not isinstance(record, dict):
-        problems.add(number, "expected a JSON object")
+        report.problem(number, "expected a JSON object")
         return None
     text_fields = CLUE_TEXT_FIELDS[task.name]
     missing = [name for name in (*text_fields, *(("label",) if labelled else ())) if name not in record]
     if missing:
-        problems.add(number, f"missing field {', '.join(missing)}")
+        report.problem(number, f"missing field {', '.join(missing)}")
         return None
     not_text = [name for name in text_fields if not isinstance(record[name], str)]
     if not_text:
-        problems.add(number, f"field {', '.join(not_text)} should be a string")
+        report.problem(number, f"field {', '.join(not_text)} should be a string")
         return None
     label = str(record["label"]) if labelled else None
     if label == CLUE_NO_CONSENSUS:
         return None
     label = CLUE_LABELS.get(task.name, {}).get(label, label)
-    texts = tuple(record[name] for name in text_fields)
-    return _Row(number, str(record.get("id", number)), texts, label)
-
-
-def _file_kind(path: Path) -> str:
-    """ "file" for a regular file (or a link to one), else what the path is, as a problem."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "dangling symbolic link" if os.path.islink(path) else "missing file"
-    except OSError as error:  # a symbolic link loop (ELOOP), a component that is not a folder, no permission
-        return f"cannot open the file ({error.strerror or error})"
-    if stat.S_ISREG(mode):
-        return "file"
-    return "is a folder, not a file" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
-
-
-_SPACE = re.compile(r"\s")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")                      # Unicode category Cc
-_VISIBLE = re.compile(r"[^\s\u00ad\u200b-\u200f\u202a-\u202e\u2060\ufeff]")  # what normalising keeps
-
-
-def _id_problem(id_: str) -> str | None:
-    if not id_.strip():
-        return "empty id"
-    if id_.isprintable() and not _SPACE.search(id_):
+    if labelled and label not in task.labels:
+        report.problem(number, f"unknown label {label!r}; {task.name} labels are {', '.join(task.labels)}")
         return None
-    odd = next(c for c in id_ if c.isspace() or not c.isprintable())
-    return f"id {id_!r} contains {_describe_char(odd)}; ids are printable and have no spaces"
-
-
-def _describe_char(char: str) -> str:
-    name = unicodedata.name(char, "") or {"\0": "NUL", "\r": "CARRIAGE RETURN"}.get(char, "a control character")
-    return f"U+{ord(char):04X} ({name})"
-
-
-def _text_problem(task: Task, name: str, text: str) -> str | None:
-    if not text.strip():
-        return f"empty {name}"
-    control = _CONTROL.search(text)
-    if control:
-        return (f"{name} contains the control character {_describe_char(control.group())} "
-                f"at column {control.start() + 1}")
-    # The regex is the fast test; short texts also get the exact one (NFKC may fold a few more away).
-    if not _VISIBLE.search(text) or (len(text) < 8 and not task.normalize(text).strip()):
-        return f"{name} is empty after normalisation (only invisible characters)"
-    return None
-
-
-def _check_rows(rows: list[_Row], task: Task, labelled: bool, problems: _Problems) -> None:
-    first_line_of_id: dict[str, int] = {}
-    known_labels = set(task.labels)
-    for row in rows:
-        id_problem = _id_problem(row.id)
-        if id_problem:
-            problems.add(row.line, id_problem)
-        elif row.id in first_line_of_id:
-            problems.add(row.line, f"duplicate id {row.id!r} (first on line {first_line_of_id[row.id]})")
-        else:
-            first_line_of_id[row.id] = row.line
-        for name, text in zip(_text_names(task), row.texts):
-            text_problem = _text_problem(task, name, text)
-            if text_problem:
-                problems.add(row.line, text_problem)
-        if labelled and row.label not in known_labels:
-            problems.add(row.line, f"unknown label {row.label!r}; {task.name} labels are {', '.join(task.labels)}")
-
-
-def _to_frame(rows: list[_Row], task: Task, labelled: bool, normalize: bool) -> pd.DataFrame:
-    clean = task.normalize if normalize else str
-    frame = pd.DataFrame({
-        "id": [row.id for row in rows],
-        "text_a": [clean(row.texts[0]) for row in rows],
-        "text_b": [clean(row.texts[1]) if task.text_columns == 2 else None for row in rows],
-    })
-    if labelled:
-        frame["label"] = [row.label for row in rows]
-    return frame
+    texts = tuple(record[name] for name in text_fields)
+    return Row(number, str(record.get("id", number)), texts, label)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +143,7 @@ def resolve_data_file(data_dir: str | Path, task: Task | str, split: str) -> Pat
         raise DataError(f"{folder}: ambiguous: {', '.join(p.name for p in same_name)} all name the "
                         f"{task.name} file {name}; keep one")
     if same_name:
-        kind = _file_kind(same_name[0])
+        kind = file_kind(same_name[0])
         if kind != "file":
             raise DataError(f"{same_name[0]}: {kind}; expected the {task.name} file {name}")
         return same_name[0]
@@ -301,6 +156,43 @@ def load_split(data_dir: str | Path, task: Task | str, split: str, *,
     """Read a task's training file ("train", labelled) or test file ("a" or "b") from `data_dir`."""
     path = resolve_data_file(data_dir, task, split)
     return read_task_file(path, task, labelled=split == "train", normalize=normalize)
+
+
+def checked_test_files(tasks: list[str], *, split: str = "a", data_dir: str | Path | None = None,
+                       test_files: dict[str, str | Path] | None = None, id_mode: str = "file",
+                       strict: bool = False) -> dict[str, CheckedFile]:
+    """Every task's test file, checked in full before any model pass: task -> the checked file,
+    whose `chunks` then walk it in bounded memory.
+
+    A task's file is `test_files[task]` where given, else the competition's file for `split` in
+    `data_dir`. The structural faults of all the files are raised together (one `DataError`); mended
+    rows are one `DataWarning` a file. Ids must be unique where they are written (`id_mode` "file").
+    """
+    checked, problems = {}, []
+    for task in tasks:
+        try:
+            path = Path(test_files[task]) if test_files and task in test_files else resolve_data_file(
+                data_dir or "data", task, split)
+            reader = FileReader(path, task, labelled=False, strict=strict, unique_ids=id_mode == "file")
+            checked[task] = CheckedFile(reader, reader.check())
+        except DataError as error:
+            problems.extend(error.problems)
+    if problems:
+        raise DataError(problems)
+    return checked
+
+
+def check_training_files(data_dir: str | Path, tasks: list[str]) -> None:
+    """Read every task's training file once, so that a fault in the last costs seconds, not the
+    minutes of work on the others; all their structural faults raised together."""
+    problems = []
+    for task in tasks:
+        try:
+            FileReader(resolve_data_file(data_dir, task, "train"), task, labelled=True).check()
+        except DataError as error:
+            problems.extend(error.problems)
+    if problems:
+        raise DataError(problems)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +239,7 @@ def _dev_counts(class_sizes: Counter, dev_fraction: float) -> dict[str, int]:
 def save_split(dev_ids: dict[str, list[str]], path: str | Path) -> None:
     """Write the dev ids of each task as JSON, so an evaluation can be reproduced from a run folder."""
     as_strings = {task: [str(id_) for id_ in ids] for task, ids in dev_ids.items()}
-    Path(path).write_text(json.dumps(as_strings, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(as_strings, ensure_ascii=False) + "\n")
 
 
 def load_dev_rows(data_dir: str | Path, task: Task | str, dev_ids: list[str], split_file: str | Path) -> pd.DataFrame:
@@ -361,13 +253,29 @@ def load_dev_rows(data_dir: str | Path, task: Task | str, dev_ids: list[str], sp
     return frame.set_index("id", drop=False).loc[dev_ids].reset_index(drop=True)
 
 
+def dev_frames(data_dir: str | Path, tasks: list[str], dev_ids: dict[str, list[str]],
+               split_file: str | Path) -> dict[str, pd.DataFrame]:
+    """Every task's dev rows (`load_dev_rows`), all read before the caller's first model pass; the
+    faults of every file raised together."""
+    frames, problems = {}, []
+    for task in tasks:
+        if task not in dev_ids:
+            problems.append(f"{split_file}: no {task} dev ids")
+            continue
+        try:
+            frames[task] = load_dev_rows(data_dir, task, dev_ids[task], split_file)
+        except DataError as error:
+            problems.extend(error.problems)
+    if problems:
+        raise DataError(problems)
+    return frames
+
+
 def load_split_ids(path: str | Path) -> dict[str, list[str]]:
-    try:
-        values = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{path}: cannot read the split ({error})") from None
+    """A run's dev ids per task (`split.json`), read as an untrusted file: regular, a few MB at most."""
+    from .untrusted import read_json
+
+    values = read_json(path, what="dev split", error=DataError)
     well_formed = isinstance(values, dict) and all(
         isinstance(ids, list) and all(isinstance(id_, str) for id_ in ids) for ids in values.values())
     if not well_formed:
@@ -379,21 +287,27 @@ def load_split_ids(path: str | Path) -> dict[str, list[str]]:
 # Checking a data folder
 
 
-def check_data(data_dir: str | Path) -> tuple[list[str], list[str]]:
-    """(report, problems): rows and label counts of all nine files, and every problem found."""
+def check_data(data_dir: str | Path, *, strict: bool = False,
+               id_mode: str = "file") -> tuple[list[str], list[str], list[str]]:
+    """(report, problems, notes): rows and label counts of all nine files, every structural problem
+    found, and every row that reading mends (`strict`: those are problems too). Test ids must be
+    unique where they are written (`id_mode` "file")."""
     if not Path(data_dir).is_dir():
-        return [], [f"{data_dir}: data folder not found; put the competition files there"]
-    report, problems = [], []
+        return [], [f"{data_dir}: data folder not found; put the competition files there"], []
+    report, problems, notes = [], [], []
     for task in TASKS.values():
         for split in SPLITS:
             try:
                 path = resolve_data_file(data_dir, task, split)
-                frame = read_task_file(path, task, labelled=split == "train", normalize=False)
+                reader = FileReader(path, task, labelled=split == "train", strict=strict,
+                                    unique_ids=id_mode == "file")
+                frame, found = reader.read(normalize=False, warn=False)
             except DataError as error:
                 problems.extend(error.problems)
                 continue
             report.append(f"{path.name}: {_describe(frame, task)}")
-    return report, problems
+            notes.extend(found.note_lines())
+    return report, problems, notes
 
 
 def _describe(frame: pd.DataFrame, task: Task) -> str:
@@ -416,14 +330,17 @@ class TaskFrames(NamedTuple):
     train: pd.DataFrame      # the training rows a run trains on (`max_train_rows` sampled)
     dev: pd.DataFrame        # the dev rows it evaluates on during training (`max_dev_rows` sampled)
     dev_ids: list[str]       # the whole dev split's ids, saved for `evaluate`
+    mended: dict             # what reading the training file mended or skipped (`FileReport.summary`)
 
 
 def task_frames(data: DataConfig, task: str) -> TaskFrames:
     """Split a task's training file into training and dev rows as every run does."""
-    frame = load_split(data.data_dir, task, "train")
+    reader = FileReader(resolve_data_file(data.data_dir, task, "train"), task, labelled=True)
+    frame, report = reader.read()
     train_frame, dev_frame = stratified_split(frame, data.dev_fraction, data.split_seed)
     if dev_frame.empty:
         raise DataError(f"{task}: the dev split is empty ({len(frame)} rows, dev_fraction "
                         f"{data.dev_fraction}); raise data.dev_fraction")
     return TaskFrames(sample_rows(train_frame, data.max_train_rows, data.split_seed),
-                      sample_rows(dev_frame, data.max_dev_rows, data.split_seed), dev_frame["id"].tolist())
+                      sample_rows(dev_frame, data.max_dev_rows, data.split_seed), dev_frame["id"].tolist(),
+                      report.summary())

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import replace_file
 from .config import read_yaml
 from .errors import SoftLabelError
 from .run_folder import RunFolder
@@ -197,12 +197,8 @@ def write_soft_labels(run_dirs: Sequence[str | Path], out_path: str | Path, data
     }
     from safetensors.torch import save_file
 
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out_path.with_name(out_path.name + ".tmp")
-    save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(meta, ensure_ascii=False)})
-    os.replace(temporary, out_path)
-    return out_path
+    metadata = {METADATA_KEY: json.dumps(meta, ensure_ascii=False)}
+    return replace_file(out_path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def _teacher_record(run_dir: Path, tasks: list[str]) -> dict:

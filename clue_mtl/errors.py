@@ -8,6 +8,11 @@ that raise them re-export them (`clue_mtl.data.DataError` is this `DataError`).
 from __future__ import annotations
 
 
+class DataWarning(UserWarning):
+    """Rows of a competition file that were mended, predicted anyway or skipped; the message lists
+    them as "FILE:LINE: what" lines (`task_files`)."""
+
+
 class ConfigError(ValueError):
     """A config that cannot train: an unknown key, a wrong type, a value out of range."""
 
@@ -45,7 +50,8 @@ class EncoderError(ValueError):
 
 
 class RunFolderError(ValueError):
-    """A run folder that holds another run, or a run under another config than the one given."""
+    """A run folder that holds another run, a run under another config than the one given, or files
+    that are not a run's (`untrusted.py`: a FIFO, a link to a device, labels or weights that do not parse)."""
 
 
 class CheckpointError(ValueError):

@@ -42,7 +42,7 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | Path | None = None, plo
     and `evaluation/training.png` (losses, task weights and dev macro-F1 over steps).
     Returns {"reports", "mean_macro_f1", "probabilities": {task: [dev rows, labels]}}.
     """
-    from .data import load_dev_rows, load_split_ids
+    from .data import dev_frames, load_split_ids
     from .inference import LoadedRun
 
     run = LoadedRun(run_dir)
@@ -51,8 +51,8 @@ def evaluate_run(run_dir: str | Path, *, data_dir: str | Path | None = None, plo
     out_dir = folder.evaluation_dir
     out_dir.mkdir(exist_ok=True)
     reports, probabilities = {}, {}
-    for task in run.tasks:
-        dev = load_dev_rows(data_dir or run.config.data.data_dir, task, dev_ids[task], folder.split_file)
+    devs = dev_frames(data_dir or run.config.data.data_dir, run.tasks, dev_ids, folder.split_file)
+    for task, dev in devs.items():
         labels = run.labels[task]
         probabilities[task] = run.probabilities(task, dev)
         predicted = [labels[i] for i in probabilities[task].argmax(-1)]

@@ -15,11 +15,13 @@ from transformers import AutoTokenizer
 
 from .batching import encode_frame, inference_batches
 from .config import RunConfig, load_run_config
-from .data import load_split, read_task_file
+from .data import checked_test_files
+from .errors import RunFolderError
 from .hardware import resolve_precision
 from .model import MultiTaskModel
 from .run_folder import RunFolder
-from .submission import write_submission
+from .submission import write_streamed_submission
+from .untrusted import LARGE_LIMIT, checked_size, first_line
 
 
 @torch.no_grad()
@@ -88,6 +90,22 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
+def load_tokenizer(directory: Path):
+    """A run's saved tokenizer. Each of its files is checked first (a regular file of at most
+    `LARGE_LIMIT` bytes: the tokenizers library would read a link to /dev/zero, or wait on a FIFO,
+    forever); a folder it cannot parse is one `RunFolderError` line naming the folder."""
+    if not directory.is_dir():
+        raise RunFolderError(f"{directory}: missing; expected the run's tokenizer folder")
+    for path in sorted(directory.iterdir()):
+        if not path.is_dir():  # transformers reads no subfolder
+            checked_size(path, limit=LARGE_LIMIT, what="tokenizer's files", error=RunFolderError)
+    try:
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    except Exception as error:  # the tokenizers library's parse errors are plain Exceptions, and no others are shared
+        raise RunFolderError(f"{directory}: not a tokenizer folder ({type(error).__name__}: "
+                             f"{first_line(error)})") from None
+
+
 class LoadedRun:
     """A finished run folder: its config, tokenizer and best model; `show_progress` draws a bar
     over each prediction.
@@ -106,9 +124,13 @@ class LoadedRun:
         if not self.folder.has_model():
             raise FileNotFoundError(f"{self.run_dir} holds no trained model (expected {self.folder.best_model_file})")
         self.config: RunConfig = load_run_config(self.folder.config_file)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.folder.tokenizer_dir)
-        self.model = MultiTaskModel.load(self.folder.best_dir).to(device).eval()
         self.labels: dict[str, list[str]] = self.folder.read_labels()
+        self.tokenizer = load_tokenizer(self.folder.tokenizer_dir)
+        self.model = MultiTaskModel.load(self.folder.best_dir).to(device).eval()
+        unlabelled = [task for task in self.model.tasks if task not in self.labels]
+        if unlabelled:
+            raise RunFolderError(f"{self.folder.labels_file}: no labels for {', '.join(unlabelled)}, which "
+                                 f"{self.folder.best_meta_file} predicts")
         # bf16 where the run trained in it and this machine multiplies in it; float32 elsewhere
         # (emulated bf16 is many times slower, and float32 loses nothing).
         device_type = torch.device(device).type
@@ -139,27 +161,26 @@ def ensemble_probabilities(runs: list[LoadedRun], task: str, frame: pd.DataFrame
 
 def predict_submission(run_dirs: list[str | Path], out: str | Path, *, split: str = "a",
                        data_dir: str | Path | None = None, test_files: dict[str, str | Path] | None = None,
-                       id_mode: str | None = None, float32_weights: bool = False) -> Path:
+                       id_mode: str | None = None, float32_weights: bool = False, progress: bool = True) -> Path:
     """Predict every task's test file with one run or an ensemble of runs and write the zip.
 
     Test files come from `test_files` (task -> path) or else from `data_dir` (default: the first
-    run's data folder) under the competition's names for `split`. `float32_weights`: as `LoadedRun`.
+    run's data folder) under the competition's names for `split`. Every file is checked before
+    the first model pass, then predicted in chunks (`submission.write_streamed_submission`).
+    `float32_weights`: as `LoadedRun`.
     """
-    runs = [LoadedRun(run_dir, float32_weights=float32_weights) for run_dir in run_dirs]
+    runs = [LoadedRun(run_dir, float32_weights=float32_weights, show_progress=False) for run_dir in run_dirs]
     tasks = runs[0].tasks
     for run in runs[1:]:
         if run.tasks != tasks:
             raise ValueError(f"{run.run_dir} predicts {run.tasks}, {runs[0].run_dir} predicts {tasks}")
-    data_dir = data_dir or runs[0].config.data.data_dir
-    test_files = test_files or {}
-    predictions, frames = {}, {}
-    for task in tasks:
-        if task in test_files:
-            frames[task] = read_task_file(test_files[task], task, labelled=False)
-        else:
-            frames[task] = load_split(data_dir, task, split)
-        probabilities = ensemble_probabilities(runs, task, frames[task])
+    id_mode = id_mode or runs[0].config.data.id_mode
+    files = checked_test_files(tasks, split=split, data_dir=data_dir or runs[0].config.data.data_dir,
+                               test_files=test_files, id_mode=id_mode)
+
+    def decide(task: str, frame: pd.DataFrame) -> list[str]:
         labels = runs[0].labels[task]
-        predictions[task] = [labels[i] for i in probabilities.argmax(-1)]
-    return write_submission(predictions, frames, out, id_mode=id_mode or runs[0].config.data.id_mode,
-                            allow_partial=len(tasks) < 3)
+        return [labels[i] for i in ensemble_probabilities(runs, task, frame).argmax(-1)]
+
+    return write_streamed_submission(files, decide, out, id_mode=id_mode, allow_partial=len(tasks) < 3,
+                                     progress=progress)

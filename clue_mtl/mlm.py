@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import replace_file
 from .batching import EncodedTask, TaskRows, TaskStream
 from .errors import ConfigError
 from .masking import Text, WholeWordMaskCollator
@@ -74,8 +75,6 @@ def encode_texts(collator: WholeWordMaskCollator, texts: Sequence[Text], *, cach
 
 
 def _write_features(path: Path, features: list[dict[str, np.ndarray]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.npz")
     arrays = {"lengths": np.array([len(f["input_ids"]) for f in features]),
               "input_ids": np.concatenate([f["input_ids"] for f in features]),
               "word_units": np.concatenate([f["word_units"] for f in features])}
@@ -84,8 +83,7 @@ def _write_features(path: Path, features: list[dict[str, np.ndarray]]) -> None:
         arrays["segmented"] = segmented
         arrays["token_type_ids"] = np.concatenate([f.get("token_type_ids", np.zeros_like(f["input_ids"]))
                                                    for f in features])
-    np.savez(temporary, **arrays)
-    temporary.replace(path)
+    replace_file(path, lambda temporary: np.savez(temporary, **arrays))
 
 
 def _read_features(path: Path) -> list[dict[str, np.ndarray]]:

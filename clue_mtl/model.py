@@ -10,20 +10,27 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .atomic import replace_file, write_text_atomic
 from .batching import TaskRows
 from .config import ModelConfig
 from .encoders import encoder_layers, keep_bottom_layers
+from .errors import RunFolderError
 from .heads import AnswerHead, build_head
 from .private import PrivateLayers, TaskAdapters, is_adapter
 from .run_folder import MODEL_FILE, MODEL_META_FILE
-from .structure import resolve_heads, resolve_private
-from .tasks import get_task
+from .structure import HeadConfig, PrivateConfig, resolve_heads, resolve_private, validate_structure
+from .tasks import TASKS, get_task
+from .untrusted import first_line, read_json, safetensors_shapes
 
 try:  # transformers' switch for skipping the random draw of weights about to be loaded
     from transformers.initialization import no_init_weights
@@ -156,21 +163,93 @@ class MultiTaskModel(nn.Module):
 
     # ------------------------------------------------------------------ saving and loading
     def save(self, directory: str | Path) -> None:
+        """Each file replaced atomically, so a kill while `best/` is saved again keeps a whole model:
+        the meta describes the structure, fixed for the model's life, so the old weights still fit
+        the new meta between the two replacements."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / MODEL_META_FILE).write_text(json.dumps(self.meta, indent=2, ensure_ascii=False), encoding="utf-8")
-        save_model(self, str(directory / MODEL_FILE))
+        write_text_atomic(directory / MODEL_META_FILE, json.dumps(self.meta, indent=2, ensure_ascii=False))
+        replace_file(directory / MODEL_FILE, lambda temporary: save_model(self, str(temporary)))
 
     @classmethod
     def load(cls, directory: str | Path) -> "MultiTaskModel":
+        """The model saved in `directory`. The folder may come from anywhere: a description or
+        weights this kit cannot build from are one `RunFolderError` line naming the file."""
         directory = Path(directory)
-        meta = model_structure(json.loads((directory / MODEL_META_FILE).read_text(encoding="utf-8")))
-        with no_init_weights():  # the strict load below sets every weight: skip the random draw (1.2 s for e5-small)
-            encoder = encoder_from_config(saved_encoder_config(meta))
-        model = cls(encoder, meta["task_labels"], heads=meta["heads"], private=meta["private"],
-                    dropout=meta["dropout"], sep_token_id=meta["sep_token_id"])
-        load_model(model, str(directory / MODEL_FILE))
+        meta_file = directory / MODEL_META_FILE
+        meta = checked_structure(read_json(meta_file, what="model description", error=RunFolderError), meta_file)
+        try:  # the strict load below sets every weight: skip the random draw (1.2 s for e5-small)
+            with no_init_weights():
+                encoder = encoder_from_config(saved_encoder_config(meta))
+            model = cls(encoder, meta["task_labels"], heads=meta["heads"], private=meta["private"],
+                        dropout=meta["dropout"], sep_token_id=meta["sep_token_id"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+            # values of the right types that still build nothing (hidden_size not a multiple of the heads, ...)
+            raise RunFolderError(f"{meta_file}: cannot build its model ({type(error).__name__}: "
+                                 f"{first_line(error)})") from None
+        load_weights(model, directory / MODEL_FILE)
         return model
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a safetensors file into `model` strictly. Its header is compared with the model first,
+    so a file is refused before anything is read from it that the model has no place for."""
+    shapes = safetensors_shapes(path, what="model's weights", error=RunFolderError)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    for name, shape in shapes.items():
+        if expected.get(name) != shape:
+            found = "no such tensor" if name not in expected else f"shape {list(expected[name])}"
+            raise RunFolderError(f"{path}: not this model's weights ({name} {list(shape)}; the model has {found})")
+    try:
+        load_model(model, str(path))
+    except (SafetensorError, RuntimeError, OSError) as error:  # a missing tensor, a file that changed meanwhile
+        raise RunFolderError(f"{path}: not this model's weights ({first_line(error)})") from None
+
+
+def checked_structure(meta: object, where: Path) -> dict:
+    """A saved model's meta (`model.json`) made complete (`model_structure`) and checked: known
+    tasks with their label counts, heads and private parts as a config may give them, an encoder
+    type transformers knows. Anything else is one `RunFolderError` line naming the file."""
+    def need(condition: bool, problem: str) -> None:
+        if not condition:
+            raise RunFolderError(f"{where}: {problem}")
+
+    need(isinstance(meta, dict), "expected a JSON object describing the model")
+    try:
+        meta = model_structure(meta)
+    except (KeyError, TypeError, AttributeError):
+        need(False, "a model saved before per-task structures, but without its pooling per task")
+    task_labels, heads, private = meta.get("task_labels"), meta.get("heads"), meta.get("private")
+    need(isinstance(task_labels, dict) and bool(task_labels)
+         and all(task in TASKS and task_labels[task] == TASKS[task].num_labels
+                 and type(task_labels[task]) is int for task in task_labels),
+         "task_labels must map each task to its number of labels")
+    dropout, sep_token_id = meta.get("dropout"), meta.get("sep_token_id")
+    need(type(dropout) in (int, float) and 0 <= dropout < 1, "dropout must be a number in [0, 1)")
+    need(sep_token_id is None or (type(sep_token_id) is int and sep_token_id >= 0),
+         "sep_token_id must be a token id or null")
+    encoder_config = meta.get("encoder_config")
+    model_type = encoder_config.get("model_type") if isinstance(encoder_config, dict) else None
+    need(isinstance(model_type, str) and model_type in CONFIG_MAPPING,
+         f"encoder_config.model_type {model_type!r} is not a model type transformers knows")
+    _check_parts(heads, private, list(task_labels), need)
+    return meta
+
+
+def _check_parts(heads: object, private: object, tasks: list[str], need: Callable[[bool, str], None]) -> None:
+    """Saved heads and private parts checked as a config's `model.heads` and `model.private` are
+    (`structure.validate_structure`): the same names, types and bounds (no head of 10**9 units)."""
+    need(isinstance(heads, dict) and set(heads) == set(tasks) and all(isinstance(h, dict) for h in heads.values()),
+         "heads must map each task of task_labels to its head")
+    need(isinstance(private, dict) and all(isinstance(p, dict) for p in private.values()),
+         "private must map tasks to their private parts")
+    try:
+        structure = SimpleNamespace(heads={t: HeadConfig(**spec) for t, spec in heads.items()},
+                                    private={t: PrivateConfig(**spec) for t, spec in private.items()},
+                                    head_hidden=0, task_pooling={})
+        validate_structure(structure, tasks, need)
+    except TypeError as error:  # an unknown setting, or a string where a number belongs
+        need(False, f"heads or private hold a setting of the wrong name or type ({first_line(error)})")
 
 
 def model_structure(meta: dict) -> dict:

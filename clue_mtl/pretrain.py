@@ -49,6 +49,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from .accelerator import fresh_accelerator
+from .atomic import replace_folder
 from .batching import tokenizer_fingerprint
 from .config import ConfigError, PretrainConfig, save_config
 from .encoders import encoder_layers
@@ -351,25 +352,30 @@ class Pretrainer(RunRecipe):
         self.folder.metrics_file.write_text("", encoding="utf-8")
 
     def save_encoder(self) -> Path:
-        """`run_dir/encoder`: the masked-LM model (dropout as in the source config) and tokenizer."""
+        """`run_dir/encoder`: the masked-LM model (dropout as in the source config) and tokenizer,
+        written beside and swapped in whole (`atomic.replace_folder`): a kill leaves no half encoder."""
         directory = self.folder.encoder_dir
         if self.accelerator.is_main_process:
-            model = self.masked_lm
-            training_dropout = {name: getattr(model.config, name) for name in self.saved_dropout}
-            for name, value in self.saved_dropout.items():
-                setattr(model.config, name, value)
-            model.save_pretrained(directory)
-            for name, value in training_dropout.items():
-                setattr(model.config, name, value)
-            self.tokenizer.save_pretrained(directory)
-            provenance = {"source": self.config.model.encoder, "trimmed": self.config.model.trim_vocab,
-                          "from_scratch": self.config.model.from_scratch, "steps": self.state.step,
-                          "head_warmup_steps": self.state.encoder_unfrozen_at, "pairs": self.config.data.pairs,
-                          "training_texts": len(self.train_texts), "held_out_texts": len(self.held_out_texts),
-                          "held_out": self.state.history[-1] if self.state.history else None}
-            (directory / "pretraining.json").write_text(json.dumps(provenance, indent=2) + "\n")
+            with replace_folder(directory) as staging:  # the run folder's lock keeps other writers out
+                self._write_encoder(staging)
         self.accelerator.wait_for_everyone()
         return directory
+
+    def _write_encoder(self, directory: Path) -> None:
+        model = self.masked_lm
+        training_dropout = {name: getattr(model.config, name) for name in self.saved_dropout}
+        for name, value in self.saved_dropout.items():
+            setattr(model.config, name, value)
+        model.save_pretrained(directory)
+        for name, value in training_dropout.items():
+            setattr(model.config, name, value)
+        self.tokenizer.save_pretrained(directory)
+        provenance = {"source": self.config.model.encoder, "trimmed": self.config.model.trim_vocab,
+                      "from_scratch": self.config.model.from_scratch, "steps": self.state.step,
+                      "head_warmup_steps": self.state.encoder_unfrozen_at, "pairs": self.config.data.pairs,
+                      "training_texts": len(self.train_texts), "held_out_texts": len(self.held_out_texts),
+                      "held_out": self.state.history[-1] if self.state.history else None}
+        (directory / "pretraining.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
 
 def pretrain(config: PretrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,

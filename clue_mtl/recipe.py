@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from . import checkpoint
+from .atomic import FolderLock, write_text_atomic
 from .config import added_keys, config_fingerprint, config_to_dict
 from .errors import RunFolderError, TrainingDiverged
 from .run_folder import RunFolder
@@ -35,6 +36,8 @@ class RunRecipe(ABC):
     state_class: type
     progress_name: str = "train"
     _checkpoint_step: int = -1
+    _run_lock: FolderLock | None = None   # the main process's hold on the run folder
+    _holding_run_dir: bool = False        # on every process: the main one holds it
 
     @property
     def run_dir(self) -> Path:
@@ -69,7 +72,15 @@ class RunRecipe(ABC):
 
     # ------------------------------------------------------------------------- the loop
     def train(self, until_step: int | None = None):
-        """Train to `config.train.steps`, or stop at `until_step` with a checkpoint to resume from."""
+        """Train to `config.train.steps`, or stop at `until_step` with a checkpoint to resume from.
+        The run folder's lock, taken by the claim (or again by a second call), is let go at the end."""
+        self._lock_run_dir()
+        try:
+            return self._train(until_step)
+        finally:
+            self._release_run_dir()
+
+    def _train(self, until_step: int | None):
         cfg = self.config.train
         last_step = min(until_step or cfg.steps, cfg.steps)
         self._start_or_resume()
@@ -122,13 +133,45 @@ class RunRecipe(ABC):
 
     # ------------------------------------------------------------------------- the run folder
     def _claim_run_dir(self, overwrite: bool) -> None:
-        """Refuse a folder holding another run (or this run under another config); clear it for `overwrite`."""
-        self.folder.check_claim(config_to_dict(self.config), resume=self.resume, overwrite=overwrite,
-                               added=added_keys(self.config))
-        self.accelerator.wait_for_everyone()
-        if overwrite and self.accelerator.is_main_process:
-            self.folder.clear()
-        self.accelerator.wait_for_everyone()
+        """Lock the folder for this run (until `train` ends); then refuse a folder holding another run
+        (or this run under another config), and clear it for `overwrite`. Checked under the lock, so
+        no second command can write between the check and the run."""
+        self._lock_run_dir()
+        try:
+            self.folder.check_claim(config_to_dict(self.config), resume=self.resume, overwrite=overwrite,
+                                   added=added_keys(self.config), locked=True)
+            self.accelerator.wait_for_everyone()
+            if overwrite and self.accelerator.is_main_process:
+                self.folder.clear()
+            self.accelerator.wait_for_everyone()
+        except BaseException:
+            self._release_run_dir()
+            raise
+
+    def _lock_run_dir(self) -> None:
+        """The main process takes the folder's lock; every process learns whether it could, so a
+        refusal stops them all (one line each) rather than leaving the others at a barrier."""
+        if self._holding_run_dir:
+            return
+        refusal = None
+        if self.accelerator.is_main_process:
+            try:
+                self._run_lock = self.folder.lock().acquire()
+            except RunFolderError as error:
+                refusal = error
+        refused = torch.tensor([0.0 if refusal is None else 1.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            refused = self.accelerator.reduce(refused, "sum")
+        if refusal is not None:
+            raise refusal
+        if refused.item():
+            raise RunFolderError(f"{self.run_dir}: the main process could not lock the folder (see its error)")
+        self._holding_run_dir = True
+
+    def _release_run_dir(self) -> None:
+        if self._run_lock is not None:
+            self._run_lock.release()
+        self._run_lock, self._holding_run_dir = None, False
 
     def _all_checkpoint_components(self) -> dict:
         components = dict(self._checkpoint_components())
@@ -186,7 +229,7 @@ class RunRecipe(ABC):
                 raise RunFolderError(f"{path}:{number}: not a metrics record; the log was edited or damaged") from None
             if isinstance(logged_at, int) and logged_at <= step:
                 kept.append(line)
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        write_text_atomic(path, "".join(line + "\n" for line in kept))  # a kill here keeps the whole log
 
     def _stop_if_not_finite(self, values: dict[str, torch.Tensor]) -> None:
         """Raise `TrainingDiverged` when a loss of this step is NaN or infinite, on every process."""

@@ -13,19 +13,22 @@ import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
 from .data import read_task_file
 from .errors import SubmissionError
+from .task_files import CheckedFile
 from .metrics import leaderboard_score, task_report
 from .tasks import TASK_NAMES, TASKS, Task, get_task
 
 ID_MODES = ("file", "row")
 # A real member holds 1,500 lines of about 35 bytes; anything near this bound is not a submission.
 MAX_MEMBER_BYTES = 32 * 1024 * 1024
+# Rows predicted at a time from a test file: memory is bounded by the chunk, not the file.
+CHUNK_ROWS = 4096
 # Fixed member timestamps: the same predictions give a byte-identical zip.
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -48,6 +51,11 @@ def _label_string(task: Task, value: object, row: int) -> str:
     return label
 
 
+def _member_lines(ids: Iterable[str], labels: Iterable[str]) -> bytes:
+    return "".join(json.dumps({"id": id_, "label": label}, ensure_ascii=False) + "\n"
+                   for id_, label in zip(ids, labels)).encode("utf-8")
+
+
 def _member_bytes(task: Task, labels: Iterable[object], frame: pd.DataFrame, id_mode: str) -> bytes:
     """Validate one task's predictions against its test frame and serialise them."""
     labels = [_label_string(task, value, row) for row, value in enumerate(labels)]
@@ -66,9 +74,30 @@ def _member_bytes(task: Task, labels: Iterable[object], frame: pd.DataFrame, id_
                                   f"test frame (e.g. {', '.join(map(repr, repeated.index[:3]))})")
         if any(not value.strip() for value in ids):
             raise SubmissionError(f"{task.name}: the test frame has an empty id")
-    lines = [json.dumps({"id": id_, "label": label}, ensure_ascii=False) + "\n"
-             for id_, label in zip(ids, labels)]
-    return "".join(lines).encode("utf-8")
+    return _member_lines(ids, labels)
+
+
+def _check_tasks(names: Iterable[str], allow_partial: bool) -> list[str]:
+    """The tasks to write, in the zip's fixed member order."""
+    names = list(names)
+    unknown = [name for name in names if name not in TASKS]
+    if unknown:
+        raise SubmissionError(f"unknown task(s) {', '.join(map(repr, unknown))}; "
+                              f"the tasks are {', '.join(TASK_NAMES)}")
+    missing = [name for name in TASK_NAMES if name not in names]
+    if missing and not allow_partial:
+        raise SubmissionError(f"no predictions for {', '.join(missing)} "
+                              "(pass allow_partial=True to write a partial submission)")
+    if not names:
+        raise SubmissionError("no predictions to write")
+    return [name for name in TASK_NAMES if name in names]
+
+
+def _member_info(task: Task) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(task.submission_member, date_time=_ZIP_DATE_TIME)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    return info
 
 
 def write_submission(predictions: Mapping[str, Sequence[str]], test_frames: Mapping[str, pd.DataFrame],
@@ -84,27 +113,65 @@ def write_submission(predictions: Mapping[str, Sequence[str]], test_frames: Mapp
     """
     if id_mode not in ID_MODES:
         raise SubmissionError(f"id_mode must be one of {', '.join(ID_MODES)}, not {id_mode!r}")
-    unknown = [name for name in predictions if name not in TASKS]
-    if unknown:
-        raise SubmissionError(f"unknown task(s) {', '.join(map(repr, unknown))}; "
-                              f"the tasks are {', '.join(TASK_NAMES)}")
-    missing = [name for name in TASK_NAMES if name not in predictions]
-    if missing and not allow_partial:
-        raise SubmissionError(f"no predictions for {', '.join(missing)} "
-                              "(pass allow_partial=True to write a partial submission)")
-    if not predictions:
-        raise SubmissionError("no predictions to write")
-    members: list[tuple[str, bytes]] = []
-    for name in TASK_NAMES:  # a fixed member order
-        if name not in predictions:
-            continue
+    members: list[tuple[Task, bytes]] = []
+    for name in _check_tasks(predictions, allow_partial):
         if name not in test_frames:
             raise SubmissionError(f"{name}: predictions given but no test frame")
         task = TASKS[name]
-        members.append((task.submission_member,
-                        _member_bytes(task, predictions[name], test_frames[name], id_mode)))
+        members.append((task, _member_bytes(task, predictions[name], test_frames[name], id_mode)))
 
-    path = Path(path)
+    def write(archive: zipfile.ZipFile) -> None:
+        for task, data in members:
+            archive.writestr(_member_info(task), data)
+
+    return _write_zip(Path(path), write)
+
+
+def write_streamed_submission(test_files: Mapping[str, CheckedFile],
+                              decide: Callable[[str, pd.DataFrame], Sequence[object]], path: str | Path, *,
+                              id_mode: str = "file", allow_partial: bool = False,
+                              rows_per_chunk: int = CHUNK_ROWS, progress: bool = True) -> Path:
+    """Predict test files chunk by chunk into a submission zip, in memory bounded by the chunk.
+
+    test_files: task -> a checked test file (`data.checked_test_files`: every structural fault
+    already refused, so the zip gets one line per row, in file order). decide(task, frame): the
+    labels of a chunk's rows. The zip is written beside `path` and moved into place whole, as
+    `write_submission` does.
+    """
+    from tqdm.auto import tqdm
+
+    if id_mode not in ID_MODES:
+        raise SubmissionError(f"id_mode must be one of {', '.join(ID_MODES)}, not {id_mode!r}")
+    names = _check_tasks(test_files, allow_partial)
+    bar = tqdm(total=sum(test_files[name].rows for name in names), desc="predict", unit="row",
+               disable=not progress, dynamic_ncols=True)
+
+    def write(archive: zipfile.ZipFile) -> None:
+        for name in names:
+            task, written = TASKS[name], 0
+            bar.set_postfix_str(name)
+            with archive.open(_member_info(task), "w") as member:
+                for frame in test_files[name].chunks(rows_per_chunk):
+                    labels = decide(name, frame)
+                    if len(labels) != len(frame):
+                        raise SubmissionError(f"{name}: {len(labels)} predictions for a chunk of {len(frame)} rows")
+                    labels = [_label_string(task, value, written + row) for row, value in enumerate(labels)]
+                    ids = (frame["id"].astype(str) if id_mode == "file"
+                           else map(str, range(written, written + len(frame))))
+                    member.write(_member_lines(ids, labels))
+                    written += len(frame)
+                    bar.update(len(frame))
+            if written != test_files[name].rows:  # the file changed since it was checked
+                raise SubmissionError(f"{test_files[name].path}: {written} rows now, {test_files[name].rows} "
+                                      "when it was checked; predict again")
+
+    with bar:
+        return _write_zip(Path(path), write)
+
+
+def _write_zip(path: Path, write_members: Callable[[zipfile.ZipFile], None]) -> Path:
+    """A zip written by `write_members` into a temporary file beside `path`, flushed to disk and
+    renamed over it: a failure or a kill never leaves a half-written zip at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_temporary_files(path)
     handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
@@ -112,11 +179,7 @@ def write_submission(predictions: Mapping[str, Sequence[str]], test_frames: Mapp
     tmp = Path(handle.name)
     try:
         with handle, zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for member, data in members:
-                info = zipfile.ZipInfo(member, date_time=_ZIP_DATE_TIME)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                archive.writestr(info, data)
+            write_members(archive)
         with open(tmp, "rb") as check:  # flush to disk before the rename makes it visible
             os.fsync(check.fileno())
         os.chmod(tmp, 0o644)

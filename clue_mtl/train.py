@@ -118,8 +118,9 @@ class Trainer(RunRecipe):
         self.train_data: dict[str, EncodedTask] = {}
         self.dev_data: dict[str, EncodedTask] = {}
         self.dev_ids: dict[str, list[str]] = {}
+        self.mended: dict[str, dict] = {}   # per task, what reading the training file cleaned or skipped
         for task in cfg.data.tasks:
-            train_frame, dev_frame, self.dev_ids[task] = task_frames(cfg.data, task)
+            train_frame, dev_frame, self.dev_ids[task], self.mended[task] = task_frames(cfg.data, task)
             kwargs = dict(max_length=cfg.data.max_length, cache_dir=CACHE_DIR, fingerprint=fingerprint)
             self.train_data[task] = encode_frame(self.tokenizer, train_frame, task, **kwargs)
             self.dev_data[task] = encode_frame(self.tokenizer, dev_frame, task, **kwargs)
@@ -433,6 +434,7 @@ class Trainer(RunRecipe):
         folder.path.mkdir(parents=True, exist_ok=True)
         save_config(self.config, folder.config_file)
         save_split(self.dev_ids, folder.split_file)
+        folder.write_mended_rows(self.mended)
         folder.write_labels({task: list(get_task(task).labels) for task in self.config.data.tasks})
         self.tokenizer.save_pretrained(folder.tokenizer_dir)
         folder.metrics_file.write_text("", encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,25 @@ def tiny_config(data_dir, tiny_bert, tmp_path):
         ])
 
     return make
+
+
+@pytest.fixture
+def killed_at(monkeypatch):
+    """`with killed_at(module, "name", n): ...`: the block's n-th call of `module.name` raises
+    KeyboardInterrupt, as a kill at that point would stop it; the block must end there."""
+
+    @contextlib.contextmanager
+    def kill(module, name: str, number: int):
+        original, calls = getattr(module, name), []
+
+        def killable(*args, **kwargs):
+            calls.append(args)
+            if len(calls) == number:
+                raise KeyboardInterrupt
+            return original(*args, **kwargs)
+
+        with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+            patch.setattr(module, name, killable)
+            yield
+
+    return kill

@@ -1,12 +1,15 @@
-"""Fuzzers for the command line's promise: bad input gives `error: ...` and exit 2, never a traceback.
+"""Fuzzers for the command line's promise: bad input gives `error: ...` and exit 2, never a traceback;
+a test file's content never stops a submission.
 
-    python tests/fuzz.py data --cases 120 --seed 0     # corrupted data files through `check-data`
+    python tests/fuzz.py data --cases 120 --seed 0     # corrupted data files through `check-data`, `baseline`
     python tests/fuzz.py zip --cases 60 --seed 0       # hostile submission zips through `score`
     python tests/fuzz.py config --cases 200 --seed 0   # hostile configs through `train` and `predict`
 
 Each case runs `clue_mtl.cli.main` in this process and counts: tracebacks (an exception escaping
-`main`, or its exit 1 for an internal fault), wrong exits (any status but 2), and missing
-locations (a message that does not name the file, and the line where one was corrupted).
+`main`, or its exit 1 for an internal fault), wrong exits (any status but the one the case calls
+for: 2 for structure, 0 for content the kit mends), missing locations (a message or warning that
+does not name the file, and the line where one was corrupted), and incomplete zips (a test file
+with mended content whose zip lacks a row).
 `tests/test_fuzz.py` runs a small sample of each with a fixed seed.
 """
 
@@ -41,10 +44,11 @@ class Tally:
     tracebacks: int = 0
     wrong_exits: int = 0
     missing_location: int = 0
+    incomplete_zips: int = 0
     failures: list[str] = field(default_factory=list)
 
-    def run(self, name: str, argv: list[str], expected: list[str]) -> None:
-        """Run one case; `expected` are strings every problem message must contain."""
+    def run(self, name: str, argv: list[str], expected: list[str], *, status_wanted: int = 2) -> bool:
+        """Run one case; `expected` are strings the messages must contain (every one, in some line)."""
         self.cases += 1
         err = io.StringIO()
         try:
@@ -54,27 +58,46 @@ class Tally:
         except BaseException as error:  # noqa: BLE001 - the point is to catch anything
             self.tracebacks += 1
             self.failures.append(f"{name}: traceback {type(error).__name__}: {error!s:.200}")
-            return
+            return False
         lines = [line for line in err.getvalue().splitlines() if line.strip()]
         if status == 1:
             self.tracebacks += 1
             self.failures.append(f"{name}: internal fault: {lines[-1] if lines else ''}")
-        elif status != 2:
+        elif status != status_wanted:
             self.wrong_exits += 1
-            self.failures.append(f"{name}: exit {status}")
-        elif not lines or not all(any(text in line for line in lines) for text in expected):
+            self.failures.append(f"{name}: exit {status}: {lines[:2]}")
+        elif not all(any(text in line for line in lines) for text in expected) or (status_wanted and not lines):
             self.missing_location += 1
             self.failures.append(f"{name}: expected {expected} in {lines[:3]}")
+        else:
+            return True
+        return False
+
+    def check_zip(self, name: str, path: Path, member: str, ids: list[str]) -> None:
+        """The zip holds one line per test row, with the file's ids in file order."""
+        try:
+            with zipfile.ZipFile(path) as archive:
+                written = [json.loads(line)["id"] for line in archive.read(member).decode().splitlines()]
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+            written = [f"unreadable: {error}"]
+        if written != ids:
+            self.incomplete_zips += 1
+            self.failures.append(f"{name}: {path.name}:{member} has {len(written)} lines for {len(ids)} rows")
 
     def summary(self, what: str) -> str:
         return (f"{what} fuzzer: {self.cases} cases, {self.tracebacks} tracebacks, {self.wrong_exits} wrong exits, "
-                f"{self.missing_location} missing FILE:LINE")
+                f"{self.missing_location} missing FILE:LINE, {self.incomplete_zips} incomplete zips")
 
 
 # ----------------------------------------------------------------------------- data files
-ROW_KINDS = ("bad_utf8", "extra_tab", "missing_column", "unknown_label", "duplicate_id", "empty_id", "empty_text",
-             "blank_line", "bom_in_id", "nul_in_text", "cr_in_text", "space_in_id", "invisible_text", "truncated")
-FILE_KINDS = ("folder", "fifo", "symlink_loop", "empty_file", "case_variants", "wrong_kind")
+# Structure makes a row ambiguous: `check-data` refuses with FILE:LINE and exit 2.
+STRUCTURE_KINDS = ("extra_tab", "missing_column", "unknown_label", "duplicate_id", "empty_id", "bom_in_id",
+                   "space_in_id", "bad_utf8_in_id", "truncated")
+# Content is mended: `check-data` warns with FILE:LINE and exits 0, and a test file's zip is complete.
+CONTENT_KINDS = ("bad_utf8", "empty_text", "blank_line", "nul_in_text", "cr_in_text", "del_in_text", "c1_in_text",
+                 "invisible_text", "ideographic_space", "trailing_tab", "header_row")
+FILE_KINDS = ("folder", "fifo", "symlink_loop", "empty_file", "case_variants", "wrong_kind", "cr_only", "binary")
+ROW_KINDS = STRUCTURE_KINDS + CONTENT_KINDS
 DATA_KINDS = ROW_KINDS + FILE_KINDS
 
 
@@ -89,12 +112,14 @@ def small_data(source: Path, target: Path, rows: int = 40) -> None:
 def corrupt_row(kind: str, fields: list[bytes], labelled: bool, previous_id: bytes) -> list[bytes] | bytes:
     """The row's fields corrupted (or the raw line, for kinds that break the columns)."""
     text = 1  # the first text column
-    if kind == "bad_utf8":
-        fields[text] = fields[text][:2] + b"\xff\xfe" + fields[text][2:]
+    inside = {"nul_in_text": b"\x00", "cr_in_text": b"\r", "del_in_text": b"\x7f", "c1_in_text": "\u0085".encode(),
+              "bad_utf8": b"\xff\xfe"}
+    if kind in inside:
+        fields[text] = fields[text][:2] + inside[kind] + fields[text][2:]
     elif kind == "extra_tab":
         fields[text] = fields[text][:1] + b"\t" + fields[text][1:]
-    elif kind == "missing_column":
-        return b"".join(fields[:2]) + b"\t" + b"\t".join(fields[2:])
+    elif kind == "missing_column":  # the id's tab lost: the id runs into the first text
+        return b"\t".join([fields[0] + fields[1], *fields[2:]])
     elif kind == "unknown_label":
         fields[-1] = b"no-such-label"
     elif kind == "duplicate_id":
@@ -105,45 +130,61 @@ def corrupt_row(kind: str, fields: list[bytes], labelled: bool, previous_id: byt
         fields[text] = b"  "
     elif kind == "bom_in_id":
         fields[0] = "\ufeff".encode() + fields[0]
-    elif kind == "nul_in_text":
-        fields[text] = fields[text][:1] + b"\x00" + fields[text][1:]
-    elif kind == "cr_in_text":
-        fields[text] = fields[text][:1] + b"\r" + fields[text][1:]
     elif kind == "space_in_id":
         fields[0] = fields[0] + b" 7"
+    elif kind == "bad_utf8_in_id":
+        fields[0] = fields[0] + b"\xff"
     elif kind == "invisible_text":
         fields[text] = "\u200b\u200b".encode()
+    elif kind == "ideographic_space":
+        fields[text] = "\u3000".encode()
+    elif kind == "trailing_tab":
+        fields.append(b"")
     elif kind == "truncated":
         return fields[0][: max(1, len(fields[0]) // 2)]
     return fields
 
 
-def data_case(rng: random.Random, kind: str, folder: Path) -> tuple[list[str], list[str]]:
-    """Corrupt one file of `folder` by `kind`; returns (argv, the strings the message must hold)."""
+def corrupt_file(kind: str, path: Path, folder: Path, name: str) -> list[str]:
+    """Make `path` a file fault of `kind`; the strings the refusal must hold."""
+    if kind == "folder":
+        path.unlink(), path.mkdir()
+    elif kind == "fifo":
+        path.unlink(), os.mkfifo(path)
+    elif kind == "symlink_loop":
+        path.unlink(), path.symlink_to(path.name)
+    elif kind == "empty_file":
+        path.write_bytes(b"")
+    elif kind == "case_variants":
+        shutil.copyfile(path, folder / name.upper() if name != name.upper() else folder / name.lower())
+        return [f"{folder}: ambiguous"]
+    elif kind == "cr_only":
+        path.write_bytes(path.read_bytes().replace(b"\r\n", b"\r"))
+        return [f"{path}: its lines end in CR alone"]
+    elif kind == "binary":
+        path.write_bytes(bytes(range(256)) * 40)
+        return [f"{path}: not a text file"]
+    return [f"{path}"]
+
+
+def data_case(rng: random.Random, kind: str, folder: Path) -> tuple[Path, int, list[str]]:
+    """Corrupt one file of `folder` by `kind`: (the file, the 1-based line changed (0: the file),
+    the strings the message must hold)."""
     task = rng.choice(list(TASKS.values()))
     names = [task.train_file, task.test_a_file, task.test_b_file]
     name = task.train_file if kind in ("unknown_label", "wrong_kind") else rng.choice(names)
     path = folder / name
-    argv = ["check-data", "--data-dir", str(folder)]
     if kind in FILE_KINDS:
-        if kind == "folder":
-            path.unlink(), path.mkdir()
-        elif kind == "fifo":
-            path.unlink(), os.mkfifo(path)
-        elif kind == "symlink_loop":
-            path.unlink(), path.symlink_to(path.name)
-        elif kind == "empty_file":
-            path.write_bytes(b"")
-        elif kind == "case_variants":
-            shutil.copyfile(path, folder / name.upper() if name != name.upper() else folder / name.lower())
-            return argv, [f"{folder}: ambiguous"]
-        elif kind == "wrong_kind":
+        if kind == "wrong_kind":
             shutil.copyfile(folder / task.test_a_file, path)
-        return argv, [f"{path}"]
+        return path, 0, corrupt_file(kind, path, folder, name)
     lines = path.read_bytes().split(b"\r\n")[:-1]
     number = rng.randrange(2, len(lines) + 1)  # 1-based; from 2 so a BOM is not the file's own
     if kind == "blank_line":
         lines.insert(number - 1, b"")
+    elif kind == "header_row":
+        number = 1
+        lines.insert(0, b"\t".join([b"id", *[b"text"] * task.text_columns, *([b"label"] if name == task.train_file else [])]))
     else:
         fields = lines[number - 1].split(b"\t")
         row = corrupt_row(kind, fields, name == task.train_file, lines[number - 2].split(b"\t")[0])
@@ -151,10 +192,18 @@ def data_case(rng: random.Random, kind: str, folder: Path) -> tuple[list[str], l
         if kind == "truncated":
             lines = lines[:number]
     path.write_bytes(b"\r\n".join(lines) + (b"" if kind == "truncated" else b"\r\n"))
-    return argv, [f"{path}:{number}:"]
+    return path, number, [f"{path}:{number}:"]
+
+
+def test_ids(path: Path) -> list[str]:
+    """The ids a test file's zip must hold: every row's, in file order (no header, no blank line)."""
+    lines = [line for line in path.read_bytes().split(b"\r\n") if line.strip()]
+    return [line.split(b"\t")[0].decode() for line in lines if not line.startswith(b"id\t")]
 
 
 def fuzz_data(cases: int, seed: int, data_dir: Path = SHARED_DATA) -> Tally:
+    """Structure: `check-data` exits 2 naming FILE:LINE. Content: it exits 0 with a warning naming
+    FILE:LINE, and `baseline` writes zips whose corrupted member has every row of its test file."""
     rng, tally = random.Random(seed), Tally()
     with tempfile.TemporaryDirectory() as tmp:
         clean = Path(tmp) / "clean"
@@ -163,10 +212,26 @@ def fuzz_data(cases: int, seed: int, data_dir: Path = SHARED_DATA) -> Tally:
             kind = DATA_KINDS[number % len(DATA_KINDS)]
             folder = Path(tmp) / f"case-{number}"
             shutil.copytree(clean, folder, symlinks=True)
-            argv, expected = data_case(rng, kind, folder)
-            tally.run(f"data {number} {kind}", argv, expected)
+            path, line, expected = data_case(rng, kind, folder)
+            name = f"data {number} {kind}"
+            if kind not in CONTENT_KINDS:
+                tally.run(name, ["check-data", "--data-dir", str(folder)], expected)
+            elif tally.run(name, ["check-data", "--data-dir", str(folder)], [f"warning: {path}:{line}:"],
+                           status_wanted=0):
+                _predict_content_case(tally, name, path, folder, Path(tmp) / f"out-{number}")
             shutil.rmtree(folder, ignore_errors=True)
     return tally
+
+
+def _predict_content_case(tally: Tally, name: str, path: Path, folder: Path, out: Path) -> None:
+    """The baseline trains on the corrupted folder and predicts every test row."""
+    argv = ["baseline", "--data-dir", str(folder), "--out-dir", str(out), "--run-dir", str(out / "run")]
+    if not tally.run(f"{name} baseline", argv, [], status_wanted=0):
+        return
+    task = next(task for task in TASKS.values() if path.name in (task.train_file, task.test_a_file, task.test_b_file))
+    if path.name != task.train_file:
+        split = "a" if path.name == task.test_a_file else "b"
+        tally.check_zip(name, out / f"baseline_test_{split}.zip", task.submission_member, test_ids(path))
 
 
 # ----------------------------------------------------------------------------- submission zips
@@ -386,7 +451,7 @@ def cli() -> int:
     tally = FUZZERS[args.fuzzer](args.cases, args.seed)
     print("\n".join(tally.failures[:30]))
     print(tally.summary(args.fuzzer))
-    return 0 if not (tally.tracebacks or tally.wrong_exits or tally.missing_location) else 1
+    return 0 if not tally.failures else 1
 
 
 if __name__ == "__main__":

@@ -233,3 +233,50 @@ def test_blend_settings_and_a_corrupt_dev_file_are_clear_errors(fitted_baseline,
     (tmp_path / "blend" / "dev.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
     with pytest.raises(BlendError, match="cannot read"):
         evaluate_blend(tmp_path / "blend")
+
+
+# ----------------------------------------------------------------------------- a kill while saving
+def made_blend(weight: float) -> Blend:
+    """A one-task blend built by hand: no members or competition files needed."""
+    from clue_mtl.blend import FitSettings, TaskBlend
+
+    dev = {"members": {"m": 0.5}, "blend": {"in_sample": 0.5, "cross_fitted": 0.4},
+           "biased": {"in_sample": 0.6, "cross_fitted": 0.45}, "rows": 3}
+    return Blend([{"name": "m", "kind": "run", "path": "/nowhere/m", "fingerprint": "0123456789abcdef"}],
+                 {"ocnli": "fedcba9876543210"}, {"ocnli": TaskBlend("ocnli", ["m"], np.array([weight]), np.zeros(3))},
+                 {"ocnli": dev}, FitSettings())
+
+
+@pytest.mark.parametrize("kill", ["dev file", "rename 1", "rename 2", "removal"])
+def test_a_kill_while_a_blend_is_saved_again_keeps_the_previous_one(kill, tmp_path, killed_at):
+    """Killed at its first file or at either rename of the swap, the folder still loads as the
+    previous blend (not "holds no blend"), with its own dev arrays; killed after the swap, as the new one."""
+    import safetensors.numpy
+
+    from clue_mtl import atomic
+
+    folder = tmp_path / "blend"
+    blends = {version: made_blend(float(version)) for version in (1, 2, 3)}
+
+    def save(version: int) -> None:
+        blends[version].save(folder, {"ocnli/gold": np.full(3, version, dtype=np.int64)})
+
+    def loaded_version() -> int:
+        version = int(Blend.load(folder).tasks["ocnli"].weights[0])
+        assert Blend.load(folder).to_dict() == blends[version].to_dict()
+        assert (safetensors.numpy.load_file(folder / "dev.safetensors")["ocnli/gold"] == version).all()
+        return version
+
+    save(1)
+    (folder / "evaluation").mkdir()
+    (folder / "evaluation" / "report.txt").write_text("evaluated")
+    module, name, number = {"dev file": (safetensors.numpy, "save_file", 1), "rename 1": (atomic, "_rename", 1),
+                            "rename 2": (atomic, "_rename", 2), "removal": (atomic, "_remove_tree", 3)}[kill]
+    with killed_at(module, name, number):
+        save(2)
+    assert loaded_version() == (2 if kill == "removal" else 1)
+    save(3)
+    assert loaded_version() == 3
+    assert (folder / "evaluation" / "report.txt").read_text() == "evaluated"  # what the save does not write stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blend"]
+    assert sorted(p.name for p in folder.iterdir()) == ["blend.json", "dev.safetensors", "evaluation"]

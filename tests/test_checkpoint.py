@@ -248,3 +248,118 @@ def test_resume_under_another_config_says_what_differs(small_config, tmp_path):
     # settings that change nothing computed may differ
     Trainer(small_config("train.num_threads=1"), tmp_path / "other", show_progress=False).train(until_step=2)
     Trainer(small_config("train.num_threads=0"), tmp_path / "other", resume=True, show_progress=False).train()
+
+
+# ----------------------------------------------------------------------------- one command per folder
+LOCK = ("import sys; from clue_mtl.atomic import FolderLock; lock = FolderLock(sys.argv[1]).acquire(); "
+        "print('held', flush=True); sys.stdin.read()")
+
+
+def locks_elsewhere(folder: Path) -> bool:
+    """Whether another process can take the folder's lock now."""
+    import subprocess
+    import sys
+
+    code = "import sys; from clue_mtl.atomic import FolderLock; FolderLock(sys.argv[1]).acquire()"
+    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, timeout=60).returncode == 0
+
+
+def test_a_run_holds_its_folder_from_claim_to_end_and_lets_go_after(small_config, tmp_path, monkeypatch):
+    """Two runs into one folder at once: the second is refused naming the first's pid, whatever
+    its flags, instead of both logging every step twice; the lock goes with the run, however it ends."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for flags in ({}, {"overwrite": True}, {"resume": True}):
+            with pytest.raises(RunFolderError, match=rf"in use by another clue-mtl command \(pid {holder.pid} on "):
+                Trainer(small_config(), run, show_progress=False, **flags)
+    finally:
+        holder.kill()
+        holder.communicate()
+
+    held_at_evaluations = []
+    evaluate = Trainer._evaluate_and_checkpoint
+
+    def evaluate_and_try_the_lock(self, progress):
+        held_at_evaluations.append(not locks_elsewhere(run))
+        return evaluate(self, progress)
+
+    monkeypatch.setattr(Trainer, "_evaluate_and_checkpoint", evaluate_and_try_the_lock)
+    trainer = Trainer(small_config(), run, show_progress=False)
+    assert not locks_elsewhere(run)  # from the claim on, before the first step
+    trainer.train()
+    assert held_at_evaluations == [True, True]
+    assert not (run / ".lock").exists() and locks_elsewhere(run)
+    assert [m["step"] for m in read_metrics(run) if m["kind"] == "train"] == [1, 2, 3, 4]
+
+    def fail(self, progress):
+        raise RuntimeError("a fault mid-run")
+
+    monkeypatch.setattr(Trainer, "_before_training", fail)
+    with pytest.raises(RuntimeError):
+        Trainer(small_config(), run, overwrite=True, show_progress=False).train()
+    assert not (run / ".lock").exists() and locks_elsewhere(run)
+
+
+def test_a_kill_while_best_is_saved_again_keeps_the_previous_best(small_config, tmp_path, monkeypatch):
+    """`best/` is replaced file by file, atomically: a kill in the middle of writing the new weights
+    leaves the previous best model whole and loadable."""
+    from clue_mtl import model as model_module
+    from clue_mtl.model import MultiTaskModel
+
+    run = tmp_path / "run"
+    trainer = Trainer(small_config(), run, show_progress=False)
+    trainer.train(until_step=2)
+    best = run / "best"
+    before = load_file(best / "model.safetensors")
+    with torch.no_grad():
+        for parameter in trainer.unwrapped.parameters():
+            parameter.add_(1.0)
+
+    def killed_half_way(model, filename, **kwargs):
+        Path(filename).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{half")
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model_module, "save_model", killed_half_way)
+        with pytest.raises(Killed):
+            trainer.unwrapped.save(best)
+    assert sorted(p.name for p in best.iterdir()) == ["model.json", "model.safetensors"]
+    after = load_file(best / "model.safetensors")
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    MultiTaskModel.load(best)
+    trainer.unwrapped.save(best)  # the next save writes the new weights
+    saved = load_file(best / "model.safetensors")
+    assert not torch.equal(saved["encoder.embeddings.word_embeddings.weight"],
+                           before["encoder.embeddings.word_embeddings.weight"])
+
+
+def test_under_two_processes_a_refused_lock_stops_both_ranks(tiny_config, tmp_path):
+    """Only the main process takes the lock; its refusal reaches the other rank, which stops too
+    instead of waiting at a barrier for ever."""
+    import os
+    import subprocess
+    import sys
+
+    save_config(tiny_config("train.steps=2", "train.eval_every=2"), tmp_path / "config.yaml")
+    run = tmp_path / "out" / "run"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29633",
+             str(Path(__file__).with_name("ddp_worker.py")), str(tmp_path / "config.yaml"), str(tmp_path / "out")],
+            capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert result.returncode != 0
+    assert f"in use by another clue-mtl command (pid {holder.pid} on " in result.stderr
+    assert "the main process could not lock the folder" in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing of a run was written

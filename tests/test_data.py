@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clue_mtl.data import (DataError, check_data, load_split, load_split_ids, read_clue_jsonl,
+from clue_mtl.data import (DataError, DataWarning, check_data, load_split, load_split_ids, read_clue_jsonl,
                            read_task_file, resolve_data_file, save_split, stratified_split)
 from clue_mtl.tasks import OCEMOTION, OCNLI, TASKS, TNEWS
 
@@ -91,8 +91,8 @@ def test_raw_test_text_is_normalised(data_dir):
 
 
 def test_check_data_on_the_real_folder(data_dir):
-    report, problems = check_data(data_dir)
-    assert problems == []
+    report, problems, notes = check_data(data_dir)
+    assert problems == [] and notes == []
     for name, rows in EXPECTED_ROWS.items():
         assert any(line.startswith(f"{name}: {rows:,} rows") for line in report), name
     assert any("sadness 11,210" in line for line in report)
@@ -107,10 +107,15 @@ def test_wrong_column_count(tmp_path):
     assert problem.startswith(f"{path}:2: expected 3 columns (id, text, label), found 4")
 
 
-def test_empty_text_and_blank_line(tmp_path):
+def test_a_training_row_with_an_empty_text_is_skipped_and_a_blank_line_noted(tmp_path):
     path = write(tmp_path, "n.csv", "0\tpremise\t \t1\r\n\r\n2\tp\th\t0\r\n")
-    problems = problems_of(lambda: read_task_file(path, OCNLI, labelled=True))
-    assert problems == [f"{path}:1: empty sentence2", f"{path}:2: blank line"]
+    with pytest.warns(DataWarning) as caught:
+        frame = read_task_file(path, OCNLI, labelled=True)
+    assert frame["id"].tolist() == ["2"]
+    assert str(caught[0].message).splitlines() == [f"{path}:1: empty sentence2 (row skipped)",
+                                                    f"{path}:2: blank line (skipped)"]
+    assert problems_of(lambda: read_task_file(path, OCNLI, labelled=True, strict=True)) == [
+        f"{path}:1: empty sentence2 (refused: --strict)", f"{path}:2: blank line (skipped)"]
 
 
 def test_empty_id(tmp_path):
@@ -131,11 +136,14 @@ def test_duplicate_id_names_both_lines(tmp_path):
     assert problem == f"{path}:3: duplicate id '7' (first on line 1)"
 
 
-def test_undecodable_bytes_are_reported_and_reading_goes_on(tmp_path):
+def test_undecodable_bytes_are_replaced_and_noted_and_reading_goes_on(tmp_path):
     path = write(tmp_path, "e.csv", b"0\tok\tlike\r\n1\tbad \xff\tlike\r\n2\tok\tjoy\r\n")
-    problems = problems_of(lambda: read_task_file(path, OCEMOTION, labelled=True))
-    assert problems[0].startswith(f"{path}:2: not valid UTF-8 (byte 0xff")
-    assert problems[1].startswith(f"{path}:3: unknown label 'joy'")
+    (problem,) = problems_of(lambda: read_task_file(path, OCEMOTION, labelled=True))
+    assert problem.startswith(f"{path}:3: unknown label 'joy'")  # a refusal lists the structure alone
+    path.write_bytes(b"0\tok\tlike\r\n1\tbad \xff\tlike\r\n")
+    with pytest.warns(DataWarning, match=re.escape(f"{path}:2: text is not valid UTF-8 (byte 0xff at byte 5); "
+                                                   "decoded with U+FFFD (kept)")):
+        assert read_task_file(path, OCEMOTION, labelled=True)["text_a"].tolist() == ["ok", "bad \ufffd"]
 
 
 def test_missing_file(tmp_path):
@@ -171,9 +179,9 @@ def test_bom_lf_and_missing_final_newline_are_accepted(tmp_path):
 
 
 def test_all_problems_of_a_file_are_reported_at_once(tmp_path):
-    path = write(tmp_path, "e.csv", "0\ta\tlike\r\n0\tb\tlike\r\n2\t\tlike\r\n3\tc\tbad\r\n4\tonly two\r\n")
+    path = write(tmp_path, "e.csv", "0\ta\tlike\r\n0\tb\tlike\r\n2\t\x01\tlike\r\n3\tc\tbad\r\n4\tonly two\r\n")
     problems = problems_of(lambda: read_task_file(path, OCEMOTION, labelled=True))
-    assert [int(p.split(":")[1]) for p in problems] == [2, 3, 4, 5]
+    assert [int(p.split(":")[1]) for p in problems] == [2, 4, 5]
 
 
 def test_number_of_problems_is_capped(tmp_path):

@@ -225,11 +225,8 @@ def test_two_case_variants_of_a_file_name_are_ambiguous(tmp_path, capsys):
 @pytest.mark.parametrize("row, message", [
     ("1 2\tok\t0", "id '1 2' contains U+0020 (SPACE)"),
     ("\ufeff12\tok\t0", "id '\\ufeff12' contains U+FEFF (ZERO WIDTH NO-BREAK SPACE)"),
-    ("3\t\u200b\u00ad\t0", "text is empty after normalisation"),
-    ("4\tab\x00c\t0", "text contains the control character U+0000 (NUL) at column 3"),
-    ("5\tab\rc\t0", "text contains the control character U+000D (CARRIAGE RETURN) at column 3"),
 ])
-def test_ids_and_texts_that_cannot_be_right_are_refused(tmp_path, row, message):
+def test_ids_that_cannot_be_right_are_refused(tmp_path, row, message):
     from clue_mtl.data import DataError, read_task_file
 
     path = tmp_path / "TNEWS_train1128.csv"
@@ -237,6 +234,25 @@ def test_ids_and_texts_that_cannot_be_right_are_refused(tmp_path, row, message):
     with pytest.raises(DataError) as caught:
         read_task_file(path, "tnews", labelled=True)
     assert f"{path}:2: {message}" in str(caught.value)
+
+
+@pytest.mark.parametrize("row, message, kept", [
+    ("3\t\u200b\u00ad\t0", "text is empty after normalisation (only invisible characters) (row skipped)", False),
+    ("4\tab\x00c\t0", "text contains the control character U+0000 (NUL) at column 3, made a space (kept)", True),
+    ("5\tab\rc\t0", "text contains the control character U+000D (CARRIAGE RETURN) at column 3, made a space (kept)",
+     True),
+])
+def test_training_texts_are_mended_or_skipped_with_a_warning(tmp_path, row, message, kept):
+    from clue_mtl.data import DataError, DataWarning, read_task_file
+
+    path = tmp_path / "TNEWS_train1128.csv"
+    path.write_bytes(f"0\tfine\t100\r\n{row.replace(chr(9) + '0', chr(9) + '100')}\r\n".encode())
+    with pytest.warns(DataWarning) as caught:
+        frame = read_task_file(path, "tnews", labelled=True)
+    assert str(caught[0].message) == f"{path}:2: {message}"
+    assert len(frame) == 1 + kept and (not kept or frame["text_a"][1] == "ab c")
+    with pytest.raises(DataError):  # `check-data --strict`'s reading
+        read_task_file(path, "tnews", labelled=True, strict=True)
 
 
 def test_a_repeated_test_file_for_one_task_is_refused(capsys):
