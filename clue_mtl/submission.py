@@ -7,6 +7,7 @@ per line, `{"id": "0", "label": "sadness"}`, id and label both strings, lines in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import numbers
 import os
@@ -150,7 +151,7 @@ def write_streamed_submission(test_files: Mapping[str, CheckedFile],
         for name in names:
             task, written = TASKS[name], 0
             bar.set_postfix_str(name)
-            with archive.open(_member_info(task), "w") as member:
+            with _member_stream(archive, task) as member:
                 for frame in test_files[name].chunks(rows_per_chunk):
                     labels = decide(name, frame)
                     if len(labels) != len(frame):
@@ -167,6 +168,18 @@ def write_streamed_submission(test_files: Mapping[str, CheckedFile],
 
     with bar:
         return _write_zip(Path(path), write)
+
+
+@contextlib.contextmanager
+def _member_stream(archive: zipfile.ZipFile, task: Task):
+    """A member written as it goes; one over zip's 2 GiB (about 60M rows) is a one-line refusal."""
+    try:
+        with archive.open(_member_info(task), "w") as member:
+            yield member
+    except RuntimeError as error:
+        if "force_zip64" not in str(error):
+            raise
+        raise SubmissionError(f"{task.name}: the predictions pass 2 GiB, more than a submission member holds") from None
 
 
 def _write_zip(path: Path, write_members: Callable[[zipfile.ZipFile], None]) -> Path:

@@ -42,8 +42,13 @@ MAX_LINE_BYTES = 16 << 20       # a longer "line" is not a competition row (a bi
 _SAMPLE_BYTES = 64 << 10        # what the file-level checks (binary data, CR-only line ends) look at
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")       # Unicode category Cc: C0, DEL and C1
 _SPACE = re.compile(r"\s")
-_HEADER_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_ ]{0,30}")
+# A first line is a header only when every field is a column name: a row whose text happens to
+# be an English word is still a row.
 HEADER_IDS = ("id", "idx", "index", "guid")
+HEADER_NAMES = (*HEADER_IDS, "text", "sentence", "sentence1", "sentence2", "content", "label", "text_a", "text_b",
+                "premise", "hypothesis", "title", "")
+_BINARY_SAMPLE = 1024           # fewer bytes than this are never called binary: structure decides them
+_C0 = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 class Row(NamedTuple):
@@ -58,8 +63,9 @@ def text_names(task: Task) -> tuple[str, ...]:
 
 
 def describe_char(char: str) -> str:
-    name = unicodedata.name(char, "") or {"\0": "NUL", "\r": "CARRIAGE RETURN", "\b": "BACKSPACE",
-                                          "\x7f": "DELETE", "\x85": "NEXT LINE"}.get(char, "a control character")
+    name = unicodedata.name(char, "") or {"\0": "NUL", "\r": "CARRIAGE RETURN", "\b": "BACKSPACE", "\x0b": "LINE TABULATION",
+                                          "\x0c": "FORM FEED", "\x1b": "ESCAPE", "\x7f": "DELETE",
+                                          "\x85": "NEXT LINE"}.get(char, "a control character")
     return f"U+{ord(char):04X} ({name})"
 
 
@@ -145,16 +151,20 @@ def file_kind(path: Path) -> str:
 
 
 def _sample_problem(sample: bytes, columns: int) -> str | None:
-    """A file-level fault seen in the first bytes: binary data, or CR-only line ends."""
-    if not sample:
-        return None
+    """A file-level fault seen in the first bytes: binary data (or a file in another encoding than
+    UTF-8), or CR-only line ends. A few control characters or bad bytes are content, mended row
+    by row; only a sample of 1 KB or more where nearly a third of the characters are undecodable
+    or C0 controls is not text."""
     decoded = sample.decode("utf-8", errors="replace")
-    odd = decoded.count("\ufffd") + decoded.count("\0")
-    if odd > max(8, len(decoded) // 20):
-        return "not a text file (binary data in its first bytes)"
-    if b"\n" not in sample and b"\r" in sample.rstrip(b"\r"):
-        pieces = [piece for piece in sample.split(b"\r") if piece]
-        if len(pieces) > 1 and all(piece.count(b"\t") in (columns - 2, columns - 1, columns) for piece in pieces[:-1]):
+    odd = decoded.count("\ufffd") + len(_C0.findall(decoded))
+    if len(sample) >= _BINARY_SAMPLE and odd > 0.3 * len(decoded):
+        return "not a UTF-8 text file (a third of its first characters do not decode or are control characters)"
+    if b"\n" not in sample and sample.count(b"\r") >= 2:
+        # several rows split by CR alone: each whole piece has the file's columns (a lone CR inside
+        # one row's text leaves pieces that do not)
+        pieces = sample.rstrip(b"\r").split(b"\r")
+        whole = pieces if len(sample) < _SAMPLE_BYTES else pieces[:-1]  # the sample may cut the last
+        if len(pieces) >= 2 and whole and all(piece.count(b"\t") in (columns - 1, columns) for piece in whole):
             return "its lines end in CR alone (classic Mac line ends); save it with LF or CRLF line ends"
     return None
 
@@ -186,7 +196,7 @@ def _lines(path: Path, columns: int, report: FileReport) -> Iterator[tuple[int, 
             if number == 1:
                 line = line.removeprefix(codecs.BOM_UTF8)
             line = line.removesuffix(b"\n").removesuffix(b"\r")
-            if not line.strip():
+            if b"\t" not in line and not line.strip():  # a line of tabs is a row of empty fields
                 blank.append(number)
                 continue
             for empty in blank:
@@ -213,7 +223,7 @@ def is_header(fields: list[bytes]) -> bool:
         names = [value.decode("ascii").strip() for value in fields]
     except UnicodeDecodeError:
         return False
-    return names[0].lower() in HEADER_IDS and all(not name or _HEADER_WORD.fullmatch(name) for name in names)
+    return names[0].lower() in HEADER_IDS and all(name.lower() in HEADER_NAMES for name in names)
 
 
 class _Columns:
@@ -258,6 +268,8 @@ class FileReader:
             if row is not None:
                 report.rows += 1
                 yield row
+        if not columns.rows and not report.problem_count:
+            report.problem(0, "no rows (only a header or blank lines)")
         self._file_kind_verdict(columns, report)
 
     def _file_kind_verdict(self, columns: _Columns, report: FileReport) -> None:
@@ -312,15 +324,15 @@ class FileReader:
             report.note(number, "undecodable", f"{name} is not valid UTF-8 (byte 0x{raw[error.start]:02x} at byte "
                                                f"{error.start + 1}); decoded with U+FFFD ({report.kept})")
         control = _CONTROL.search(text)
+        mended = _CONTROL.sub(" ", text) if control else text
+        if not self.task.normalize(mended).strip():  # one note a row: emptiness is what matters
+            what = f"empty {name}" if not mended.strip() else f"{name} is empty after normalisation (only invisible characters)"
+            report.note(number, "empty", f"{what} ({report.dropped})")
+            return None if self.labelled else ""
         if control:
             report.note(number, "control", f"{name} contains the control character {describe_char(control.group())} "
                                            f"at column {control.start() + 1}, made a space ({report.kept})")
-            text = _CONTROL.sub(" ", text)
-        if not self.task.normalize(text).strip():
-            what = f"empty {name}" if not text.strip() else f"{name} is empty after normalisation (only invisible characters)"
-            report.note(number, "empty", f"{what} ({report.dropped})")
-            return None if self.labelled else ""
-        return text
+        return mended
 
     # ------------------------------------------------------------------------- reading
     def read(self, *, normalize: bool = True, warn: bool = True) -> tuple[pd.DataFrame, FileReport]:

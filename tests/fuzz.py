@@ -163,7 +163,7 @@ def corrupt_file(kind: str, path: Path, folder: Path, name: str) -> list[str]:
         return [f"{path}: its lines end in CR alone"]
     elif kind == "binary":
         path.write_bytes(bytes(range(256)) * 40)
-        return [f"{path}: not a text file"]
+        return [f"{path}: not a UTF-8 text file"]
     return [f"{path}"]
 
 

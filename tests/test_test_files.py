@@ -130,7 +130,9 @@ def test_a_duplicate_id_refuses_only_where_ids_are_written(test_rows, tmp_path):
      f":{CHANGED}: the id is not valid UTF-8"),
     ("a label column", lambda lines: [line + b"\t101" for line in lines], ":1: looks like a training file"),
     ("CR-only line ends", None, ": its lines end in CR alone"),
-    ("not text", None, ": not a text file"),
+    ("not text", None, ": not a UTF-8 text file"),
+    ("only a header", lambda lines: [b"id\ttext"], ": no rows (only a header or blank lines)"),
+    ("a line of tabs", lambda lines: lines[:4] + [b"\t"] + lines[5:], f":{CHANGED}: empty id"),
 ])
 def test_structural_faults_refuse_with_file_and_line(test_rows, tmp_path, capsys, case, content, message):
     path = tmp_path / "TNEWS_a.csv"
@@ -145,6 +147,26 @@ def test_structural_faults_refuse_with_file_and_line(test_rows, tmp_path, capsys
     assert str(caught.value).startswith(f"{path}{message}")
     assert main(["check-data", "--data-dir", str(tmp_path)]) == 2
     assert f"{path}{message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, content, rows, note", [
+    ("a lone CR, no final newline", b"0\tfoo\rbar", 1, ":1: text contains the control character U+000D"),
+    ("nine NULs", b"0\t" + b"\0" * 9 + b"x\r\n1\thello\r\n", 2, ":1: text contains the control character U+0000"),
+    ("Latin-1 bytes", "0\tcaf\xe9 \xe0 la cr\xe8me br\xfbl\xe9e\r\n1\thi\r\n".encode("latin-1"), 2,
+     ":1: text is not valid UTF-8 (byte 0xe9 at byte 4)"),
+    ("a first row whose id is 'id'", b"id\tHello world\r\n1\thi\r\n", 2, None),
+    ("a form feed alone", b"0\t\x0c\r\n", 1, ":1: empty text (predicted anyway)"),
+])
+def test_content_that_looks_like_structure_is_still_content(tmp_path, case, content, rows, note):
+    """The review's findings: none of these may refuse the file or lose a row; one note a row."""
+    path = tmp_path / "test.csv"
+    path.write_bytes(content)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame, report = predicted_frame(path, "tnews")
+    assert len(frame) == rows
+    notes = [line for w in caught for line in str(w.message).splitlines()]
+    assert notes == ([] if note is None else [next(line for line in notes if line.startswith(f"{path}{note}"))])
 
 
 def test_a_training_file_is_mended_the_same_way_and_skips_rows_left_empty(data_dir, tmp_path):
