@@ -210,8 +210,9 @@ def fit_task_blend(task: str, members: list[str], member_probabilities: Sequence
 
 
 # ----------------------------------------------------------------------------- members and folders
-def load_member(path: str | Path):
-    """A baseline folder (`baseline.json`) or a trained run folder (`best/`)."""
+def load_member(path: str | Path, *, show_progress: bool = True):
+    """A baseline folder (`baseline.json`) or a trained run folder (`best/`; `show_progress`: a bar
+    over each of its predictions)."""
     from .baseline import BASELINE_FILE, BaselineRun
 
     path = Path(path)
@@ -222,7 +223,7 @@ def load_member(path: str | Path):
         return BaselineRun.load(path)
     from .inference import LoadedRun
 
-    return LoadedRun(path)
+    return LoadedRun(path, show_progress=show_progress)
 
 
 def split_fingerprints(run_dir: str | Path) -> dict[str, str]:
@@ -380,7 +381,7 @@ def _fit_blend(member_dirs: Sequence[str | Path], *, data_dir: str | Path | None
         raise BlendError("name at least one member (--run or --baseline)")
     members = [load_member(p) for p in paths]
     names = _unique_names(paths)
-    from .data import DataError, dev_frames, load_split_ids
+    from .data import DataError, load_dev_rows, load_split_ids
 
     data_dir = data_dir or _member_data_dir(members[0])
     tasks = [t for t in TASK_NAMES if any(t in m.tasks for m in members)]
@@ -407,7 +408,7 @@ def _fit_blend(member_dirs: Sequence[str | Path], *, data_dir: str | Path | None
                 raise BlendError(f"{paths[i]}: its {task} labels are not in the task's order")
         split_file = RunFolder(paths[chosen[0]]).split_file
         try:
-            frames.update(dev_frames(data_dir, [task], load_split_ids(split_file), split_file))
+            frames[task] = load_dev_rows(data_dir, task, load_split_ids(split_file)[task], split_file)
         except DataError as error:
             problems.extend(error.problems)
     if problems:
@@ -436,7 +437,7 @@ def _fit_blend(member_dirs: Sequence[str | Path], *, data_dir: str | Path | None
     return Blend(described, shared, blends, scores, settings), arrays
 
 
-def load_blend_members(blend: Blend, where: str | Path) -> dict[str, object]:
+def load_blend_members(blend: Blend, where: str | Path, *, show_progress: bool = True) -> dict[str, object]:
     """The blend's members, loaded from their recorded paths; refused if one has changed since."""
     loaded = {}
     for member in blend.members:
@@ -446,7 +447,7 @@ def load_blend_members(blend: Blend, where: str | Path) -> dict[str, object]:
         if member_fingerprint(path) != member["fingerprint"]:
             raise BlendError(f"{where}: member {member['name']} ({path}) has changed since the blend was "
                              "fitted; fit the blend again")
-        loaded[member["name"]] = load_member(path)
+        loaded[member["name"]] = load_member(path, show_progress=show_progress)
     return loaded
 
 
@@ -459,9 +460,7 @@ def predict_blend_submission(blend_dir: str | Path, out: str | Path, *, split: s
     from .submission import write_streamed_submission
 
     blend = Blend.load(blend_dir)
-    members = load_blend_members(blend, blend_dir)
-    for member in members.values():
-        member.show_progress = False  # one bar over the rows of every file instead
+    members = load_blend_members(blend, blend_dir, show_progress=False)  # one bar over every file's rows instead
     first = next(iter(members.values()))
     config = next((m.config for m in members.values() if getattr(m, "config", None) is not None), None)
     id_mode = id_mode or (config.data.id_mode if config is not None else "file")

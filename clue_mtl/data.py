@@ -47,14 +47,9 @@ def read_task_file(path: str | Path, task: Task | str, *, labelled: bool, normal
     mended content is one `DataWarning` (`task_files`). `unique_ids=False`: a test file whose ids
     are not written (`--id-mode row`) may repeat them.
     """
-    frame, _ = FileReader(path, task, labelled=labelled, strict=strict, unique_ids=unique_ids).read(normalize=normalize)
+    frame, _ = FileReader(path, task, labelled=labelled, strict=strict, unique_ids=unique_ids,
+                          normalize=normalize).read()
     return frame
-
-
-def read_task_file_with_report(path: str | Path, task: Task | str, *, labelled: bool,
-                               normalize: bool = True) -> tuple[pd.DataFrame, FileReport]:
-    """`read_task_file` and what it mended (for a run folder's record), without the warning."""
-    return FileReader(path, task, labelled=labelled).read(normalize=normalize, warn=False)
 
 
 def read_clue_jsonl(path: str | Path, task: Task | str, *, labelled: bool = True,
@@ -73,7 +68,9 @@ def read_clue_jsonl(path: str | Path, task: Task | str, *, labelled: bool = True
             rows.append(row)
     report_duplicate_ids(rows, report)
     report.raise_if_any()
-    return to_frame(rows, task, labelled, normalize)
+    if normalize:
+        rows = [row._replace(texts=tuple(task.normalize(text) for text in row.texts)) for row in rows]
+    return to_frame(rows, task, labelled)
 
 
 def _json_lines(path: Path, report: FileReport) -> list[tuple[int, str]]:
@@ -300,8 +297,8 @@ def check_data(data_dir: str | Path, *, strict: bool = False,
             try:
                 path = resolve_data_file(data_dir, task, split)
                 reader = FileReader(path, task, labelled=split == "train", strict=strict,
-                                    unique_ids=id_mode == "file")
-                frame, found = reader.read(normalize=False, warn=False)
+                                    unique_ids=id_mode == "file", normalize=False)
+                frame, found = reader.read(warn=False)
             except DataError as error:
                 problems.extend(error.problems)
                 continue

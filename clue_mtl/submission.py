@@ -21,8 +21,8 @@ import pandas as pd
 
 from .data import read_task_file
 from .errors import SubmissionError
-from .task_files import CheckedFile
 from .metrics import leaderboard_score, task_report
+from .task_files import CheckedFile
 from .tasks import TASK_NAMES, TASKS, Task, get_task
 
 ID_MODES = ("file", "row")
@@ -78,8 +78,10 @@ def _member_bytes(task: Task, labels: Iterable[object], frame: pd.DataFrame, id_
     return _member_lines(ids, labels)
 
 
-def _check_tasks(names: Iterable[str], allow_partial: bool) -> list[str]:
-    """The tasks to write, in the zip's fixed member order."""
+def _check_tasks(names: Iterable[str], allow_partial: bool, id_mode: str) -> list[str]:
+    """The tasks to write, in the zip's fixed member order (and the id mode checked)."""
+    if id_mode not in ID_MODES:
+        raise SubmissionError(f"id_mode must be one of {', '.join(ID_MODES)}, not {id_mode!r}")
     names = list(names)
     unknown = [name for name in names if name not in TASKS]
     if unknown:
@@ -112,10 +114,8 @@ def write_submission(predictions: Mapping[str, Sequence[str]], test_frames: Mapp
     before the zip is written to a temporary file beside `path` and moved into place with
     os.replace, so a failure never leaves a half-written zip and never touches an existing one.
     """
-    if id_mode not in ID_MODES:
-        raise SubmissionError(f"id_mode must be one of {', '.join(ID_MODES)}, not {id_mode!r}")
     members: list[tuple[Task, bytes]] = []
-    for name in _check_tasks(predictions, allow_partial):
+    for name in _check_tasks(predictions, allow_partial, id_mode):
         if name not in test_frames:
             raise SubmissionError(f"{name}: predictions given but no test frame")
         task = TASKS[name]
@@ -141,9 +141,7 @@ def write_streamed_submission(test_files: Mapping[str, CheckedFile],
     """
     from tqdm.auto import tqdm
 
-    if id_mode not in ID_MODES:
-        raise SubmissionError(f"id_mode must be one of {', '.join(ID_MODES)}, not {id_mode!r}")
-    names = _check_tasks(test_files, allow_partial)
+    names = _check_tasks(test_files, allow_partial, id_mode)
     bar = tqdm(total=sum(test_files[name].rows for name in names), desc="predict", unit="row",
                disable=not progress, dynamic_ncols=True)
 

@@ -54,7 +54,7 @@ _C0 = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 class Row(NamedTuple):
     line: int
     id: str
-    texts: tuple[str, ...]      # as in the file, control characters made spaces (not normalised)
+    texts: tuple[str, ...]      # mended, and normalised by the task where the reader normalises
     label: str | None
 
 
@@ -170,7 +170,7 @@ def _sample_problem(sample: bytes, columns: int) -> str | None:
 
 
 def _lines(path: Path, columns: int, report: FileReport) -> Iterator[tuple[int, bytes]]:
-    """(1-based number, line without its line end) of every line; blank lines at the end dropped."""
+    """(1-based number, line without its line end) of every line but blank ones (noted where a row follows)."""
     kind = file_kind(path)
     if kind != "file":
         report.problem(0, kind)
@@ -188,7 +188,6 @@ def _lines(path: Path, columns: int, report: FileReport) -> Iterator[tuple[int, 
             report.problem(0, fault)
             return
         blank: list[int] = []   # blank lines are noted only once a row follows them
-        number = 0
         for number, line in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b""), 1):
             if len(line) > MAX_LINE_BYTES:
                 report.problem(number, f"a line longer than {MAX_LINE_BYTES >> 20} MB: not a competition file")
@@ -203,8 +202,6 @@ def _lines(path: Path, columns: int, report: FileReport) -> Iterator[tuple[int, 
                 report.note(empty, "blank", "blank line (skipped)")
             blank = []
             yield number, line
-        if number == 0 or number == len(blank):
-            report.problem(0, "empty file (no rows)")
 
 
 # ----------------------------------------------------------------------------- one row
@@ -245,12 +242,13 @@ class FileReader:
     """One competition file of `task`, read row by row with its faults sorted out (module doc)."""
 
     def __init__(self, path: str | Path, task: Task | str, *, labelled: bool, strict: bool = False,
-                 unique_ids: bool = True):
+                 unique_ids: bool = True, normalize: bool = True):
         self.path = Path(path)
         self.task = as_task(task)
         self.labelled = labelled
         self.strict = strict
         self.unique_ids = unique_ids  # test files read with `--id-mode row` may repeat ids: they are not written
+        self.normalize = normalize    # texts through `task.normalize`, the same function at training and prediction
 
     def rows(self, report: FileReport) -> Iterator[Row]:
         """Every row in file order; faults go to `report` (the caller raises)."""
@@ -269,7 +267,7 @@ class FileReader:
                 report.rows += 1
                 yield row
         if not columns.rows and not report.problem_count:
-            report.problem(0, "no rows (only a header or blank lines)")
+            report.problem(0, "empty file (no rows)" if first else "no rows (only a header or blank lines)")
         self._file_kind_verdict(columns, report)
 
     def _file_kind_verdict(self, columns: _Columns, report: FileReport) -> None:
@@ -316,7 +314,8 @@ class FileReader:
         return Row(number, id_, tuple(texts), label)
 
     def _text(self, number: int, name: str, raw: bytes, report: FileReport) -> str | None:
-        """The text with its content faults mended (and noted); None where a training row is skipped."""
+        """The text with its content faults mended (and noted), normalised where the reader
+        normalises; None where a training row is skipped."""
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -325,17 +324,18 @@ class FileReader:
                                                f"{error.start + 1}); decoded with U+FFFD ({report.kept})")
         control = _CONTROL.search(text)
         mended = _CONTROL.sub(" ", text) if control else text
-        if not self.task.normalize(mended).strip():  # one note a row: emptiness is what matters
+        normal = self.task.normalize(mended)
+        if not normal.strip():  # one note a row: emptiness is what matters
             what = f"empty {name}" if not mended.strip() else f"{name} is empty after normalisation (only invisible characters)"
             report.note(number, "empty", f"{what} ({report.dropped})")
             return None if self.labelled else ""
         if control:
             report.note(number, "control", f"{name} contains the control character {describe_char(control.group())} "
                                            f"at column {control.start() + 1}, made a space ({report.kept})")
-        return mended
+        return normal if self.normalize else mended
 
     # ------------------------------------------------------------------------- reading
-    def read(self, *, normalize: bool = True, warn: bool = True) -> tuple[pd.DataFrame, FileReport]:
+    def read(self, *, warn: bool = True) -> tuple[pd.DataFrame, FileReport]:
         """The whole file as a frame (`to_frame`) and its report; raises `DataError` on structure."""
         report = FileReport(str(self.path), self.labelled, self.strict)
         rows = list(self.rows(report))
@@ -344,7 +344,7 @@ class FileReader:
         report.raise_if_any()
         if warn:
             report.warn()
-        return to_frame(rows, self.task, self.labelled, normalize), report
+        return to_frame(rows, self.task, self.labelled), report
 
     def check(self, *, warn: bool = True) -> FileReport:
         """One pass over the file keeping no text (8 bytes a row): its report, or `DataError` on structure."""
@@ -361,18 +361,18 @@ class FileReader:
             report.warn()
         return report
 
-    def chunks(self, rows_per_chunk: int, *, normalize: bool = True) -> Iterator[pd.DataFrame]:
+    def chunks(self, rows_per_chunk: int) -> Iterator[pd.DataFrame]:
         """The file in frames of at most `rows_per_chunk` rows, in order, without notes (`check` first)."""
         report = FileReport(str(self.path), self.labelled, self.strict)
         batch: list[Row] = []
         for row in self.rows(report):
             batch.append(row)
             if len(batch) == rows_per_chunk:
-                yield to_frame(batch, self.task, self.labelled, normalize)
+                yield to_frame(batch, self.task, self.labelled)
                 batch = []
         report.raise_if_any()  # the file changed since it was checked
         if batch:
-            yield to_frame(batch, self.task, self.labelled, normalize)
+            yield to_frame(batch, self.task, self.labelled)
 
     def _duplicates_by_hash(self, hashes: np.ndarray, lines: np.ndarray, report: FileReport) -> None:
         """Duplicate ids from 8 bytes a row; only rows whose hash repeats are read again, by id."""
@@ -400,8 +400,8 @@ class CheckedFile:
     def rows(self) -> int:
         return self.report.rows
 
-    def chunks(self, rows_per_chunk: int, *, normalize: bool = True) -> Iterator[pd.DataFrame]:
-        return self.reader.chunks(rows_per_chunk, normalize=normalize)
+    def chunks(self, rows_per_chunk: int) -> Iterator[pd.DataFrame]:
+        return self.reader.chunks(rows_per_chunk)
 
 
 def report_duplicate_ids(rows: Iterable[Row], report: FileReport) -> None:
@@ -413,14 +413,12 @@ def report_duplicate_ids(rows: Iterable[Row], report: FileReport) -> None:
             first_line[row.id] = row.line
 
 
-def to_frame(rows: list[Row], task: Task, labelled: bool, normalize: bool) -> pd.DataFrame:
-    """Columns id, text_a, text_b (None for single texts) and, if labelled, label; texts normalised
-    by `task.normalize` (the same function at training and at prediction) where `normalize`."""
-    clean = task.normalize if normalize else str
+def to_frame(rows: list[Row], task: Task, labelled: bool) -> pd.DataFrame:
+    """Columns id, text_a, text_b (None for single texts) and, if labelled, label."""
     frame = pd.DataFrame({
         "id": [row.id for row in rows],
-        "text_a": [clean(row.texts[0]) for row in rows],
-        "text_b": [clean(row.texts[1]) if task.text_columns == 2 else None for row in rows],
+        "text_a": [row.texts[0] for row in rows],
+        "text_b": [row.texts[1] if task.text_columns == 2 else None for row in rows],
     })
     if labelled:
         frame["label"] = [row.label for row in rows]
