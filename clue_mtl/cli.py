@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -133,7 +134,7 @@ def cmd_trim_vocab(args) -> int:
 def cmd_pretrain(args) -> int:
     from .config import load_pretrain_config
 
-    config = load_pretrain_config(args.config, args.set or [])
+    config = load_pretrain_config(args.config, _overrides(args))
     _check_run_folder(args, config)
     _quiet_libraries()
     from .encoders import ensure_encoder
@@ -154,10 +155,24 @@ def _config(args):
     """The run's config, and its run folder checked, before anything imports torch."""
     from .config import load_config
 
-    config = load_config(args.config, args.set or [])
+    config = load_config(args.config, _overrides(args))
     _check_run_folder(args, config)
     _quiet_libraries()
     return config
+
+
+def _overrides(args) -> list[str]:
+    """`--set KEY=VALUE`s, and `--minutes M` as `train.max_minutes=M`."""
+    overrides = list(args.set or [])
+    if args.minutes is not None:
+        try:
+            minutes = float(args.minutes)
+        except ValueError:
+            minutes = math.nan
+        if not (math.isfinite(minutes) and minutes > 0):
+            raise UsageError(f"--minutes must be a positive number of minutes, not {args.minutes!r}")
+        overrides.append(f"train.max_minutes={minutes!r}")
+    return overrides
 
 
 def _check_run_folder(args, config) -> None:
@@ -350,9 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     def data_dir(sub: argparse.ArgumentParser, default: str | None = "data") -> None:
         sub.add_argument("--data-dir", default=default, help="folder of the competition files (default: %(default)s)")
 
-    def config_options(sub: argparse.ArgumentParser) -> None:
+    def config_options(sub: argparse.ArgumentParser, not_charged: str = "evaluation and checkpoints") -> None:
         sub.add_argument("--config", help="YAML config file")
         sub.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-5")
+        sub.add_argument("--minutes", metavar="M",
+                         help=f"train by the clock (train.max_minutes=M): the first steps are timed and fix how many "
+                              f"fill M minutes, in place of train.steps; {not_charged} are not charged")
         sub.add_argument("--run-dir", help="run folder (default: OUTPUT_DIR/NAME from the config)")
         sub.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
         sub.add_argument("--overwrite", action="store_true",
@@ -440,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", required=True, help="the new run folder")
 
     sub = command("run", cmd_run, "the main job: baseline, training, blend, test A and B submissions")
-    config_options(sub)
+    config_options(sub, not_charged="the baseline, evaluation, checkpoints, the blend and the submissions")
     sub.add_argument("--out-dir", default="submissions")
     sub.add_argument("--blend-dir", help="the blend folder (default: blends/NAME)")
     return parser

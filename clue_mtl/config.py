@@ -41,6 +41,7 @@ MAX_SEED = 2**32 - 1                    # numpy's global seed (Accelerate's set_
 MAX_BATCH = 1 << 16                     # rows per step, micro-batches per step: sanity bounds
 MAX_LENGTH = 1 << 16                    # tokens per row, hidden units of a head
 MAX_STEPS = 10**9
+MAX_MINUTES = 60 * 24 * 366             # a year of training: a sanity bound
 # Settings that change nothing a run computes: a run may resume with other values of these.
 RESUMABLE_KEYS = ("name", "output_dir", "train.num_threads", "train.report_to")
 # Keys added since runs were first saved, each with the value that does what runs did before it:
@@ -49,7 +50,7 @@ RESUMABLE_KEYS = ("name", "output_dir", "train.num_threads", "train.report_to")
 ADDED_KEYS = {"train.scheduler": "linear", "model.heads": {}, "model.private": {},
               "auxiliary_mlm.batch_size": 0, "auxiliary_mlm.mlm_probability": 0.15,
               "auxiliary_mlm.anneal": "none", "auxiliary_mlm.pairs": False, "auxiliary_mlm.max_texts": None,
-              "train.encoder_pass": "per_task"}
+              "train.encoder_pass": "per_task", "train.max_minutes": None}
 # The same for pre-training configs, whose keys partly share names with the run config's: a run
 # config always saved `train.layer_lr_decay`, a pre-training config only since it was added there.
 PRETRAIN_ADDED_KEYS = {**ADDED_KEYS, "train.layer_lr_decay": 1.0}
@@ -169,7 +170,11 @@ class WeightingConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000                    # optimiser steps
+    steps: int = 1000                    # optimiser steps (not read with max_minutes)
+    # >0: train by the clock (`budget.py`): the first steps are timed and fix the total that fills
+    # this many minutes of optimiser steps, in place of `steps`; evaluation and checkpoints are
+    # not charged. null: `steps` rules
+    max_minutes: float | None = None
     batch_size: int = 32                 # rows per step over all tasks, split by `sampling`
     sampling: str = "power"              # proportional | power | uniform
     sampling_alpha: float = 0.75         # |D|^alpha for "power" (BAM uses 0.75)
@@ -566,6 +571,8 @@ def _validate_numbers(train: Any, need) -> None:
     need(train.grad_clip >= 0, "train.grad_clip must not be negative (0 turns clipping off)")
     need(0 <= train.num_threads <= 1024, "train.num_threads must lie in [0, 1024] (0 keeps torch's default)")
     need(0 <= train.seed <= MAX_SEED, f"train.seed must lie in [0, {MAX_SEED}]")
+    need(train.max_minutes is None or 0 < train.max_minutes <= MAX_MINUTES,
+         f"train.max_minutes must lie in (0, {MAX_MINUTES:,}] (or null to train for train.steps)")
 
 
 # ----------------------------------------------------------------------------- pre-training
@@ -597,7 +604,8 @@ class MaskingConfig:
 
 @dataclass
 class PretrainTrainConfig:
-    steps: int = 1000
+    steps: int = 1000                    # optimiser steps (not read with max_minutes)
+    max_minutes: float | None = None     # >0: train by the clock, as `TrainConfig.max_minutes`
     batch_size: int = 32                 # texts per step and process
     lr: float = 1e-4
     layer_lr_decay: float = 1.0          # <1: lower encoder layers learn more slowly (the head at lr)
@@ -675,6 +683,8 @@ def validate_pretrain(config: PretrainConfig) -> None:
              "train.lr and train.head_warmup_lr must be positive, train.head_warmup_min_gain at least 0")
         need(train.scheduler == "linear", "train.head_warmup_steps works with train.scheduler linear only")
         need(not config.model.from_scratch, "train.head_warmup_steps: a model from scratch has no encoder to keep")
+        need(train.max_minutes is None, "train.head_warmup_steps counts steps of train.steps; it does not combine "
+                                        "with train.max_minutes")
     need(train.head_warmup_steps >= 0, "train.head_warmup_steps must be at least 0")
 
 

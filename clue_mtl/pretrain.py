@@ -8,7 +8,8 @@ head warm-up (`train.head_warmup_steps`: the head trains alone, the encoder froz
 held-out loss flattens); layer-wise learning-rate decay of the encoder (`train.layer_lr_decay`); any Hugging Face checkpoint (hub id or folder, with or without a masked-LM
 head) or a fresh model from its config; optional vocabulary trimming first; whole-word masking
 from jieba; AdamW with warmup and linear decay, gradient clipping, bf16/fp16; held-out masked-LM
-loss and accuracy every N steps under one fixed masking; exact resume (`resume=True`).
+loss and accuracy every N steps under one fixed masking; exact resume (`resume=True`); training
+by the clock (`train.max_minutes`, `budget.py`; not with the head warm-up, which counts steps).
 
 A checkpoint without a masked-LM head (a bare encoder such as the offline e5-small) gets a new
 head: its decoder tied to the word embedding, its transform at the library's initialisation, and
@@ -46,7 +47,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
-from transformers import get_scheduler
 
 from .accelerator import fresh_accelerator
 from .atomic import replace_folder
@@ -115,6 +115,7 @@ class Pretrainer(RunRecipe):
         self._claim_run_dir(overwrite)
         set_seed(train.seed)
         self.state = PretrainState(encoder_frozen=train.head_warmup_steps > 0)
+        self.budget = self._step_budget()
         self._setup_data()
         self._setup_model()
 
@@ -184,8 +185,7 @@ class Pretrainer(RunRecipe):
             factors = [self._lr_factor(part) for part in parts]
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         else:
-            scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_training_steps=cfg.train.steps,
-                                      num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.steps))
+            scheduler = self._learning_rate_schedule(optimizer)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(objective, optimizer, scheduler)
 
     def _parameter_groups(self, model: nn.Module) -> tuple[list[dict], list[str]]:
@@ -242,7 +242,7 @@ class Pretrainer(RunRecipe):
             self._evaluate(progress)
 
     def _after_training(self) -> None:
-        if self.state.step == self.config.train.steps:
+        if self.state.step == self.total_steps:
             self.save_encoder()
 
     def train_step(self) -> None:
@@ -331,7 +331,8 @@ class Pretrainer(RunRecipe):
                 "tokens": int(tokens)}
 
     def _evaluate(self, progress, phase: str = "training") -> dict:
-        entry = {"kind": "eval", "step": self.state.step, "phase": phase, **self.evaluate()}
+        with self._spending("evaluation"):  # the head warm-up's looks happen inside a training step
+            entry = {"kind": "eval", "step": self.state.step, "phase": phase, **self.evaluate()}
         self.state.history.append(entry)
         self._append_metrics(entry)
         if self.accelerator.is_main_process:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -10,25 +12,28 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from . import checkpoint
 from .atomic import FolderLock, write_text_atomic
+from .budget import StepBudget, budget_schedule, refresh_learning_rates
 from .config import added_keys, config_fingerprint, config_to_dict
 from .errors import RunFolderError, TrainingDiverged
 from .run_folder import RunFolder
 from .tracking import flat_record, hyperparameters
 
 
-
 class RunRecipe(ABC):
     """A base for recipes (`train.Trainer`, `pretrain.Pretrainer`): the step loop, the metrics
-    log and the resumable checkpoint.
+    log, the resumable checkpoint and training by the clock.
 
-    Subclasses set `config` (with `train.steps`, `log_every`, `eval_every`), `folder` (a
-    `RunFolder`), `accelerator`, `resume`, `show_progress` and `state` (an instance of
-    `state_class`, a dataclass with `step` and `to_dict()`), and implement the abstract methods.
-    `run_step` advances `state.step` after each `train_step`. A non-finite loss or weight stops
-    training (`TrainingDiverged`) before anything is saved.
+    Subclasses set `config` (with `train.steps`, `max_minutes`, `scheduler`, `warmup_ratio`,
+    `log_every`, `eval_every`), `folder` (a `RunFolder`), `accelerator`, `resume`,
+    `show_progress`, `budget` (`_step_budget()`) and `state` (an instance of `state_class`, a
+    dataclass with `step` and `to_dict()`), and implement the abstract methods. `run_step`
+    advances `state.step` after each `train_step`. A non-finite loss or weight stops training
+    (`TrainingDiverged`) before anything is saved. Whatever follows the run's length (the
+    learning rate: `_learning_rate_schedule`; annealing: `_schedule_point`) reads `total_steps`.
     """
 
     folder: RunFolder
@@ -38,6 +43,7 @@ class RunRecipe(ABC):
     _checkpoint_step: int = -1
     _run_lock: FolderLock | None = None   # the main process's hold on the run folder
     _holding_run_dir: bool = False        # on every process: the main one holds it
+    budget: StepBudget | None = None      # `train.max_minutes`: the steps fixed by the clock
 
     @property
     def run_dir(self) -> Path:
@@ -72,7 +78,7 @@ class RunRecipe(ABC):
 
     # ------------------------------------------------------------------------- the loop
     def train(self, until_step: int | None = None):
-        """Train to `config.train.steps`, or stop at `until_step` with a checkpoint to resume from.
+        """Train to `total_steps`, or stop at `until_step` with a checkpoint to resume from.
         The run folder's lock, taken by the claim (or again by a second call), is let go at the end."""
         self._lock_run_dir()
         try:
@@ -82,28 +88,53 @@ class RunRecipe(ABC):
 
     def _train(self, until_step: int | None):
         cfg = self.config.train
-        last_step = min(until_step or cfg.steps, cfg.steps)
         self._start_or_resume()
-        progress = tqdm(total=cfg.steps, initial=self.state.step, desc=self.progress_name, dynamic_ncols=True,
+        progress = tqdm(total=self.total_steps, initial=self.state.step, desc=self.progress_name, dynamic_ncols=True,
                         disable=not (self.show_progress and self.accelerator.is_main_process))
-        self._before_training(progress)
+        with self._spending("evaluation"):
+            self._before_training(progress)
         started, steps_at_start = time.perf_counter(), self.state.step
-        while self.state.step < last_step:
-            output = self.run_step()
+        while self.state.step < self._last_step(until_step):
+            output = self._timed_step(progress)
             progress.update(1)
-            finished = self.state.step == cfg.steps
+            finished = self.state.step == self.total_steps
             if self.state.step % cfg.log_every == 0 or finished:
                 speed = (self.state.step - steps_at_start) / max(time.perf_counter() - started, 1e-9)
                 progress.set_postfix(self._log_step(output, speed))
-            if (self.state.step % cfg.eval_every == 0 or finished) and self._evaluate_and_checkpoint(progress):
-                break  # early stopping
+            if self.state.step % cfg.eval_every == 0 or finished:
+                with self._spending("evaluation"):
+                    stop = self._evaluate_and_checkpoint(progress)
+                if stop:
+                    break  # early stopping
         progress.close()
-        if self.state.step < cfg.steps and self._checkpoint_step != self.state.step:
+        short = self.total_steps is None or self.state.step < self.total_steps
+        if short and self._checkpoint_step != self.state.step:
             self.save_checkpoint()  # interrupted by `until_step`: resumable from here
+        self._report_budget()
         self._after_training()
         self.accelerator.wait_for_everyone()
         self._finish_tracking()
         return self.state
+
+    @property
+    def total_steps(self) -> int | None:
+        """The run's steps: `train.steps`, or the budget's total (None until it is fixed)."""
+        return self.config.train.steps if self.budget is None else self.budget.total
+
+    def _last_step(self, until_step: int | None) -> int | float:
+        total = self.total_steps
+        if total is None:  # still measuring: on until the budget fixes the total
+            return until_step or math.inf
+        return min(until_step or total, total)
+
+    def _schedule_point(self) -> tuple[int, int]:
+        """(step, steps) for what anneals over the run: the step about to run of `total_steps`;
+        before a budget has fixed its total, the start (0, 1): see `budget.py`."""
+        step = self.state.step
+        if self.budget is None:
+            return step, self.config.train.steps
+        total = self.budget.total_at(step)
+        return (step, total) if total is not None else (0, 1)
 
     def run_step(self):
         """`train_step`, then the step counter advanced; returns the step's output."""
@@ -114,6 +145,8 @@ class RunRecipe(ABC):
     def _start_or_resume(self) -> None:
         if self.resume:
             self.load_checkpoint()
+            if self.budget is not None and self.budget.total is None:  # saved before the total was fixed
+                self.budget.adopt(self.folder.budget_file)
         elif self.accelerator.is_main_process:
             self._write_run_files()
         self.accelerator.wait_for_everyone()
@@ -130,6 +163,62 @@ class RunRecipe(ABC):
         for tracker in self.accelerator.trackers:
             tracker.finish()
         self.accelerator.trackers = []
+
+    # ------------------------------------------------------------------------- training by the clock
+    def _step_budget(self) -> StepBudget | None:
+        """The budget of `train.max_minutes` (None without one); set before `_learning_rate_schedule`."""
+        minutes, accelerator = self.config.train.max_minutes, self.accelerator
+        if minutes is None:
+            return None
+        agree = None
+        if accelerator.num_processes > 1:  # the slowest process decides, so all fix the same total
+            def agree(values: list[float]) -> list[float]:
+                mine = torch.tensor([values], dtype=torch.float64, device=accelerator.device)
+                return accelerator.gather(mine).amax(0).tolist()
+        synchronize = torch.cuda.synchronize if accelerator.device.type == "cuda" else None
+        return StepBudget(minutes, agree=agree, synchronize=synchronize)
+
+    def _learning_rate_schedule(self, optimizer):
+        """`train.scheduler` with warm-up over `ceil(warmup_ratio * steps)` of the run's steps:
+        `train.steps`, or the total the budget fixes (`budget.budget_schedule`)."""
+        train = self.config.train
+        if self.budget is not None:
+            return budget_schedule(optimizer, train.scheduler, train.warmup_ratio, self.budget)
+        return get_scheduler(train.scheduler, optimizer, num_training_steps=train.steps,
+                             num_warmup_steps=math.ceil(train.warmup_ratio * train.steps))
+
+    def _spending(self, account: str):
+        """Time a block into the budget's `account` (nothing without a budget)."""
+        return self.budget.spending(account) if self.budget is not None else contextlib.nullcontext()
+
+    def _timed_step(self, progress):
+        """`run_step`, on the budget's clock; once the timed steps fix the total, the learning rate
+        of the next step is read again from the schedule and the total recorded in `budget.json`."""
+        if self.budget is None:
+            return self.run_step()
+        with self.budget.spending("training"):
+            output = self.run_step()
+        if self.budget.step_taken(self.state.step):
+            refresh_learning_rates(self.scheduler)
+            self._write_budget_record()
+            progress.total = self.total_steps
+            progress.refresh()
+            if self.show_progress and self.accelerator.is_main_process:
+                progress.write(f"budget {self.budget.minutes:g} min: {self.budget.seconds_per_step:.3g} s a step over "
+                               f"{self.budget.timed_steps} timed steps; {self.total_steps:,} steps in all")
+        return output
+
+    def _write_budget_record(self) -> None:
+        if self.accelerator.is_main_process:
+            write_text_atomic(self.folder.budget_file, json.dumps(self.budget.record(self.state.step), indent=2) + "\n")
+
+    def _report_budget(self) -> None:
+        """`budget.json` with the minutes spent in this run's steps, and one line saying so."""
+        if self.budget is None:
+            return
+        self._write_budget_record()
+        if self.show_progress:
+            self.accelerator.print(self.budget.summary(self.state.step))
 
     # ------------------------------------------------------------------------- the run folder
     def _claim_run_dir(self, overwrite: bool) -> None:
@@ -177,6 +266,8 @@ class RunRecipe(ABC):
         components = dict(self._checkpoint_components())
         if self.accelerator.scaler is not None:  # fp16
             components["scaler"] = self.accelerator.scaler
+        if self.budget is not None:
+            components["budget"] = self.budget
         return components
 
     def _append_metrics(self, record: dict) -> None:
@@ -192,10 +283,11 @@ class RunRecipe(ABC):
         """`checkpoint-STEP/` beside the last checkpoint, swapped in so that no kill strands the run."""
         self._stop_if_weights_not_finite()
         self._checkpoint_step = self.state.step
-        checkpoint.save_checkpoint(
-            self.run_dir, self.state.step, model=self.model, components=self._all_checkpoint_components(),
-            recipe_state=self.state.to_dict(), fingerprint=self._fingerprint(),
-            accelerator=self.accelerator)
+        with self._spending("checkpoint"):
+            checkpoint.save_checkpoint(
+                self.run_dir, self.state.step, model=self.model, components=self._all_checkpoint_components(),
+                recipe_state=self.state.to_dict(), fingerprint=self._fingerprint(),
+                accelerator=self.accelerator)
 
     def load_checkpoint(self) -> None:
         """Continue from the newest complete checkpoint (`CheckpointError` when there is none)."""

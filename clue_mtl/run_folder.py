@@ -5,6 +5,7 @@
     labels.json       each task's labels in head order
     mended_rows.json  per task, the training rows reading cleaned or skipped (control characters, empty texts)
     metrics.jsonl     one JSON object per logged step or evaluation
+    budget.json       training by the clock (`train.max_minutes`): the total it fixed, where the minutes went
     tokenizer/        the encoder's tokenizer
     best/             the best model by dev mean macro-F1 (model.safetensors, model.json)
     evaluation/       `evaluate`'s reports and plots
@@ -34,8 +35,8 @@ from .untrusted import METRICS_LIMIT, first_line, read_json, read_text
 MODEL_FILE = "model.safetensors"   # in best/ and in every saved model folder (`MultiTaskModel.save`)
 MODEL_META_FILE = "model.json"
 # What a run leaves in its folder (recipes' outputs); any of them means the folder holds a run.
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "split.json", "labels.json", "mended_rows.json", "tokenizer", "best", "evaluation",
-               "tracking", "encoder", "source", *checkpoint.LEGACY_CHECKPOINTS)
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "budget.json", "split.json", "labels.json", "mended_rows.json",
+               "tokenizer", "best", "evaluation", "tracking", "encoder", "source", *checkpoint.LEGACY_CHECKPOINTS)
 # metrics-log fields that are timings: they differ between two runs of the same steps
 TIMING_KEYS = frozenset({"steps_per_second", "samples_per_second", "model_flops_per_second", "fraction_of_peak"})
 
@@ -65,6 +66,10 @@ class RunFolder:
     @property
     def metrics_file(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def budget_file(self) -> Path:
+        return self.path / "budget.json"
 
     @property
     def tokenizer_dir(self) -> Path:

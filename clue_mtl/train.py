@@ -4,7 +4,8 @@ Features: one shared encoder and a head per task; every step carries a batch of 
 (sizes by a sampling rule); a pluggable loss-weighting strategy with its own optimiser; AdamW with
 decay/no-decay groups and layer-wise learning-rate decay; warmup and a learning-rate schedule (`transformers.get_scheduler`); gradient
 clipping and accumulation; bf16/fp16; evaluation every N steps by mean macro-F1 with the best
-checkpoint kept and early stopping; exact resume (`resume=True`).
+checkpoint kept and early stopping; exact resume (`resume=True`); training by the clock
+(`train.max_minutes`: the steps that fill the minutes, measured and fixed once, `budget.py`).
 
 Trade-offs: the encoder runs once over every task's rows of a step (`train.encoder_pass`: fewer,
 larger matrix products) unless per-task passes are needed (private layers, per-task gradients),
@@ -17,7 +18,6 @@ The run folder's layout is `run_folder.py`'s.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import get_scheduler
 
 from .accelerator import fresh_accelerator
 from .adversarial import FGM
@@ -95,6 +94,7 @@ class Trainer(RunRecipe):
                                    f"{self.accelerator.device.type}")
         set_seed(train.seed)
         self.state = TrainerState()
+        self.budget = self._step_budget()
         self._setup_data()
         self._setup_model()
         self.meter = self._throughput_meter()
@@ -171,8 +171,7 @@ class Trainer(RunRecipe):
             model = WithMaskedLM(model, head)
         optimizer = adamw(groups, device_type=accelerator.device.type, fused=cfg.train.fused_optimizer,
                           precision=accelerator.mixed_precision)
-        scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_training_steps=cfg.train.steps,
-                                  num_warmup_steps=math.ceil(cfg.train.warmup_ratio * cfg.train.steps))
+        scheduler = self._learning_rate_schedule(optimizer)
         self.weighting = build_weighting(cfg.weighting.method, weighted_tasks(cfg), cfg.weighting.params)
         self.weighting.to(accelerator.device)
         self.joint_pass = resolved_encoder_pass(cfg) == "joint"
@@ -292,8 +291,8 @@ class Trainer(RunRecipe):
         return outputs
 
     def _masked_lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The auxiliary task's mean loss over its masked tokens (annealed: times 1 - step/steps)
-        and its masked-token accuracy."""
+        """The auxiliary task's mean loss over its masked tokens (annealed: times 1 - step/steps,
+        `_schedule_point`) and its masked-token accuracy."""
         logits, targets = self.model(MLM_TASK, batch["input_ids"], batch["attention_mask"],
                                      batch.get("token_type_ids"), labels=batch["labels"])
         if targets.numel() == 0:  # nothing masked in this micro-batch: a zero that keeps the graph
@@ -301,7 +300,8 @@ class Trainer(RunRecipe):
         loss_sum, correct = masked_lm_loss(logits, targets)
         loss = loss_sum / targets.numel()
         if self.config.auxiliary_mlm.anneal == "linear":
-            loss = loss * (1.0 - self.state.step / self.config.train.steps)
+            step, steps = self._schedule_point()
+            loss = loss * (1.0 - step / steps)
         return loss, correct.float() / targets.numel()
 
     def _step_context(self, features, accuracies, micro: int) -> StepContext:
@@ -335,8 +335,9 @@ class Trainer(RunRecipe):
             self.weighting_optimizer.zero_grad(set_to_none=True)
 
     def _task_loss(self, task: str, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        step, steps = self._schedule_point()
         return task_loss(logits, batch, class_weight=self.class_weights[task], distill=self.config.distill,
-                         step=self.state.step, steps=self.config.train.steps)
+                         step=step, steps=steps)
 
     def _adversarial_backward(self, batches: dict[str, dict[str, torch.Tensor]]) -> None:
         """FGM: perturb the word embeddings along their gradient, add the perturbed losses'

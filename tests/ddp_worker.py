@@ -27,7 +27,8 @@ def main(config_paths: list[str], out_dir: str) -> None:
         initial = checksum(trainer.unwrapped)
         trainer.train()
         record = {"world_size": trainer.accelerator.num_processes, "initial_checksum": initial,
-                  "checksum": checksum(trainer.unwrapped), "task_weights": trainer.weighting.task_weights()}
+                  "checksum": checksum(trainer.unwrapped), "task_weights": trainer.weighting.task_weights(),
+                  "steps": trainer.state.step}
         rank = trainer.accelerator.process_index
         (Path(out_dir) / f"rank{rank}{'-' + suffix if suffix else ''}.json").write_text(json.dumps(record))
         del trainer

@@ -124,6 +124,36 @@ def test_resume_reproduces_the_uninterrupted_run(pretrain_config, tmp_path):
     assert other.evaluate() == other.evaluate()
 
 
+def test_pretraining_by_the_clock_fixes_its_steps_and_writes_the_encoder(pretrain_config, monkeypatch):
+    """A fake clock: steps of 2 s, the first untimed and the next two timed, so 15 s fix 3 + 9 // 2
+    = 7 steps after step 3; the held-out evaluations (100 s each) are not charged."""
+    from clue_mtl import budget
+
+    now = [0.0]
+    monkeypatch.setattr(budget, "clock", lambda: now[0])
+    monkeypatch.setattr(budget, "SKIPPED_STEPS", 1)
+    monkeypatch.setattr(budget, "TIMED_STEPS", 2)
+    train_step, evaluate = Pretrainer.train_step, Pretrainer.evaluate
+
+    def slow_step(self):
+        now[0] += 2.0
+        return train_step(self)
+
+    def slow_evaluation(self):
+        now[0] += 100.0
+        return evaluate(self)
+
+    monkeypatch.setattr(Pretrainer, "train_step", slow_step)
+    monkeypatch.setattr(Pretrainer, "evaluate", slow_evaluation)
+    pretrainer = Pretrainer(pretrain_config("train.max_minutes=0.25"), show_progress=False, cache_dir=None)
+    pretrainer.train()
+    record = json.loads(pretrainer.folder.budget_file.read_text())
+    assert (record["fixed_at_step"], record["total_steps"], record["steps_done"]) == (3, 7, 7)
+    assert record["seconds"] == {"training": 14.0, "evaluation": 500.0, "checkpoint": 0.0}  # steps 0, 2, 4, 6, 7
+    assert json.loads((pretrainer.folder.encoder_dir / "pretraining.json").read_text())["steps"] == 7
+    assert [m["lr"] for m in read_metrics(pretrainer.run_dir) if m["kind"] == "train"][-1] == 0.0
+
+
 def test_resume_without_checkpoint_fails_clearly(pretrain_config, tmp_path):
     with pytest.raises(CheckpointError, match="nothing to resume"):
         Pretrainer(pretrain_config(), tmp_path / "empty", resume=True, show_progress=False, cache_dir=None).train()
@@ -368,7 +398,8 @@ def test_layer_lr_decay_one_keeps_the_four_groups_of_saved_runs(pretrain_config,
 def test_head_warmup_config_errors(pretrain_config):
     for overrides, message in [(["train.head_warmup_steps=6"], "between 0 and train.steps"),
                                (["train.head_warmup_steps=2", "train.scheduler=cosine"], "linear only"),
-                               (["train.head_warmup_steps=2", "train.head_warmup_eval_every=0"], "positive")]:
+                               (["train.head_warmup_steps=2", "train.head_warmup_eval_every=0"], "positive"),
+                               (["train.head_warmup_steps=2", "train.max_minutes=5"], "does not combine")]:
         with pytest.raises(ConfigError, match=message):
             pretrain_config(*overrides)
 

@@ -101,15 +101,19 @@ def test_the_encoder_computes_in_the_precision_asked_for(tiny_config, precision,
 STRUCTURE = ["model.heads={ocnli: {type: san, steps: 3, features: scalar_mix}, "
              "ocemotion: {type: bilstm, hidden: 8}, tnews: {type: attention, heads: 2, pooling: attention}}",
              "model.private={ocnli: {type: lora, rank: 4}, ocemotion: {type: layers, layers: 1}}"]
-DDP_CASES = [("equal", ()), ("uncertainty", ()), ("pcgrad", ()), ("equal", STRUCTURE), ("pcgrad", STRUCTURE)]
+# training by the clock: each rank times its own steps; the slowest decides the total for both
+BUDGET = ["train.max_minutes=0.1", "train.eval_every=1000"]
+DDP_CASES = [("equal", ()), ("uncertainty", ()), ("pcgrad", ()), ("equal", STRUCTURE), ("pcgrad", STRUCTURE),
+             ("equal", BUDGET)]
 
 
 @pytest.mark.parametrize("method, structure", DDP_CASES, ids=["equal", "uncertainty", "pcgrad", "equal-structures",
-                                                               "pcgrad-structures"])
+                                                               "pcgrad-structures", "equal-budget"])
 def test_two_cpu_processes_hold_identical_weights(tiny_config, tmp_path, method, structure):
     """DDP over gloo on two CPU processes: after a few steps both ranks hold the same model and
     task weights (a loss-level method, a learned one, and one that writes gradients by hand; and
-    per-task structures with private layers and adapters, where no parameter may go unused)."""
+    per-task structures with private layers and adapters, where no parameter may go unused; and
+    a budget of minutes, whose total both ranks must fix alike)."""
     tracking = ["train.report_to=tensorboard"] if method == "equal" and not structure else []  # trackers end without a lost group
     config = tiny_config("train.steps=3", "train.eval_every=3", "train.batch_size=12", f"weighting.method={method}",
                          *tracking, *structure)
@@ -133,6 +137,9 @@ def test_two_cpu_processes_hold_identical_weights(tiny_config, tmp_path, method,
         assert ranks[0]["task_weights"] != {"ocnli": 1.0, "ocemotion": 1.0, "tnews": 1.0}
     if tracking:
         assert list((tmp_path / "out" / "run" / "tracking").rglob("events.out.tfevents.*"))
+    if structure is BUDGET:
+        total = json.loads((tmp_path / "out" / "run" / "budget.json").read_text())["total_steps"]
+        assert ranks[0]["steps"] == ranks[1]["steps"] == total >= 12  # 2 untimed and 10 timed steps at least
 
 
 @pytest.mark.parametrize("method", ["dwa", "famo"])
