@@ -93,7 +93,7 @@ def int8_check(run_dir: Path, split: str) -> dict:
     import torch
 
     from clue_mtl.batching import encode_frame
-    from clue_mtl.blend import macro_f1
+    from clue_mtl.metrics import macro_f1
     from clue_mtl.data import load_dev_rows, load_split, load_split_ids
     from clue_mtl.inference import LoadedRun, predict_logits
 

@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, ROOT, alternate_children, equal_time_steps, time_training_steps,  # noqa: E402
                     train_and_predict, write_results)
+from clue_mtl.metrics import macro_f1, paired_bootstrap  # noqa: E402,F401 (paired_bootstrap: used by further_pretraining)
 from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
 
 CONFIG = "configs/quickstart.yaml"
@@ -149,27 +150,7 @@ def gold_and_labels() -> dict:
 
 
 def task_f1(gold: np.ndarray, predicted: np.ndarray, labels: int) -> float:
-    from clue_mtl.blend import macro_f1
-
-    return float(macro_f1(gold, predicted, labels))
-
-
-def paired_bootstrap(pairs: list[tuple[dict, dict]], gold: dict, samples: int = 1000, seed: int = 0) -> dict:
-    """Mean macro-F1 of the variant minus the default, averaged over the seed pairs, with a 95%
-    interval from resampling each task's dev rows (one resample shared by every run)."""
-    rng = np.random.default_rng(seed)
-    point, draws = 0.0, np.zeros(samples)
-    for task in TASKS:
-        truth, n_labels = gold[task]
-        resamples = [rng.integers(0, len(truth), len(truth)) for _ in range(samples)]
-        for variant, default in pairs:
-            right, left = np.asarray(variant[task]), np.asarray(default[task])
-            point += (task_f1(truth, right, n_labels) - task_f1(truth, left, n_labels)) / len(TASKS) / len(pairs)
-            for i, rows in enumerate(resamples):
-                draws[i] += (task_f1(truth[rows], right[rows], n_labels)
-                             - task_f1(truth[rows], left[rows], n_labels)) / len(TASKS) / len(pairs)
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return {"difference": point, "low": float(low), "high": float(high), "samples": samples}
+    return macro_f1(gold, predicted, labels)
 
 
 def cmd_report(args) -> None:

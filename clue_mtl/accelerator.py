@@ -8,6 +8,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
+from .errors import ConfigError
 from .hardware import resolve_precision
 
 
@@ -18,10 +19,14 @@ def fresh_accelerator(**kwargs) -> Accelerator:
     Without a GPU it asks for the CPU explicitly, which is what makes Accelerate form a gloo
     process group when several CPU processes are launched. In a single process (a notebook, a
     test) the global state of an earlier run is reset first, so one session can switch precision.
+    fp16 is refused without a GPU: Accelerate would run a CPU in float32 under that name.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
     on_cpu = not torch.accelerator.is_available()
     if "mixed_precision" in kwargs:
         kwargs["mixed_precision"] = resolve_precision(kwargs["mixed_precision"], "cpu" if on_cpu else None)
+        if on_cpu and kwargs["mixed_precision"] == "fp16":
+            raise ConfigError("train.mixed_precision: fp16 needs a GPU (on a CPU Accelerate would train in "
+                              "float32 under that name); use bf16 or auto")
     return Accelerator(cpu=on_cpu, **kwargs)

@@ -40,6 +40,7 @@ from scipy.optimize import minimize
 
 from .atomic import recover_folder, replace_folder
 from .errors import BlendError
+from .metrics import macro_f1
 from .run_folder import RunFolder
 from .tasks import TASK_NAMES, get_task
 from .untrusted import LARGE_LIMIT, checked_size, open_regular, read_json
@@ -51,17 +52,6 @@ _FLOOR = 1e-6  # probabilities are clipped here before the log: a confident memb
 
 
 # ----------------------------------------------------------------------------- the math
-def macro_f1(gold: np.ndarray, predicted: np.ndarray, num_labels: int) -> float:
-    """Macro-F1 over all `num_labels` classes (absent or never predicted ones count as 0), as
-    `metrics.task_report`; fast enough to call thousands of times in the bias search."""
-    confusion = np.bincount(gold * num_labels + predicted, minlength=num_labels * num_labels)
-    confusion = confusion.reshape(num_labels, num_labels)
-    true_positive = np.diag(confusion).astype(np.float64)
-    denominator = confusion.sum(0) + confusion.sum(1)
-    f1 = np.divide(2 * true_positive, denominator, out=np.zeros(num_labels), where=denominator > 0)
-    return float(f1.mean())
-
-
 def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
     return np.log(np.clip(probabilities, _FLOOR, 1.0))
 

@@ -15,6 +15,7 @@ import os
 import re
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .errors import EncoderError
@@ -70,12 +71,15 @@ def load_encoder(name_or_path: str | Path, *, pooler: bool = False,
                  tokenizer_kwargs: dict | None = None, **model_kwargs):
     """`(AutoModel, AutoTokenizer)` from a local folder or a hub id.
 
-    `model_kwargs` go to `AutoModel.from_pretrained`. The pooler is removed after loading
-    unless `pooler=True` (loading it and dropping it keeps the load report clean). Errors say
-    what to do when a local folder is missing or the hub cannot be reached.
+    `model_kwargs` go to `AutoModel.from_pretrained`. The weights load in float32 unless
+    `dtype` says otherwise: transformers 5 keeps a checkpoint's own dtype, and an encoder saved
+    in bf16 (as one carried to a GPU is) would otherwise train bf16 master weights. The pooler is
+    removed after loading unless `pooler=True` (loading it and dropping it keeps the load report
+    clean). Errors say what to do when a local folder is missing or the hub cannot be reached.
     """
     from transformers import AutoModel, AutoTokenizer
 
+    model_kwargs.setdefault("dtype", torch.float32)
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():

@@ -86,3 +86,37 @@ def format_report(reports: Mapping[str, dict] | Iterable[dict]) -> str:
         lines.append(f"{'mean':<10} macro-F1 {leaderboard_score(items):.4f}   "
                      f"({len(items)} task{'s' if len(items) != 1 else ''})")
     return "\n".join(lines)
+
+
+def macro_f1(gold: np.ndarray, predicted: np.ndarray, num_labels: int) -> float:
+    """Macro-F1 of label indices over all `num_labels` classes (absent or never predicted ones
+    count as 0), as `task_report`; fast enough to call thousands of times (the blend's bias
+    search, the bootstrap)."""
+    confusion = np.bincount(gold * num_labels + predicted, minlength=num_labels * num_labels)
+    confusion = confusion.reshape(num_labels, num_labels)
+    true_positive = np.diag(confusion).astype(np.float64)
+    denominator = confusion.sum(0) + confusion.sum(1)
+    f1 = np.divide(2 * true_positive, denominator, out=np.zeros(num_labels), where=denominator > 0)
+    return float(f1.mean())
+
+
+def paired_bootstrap(pairs: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
+                     gold: Mapping[str, tuple[np.ndarray, int]], samples: int = 1000, seed: int = 0) -> dict:
+    """The mean over tasks of a variant's macro-F1 minus a default's, averaged over `pairs` (one
+    (variant, default) pair of predicted label indices per task, a pair per seed), with a 95%
+    interval from resampling each task's rows; one resample is shared by every pair, so the
+    interval is of the paired difference. `gold`: task -> (label indices, number of labels)."""
+    rng = np.random.default_rng(seed)
+    point, draws = 0.0, np.zeros(samples)
+    share = 1 / len(gold) / len(pairs)
+    for task, (truth, num_labels) in gold.items():
+        truth = np.asarray(truth)
+        resamples = [rng.integers(0, len(truth), len(truth)) for _ in range(samples)]
+        for variant, default in pairs:
+            right, left = np.asarray(variant[task]), np.asarray(default[task])
+            point += (macro_f1(truth, right, num_labels) - macro_f1(truth, left, num_labels)) * share
+            for i, rows in enumerate(resamples):
+                draws[i] += (macro_f1(truth[rows], right[rows], num_labels)
+                             - macro_f1(truth[rows], left[rows], num_labels)) * share
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {"difference": point, "low": float(low), "high": float(high), "samples": samples}

@@ -95,3 +95,39 @@ def build_tiny_encoder(out_dir: str | Path, *, kind: str = "bert", texts=None,
         raise ValueError(f"kind must be 'bert' or 'xlmr', not {kind!r}")
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def write_tiny_competition_files(out_dir: str | Path, *, rows: int = 90, test_rows: int = 12,
+                                 seed: int = 0) -> Path:
+    """The nine competition files in their real format, with `rows` labelled rows a task and
+    `test_rows` test rows a split: texts of common characters in which a label's own marker
+    character appears, so a few steps can learn something. For tests and smoke runs that must
+    not depend on the real files."""
+    from .tasks import TASKS
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    pool = _COMMON_HANZI[:300]
+
+    def text(marker: str) -> str:
+        length = int(torch.randint(6, 16, (1,), generator=generator))
+        picks = torch.randint(0, len(pool), (length,), generator=generator).tolist()
+        chars = [pool[i] for i in picks]
+        chars.insert(int(torch.randint(0, length, (1,), generator=generator)), marker)
+        return "".join(chars)
+
+    for task in TASKS.values():
+        markers = _COMMON_HANZI[-len(task.labels):]
+        lines = []
+        for row in range(rows):
+            label = row % len(task.labels)
+            texts = [text(markers[label]) for _ in range(task.text_columns)]
+            lines.append("\t".join([str(row), *texts, task.labels[label]]))
+        (out_dir / task.train_file).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        for split, first_id in (("a", 0), ("b", 1000)):
+            lines = ["\t".join([str(first_id + row), *(text(markers[row % len(markers)])
+                                                      for _ in range(task.text_columns))])
+                     for row in range(test_rows)]
+            (out_dir / task.test_file(split)).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out_dir

@@ -373,6 +373,8 @@ class Trainer(RunRecipe):
         }
         throughput = self.meter.report()  # training steps only, since the last log line
         record.update(throughput)
+        if self.accelerator.device.type == "cuda":  # the most this process has held on its GPU so far
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
         self._append_metrics(record)
         postfix = {task: f"{loss:.3f}" for task, loss in losses.items()}
         if throughput:

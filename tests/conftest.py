@@ -37,6 +37,15 @@ def small_data_dir(data_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def generated_data_dir(tmp_path_factory) -> Path:
+    """The nine competition files, 90 labelled rows a task and 12 test rows a split, generated:
+    for tests that must run where the real files are not (a GPU machine, a bare clone)."""
+    from clue_mtl.testing import write_tiny_competition_files
+
+    return write_tiny_competition_files(tmp_path_factory.mktemp("generated-data"))
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     from clue_mtl.testing import build_tiny_encoder
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
 from torch import nn
 
@@ -191,3 +192,19 @@ def test_ensure_encoder_builds_only_a_missing_offline_encoder(tmp_path, monkeypa
     ensure_encoder(ready)
     assert ensure_encoder(tmp_path / "artifacts" / "other-encoder") == str(tmp_path / "artifacts" / "other-encoder")
     assert len(built) == 1
+
+
+def test_an_encoder_saved_in_bf16_trains_float32_weights(tiny_bert, tmp_path):
+    """transformers 5 loads a checkpoint in its own dtype: an encoder carried in bf16 (as to a GPU)
+    must still give float32 master weights, holding the bf16 values exactly."""
+    from transformers import AutoModel
+
+    saved = AutoModel.from_pretrained(tiny_bert).to(torch.bfloat16)
+    saved.save_pretrained(tmp_path / "bf16")
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        if (tiny_bert / name).exists():
+            shutil.copy(tiny_bert / name, tmp_path / "bf16" / name)
+    model, _ = load_encoder(tmp_path / "bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    weight = model.embeddings.word_embeddings.weight
+    assert torch.equal(weight, saved.embeddings.word_embeddings.weight.float())

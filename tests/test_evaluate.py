@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 
 from clue_mtl.evaluate import plot_confusion
@@ -87,3 +88,23 @@ def test_format_report_has_tasks_classes_and_mean_last():
 def test_plot_confusion_writes_png(tmp_path):
     path = plot_confusion(OCEMOTION, OCEMOTION_GOLD, OCEMOTION_PRED, tmp_path / "plots" / "cm.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_bootstrap_of_the_same_predictions_is_zero_and_of_better_ones_positive():
+    from clue_mtl.metrics import macro_f1, paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    gold = {"a": (rng.integers(0, 3, 300), 3), "b": (rng.integers(0, 5, 200), 5)}
+    guesses = {task: rng.integers(0, n, len(truth)) for task, (truth, n) in gold.items()}
+    same = paired_bootstrap([(guesses, guesses)], gold, samples=200)
+    assert (same["difference"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    # a variant right on the first half of each task's rows, where the default guessed
+    better = {task: np.where(np.arange(len(truth)) < len(truth) // 2, truth, guesses[task])
+              for task, (truth, n) in gold.items()}
+    gain = paired_bootstrap([(better, guesses)], gold, samples=200)
+    expected = np.mean([macro_f1(truth, better[t], n) - macro_f1(truth, guesses[t], n) for t, (truth, n) in gold.items()])
+    assert gain["difference"] == pytest.approx(expected)
+    assert 0 < gain["low"] < gain["difference"] < gain["high"]
+    # two seed pairs average: the same pair twice gives the same point, a pair of equals halves it
+    assert paired_bootstrap([(better, guesses)] * 2, gold, samples=50)["difference"] == pytest.approx(expected)
+    assert paired_bootstrap([(better, guesses), (guesses, guesses)], gold, samples=50)["difference"] == pytest.approx(expected / 2)
