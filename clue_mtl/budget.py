@@ -180,9 +180,10 @@ class StepBudget:
 
 
 # ----------------------------------------------------------------------------- the schedule
-def schedule_factor(name: str, warmup_ratio: float, lr: float) -> Callable[[int, int | None], float]:
+def schedule_factor(name: str, warmup_ratio: float, lr: float, warmup_steps: int | None = None
+                    ) -> Callable[[int, int | None], float]:
     """factor(step, total): `transformers.get_scheduler(name)`'s learning-rate factor at `step`
-    of a run of `total` steps with `ceil(warmup_ratio * total)` warm-up steps (lr: the optimiser's
+    of a run of `total` steps with `warmup_count(total, ...)` warm-up steps (lr: the optimiser's
     default, which the polynomial schedule reads); with total None, the factor at step 0, which
     every schedule of `config.SCHEDULERS` has whatever its length."""
     factors: dict[int, Callable[[int], float]] = {}
@@ -193,15 +194,22 @@ def schedule_factor(name: str, warmup_ratio: float, lr: float) -> Callable[[int,
         if total not in factors:
             probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
             factors[total] = get_scheduler(name, probe, num_training_steps=total,
-                                           num_warmup_steps=math.ceil(warmup_ratio * total)).lr_lambdas[0]
+                                           num_warmup_steps=warmup_count(total, warmup_ratio, warmup_steps)).lr_lambdas[0]
         return factors[total](step)
     return factor
 
 
-def budget_schedule(optimizer: torch.optim.Optimizer, name: str, warmup_ratio: float, budget: StepBudget) -> LambdaLR:
+def warmup_count(total: int, warmup_ratio: float, warmup_steps: int | None = None) -> int:
+    """The warm-up steps of a run of `total`: `warmup_steps` where set (at most the run), else
+    `ceil(warmup_ratio * total)`."""
+    return min(warmup_steps, total) if warmup_steps is not None else math.ceil(warmup_ratio * total)
+
+
+def budget_schedule(optimizer: torch.optim.Optimizer, name: str, warmup_ratio: float, budget: StepBudget,
+                    warmup_steps: int | None = None) -> LambdaLR:
     """The learning-rate schedule over the budget's total: its start until the total is fixed
     (`refresh_learning_rates` then), the schedule of a run of `total` steps from there."""
-    factor = schedule_factor(name, warmup_ratio, optimizer.defaults["lr"])
+    factor = schedule_factor(name, warmup_ratio, optimizer.defaults["lr"], warmup_steps)
     return LambdaLR(optimizer, lambda step: factor(step, budget.total_at(step)))
 
 

@@ -50,7 +50,8 @@ RESUMABLE_KEYS = ("name", "output_dir", "train.num_threads", "train.report_to")
 ADDED_KEYS = {"train.scheduler": "linear", "model.heads": {}, "model.private": {},
               "auxiliary_mlm.batch_size": 0, "auxiliary_mlm.mlm_probability": 0.15,
               "auxiliary_mlm.anneal": "none", "auxiliary_mlm.pairs": False, "auxiliary_mlm.max_texts": None,
-              "train.encoder_pass": "per_task", "train.max_minutes": None}
+              "train.encoder_pass": "per_task", "train.max_minutes": None,
+              "train.warmup_steps": None}
 # The same for pre-training configs, whose keys partly share names with the run config's: a run
 # config always saved `train.layer_lr_decay`, a pre-training config only since it was added there.
 PRETRAIN_ADDED_KEYS = {**ADDED_KEYS, "train.layer_lr_decay": 1.0}
@@ -183,6 +184,9 @@ class TrainConfig:
     layer_lr_decay: float = 1.0          # <1: lower layers learn more slowly
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
+    # warm-up in steps, in place of warmup_ratio: a schedule that does not depend on the run's
+    # length (with `scheduler: constant_with_warmup`, one long run serves any budget)
+    warmup_steps: int | None = None
     scheduler: str = "linear"            # after warmup: linear | cosine | constant_with_warmup | ... (SCHEDULERS)
     grad_clip: float = 1.0
     grad_accumulation: int = 1
@@ -568,6 +572,8 @@ def _validate_numbers(train: Any, need) -> None:
     need(train.lr >= 0, "train.lr must not be negative")
     need(train.weight_decay >= 0, "train.weight_decay must not be negative")
     need(0 <= train.warmup_ratio <= 1, "train.warmup_ratio must lie in [0, 1]")
+    need(train.warmup_steps is None or 0 <= train.warmup_steps <= MAX_STEPS,
+         f"train.warmup_steps must lie in [0, {MAX_STEPS:,}] (or null for train.warmup_ratio)")
     need(train.grad_clip >= 0, "train.grad_clip must not be negative (0 turns clipping off)")
     need(0 <= train.num_threads <= 1024, "train.num_threads must lie in [0, 1024] (0 keeps torch's default)")
     need(0 <= train.seed <= MAX_SEED, f"train.seed must lie in [0, {MAX_SEED}]")
@@ -611,6 +617,9 @@ class PretrainTrainConfig:
     layer_lr_decay: float = 1.0          # <1: lower encoder layers learn more slowly (the head at lr)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
+    # warm-up in steps, in place of warmup_ratio: a schedule that does not depend on the run's
+    # length (with `scheduler: constant_with_warmup`, one long run serves any budget)
+    warmup_steps: int | None = None
     scheduler: str = "linear"            # after warmup: linear | cosine | constant_with_warmup | ... (SCHEDULERS)
     grad_clip: float = 1.0
     mixed_precision: str = "no"          # no | bf16 | fp16 | auto (bf16 where the hardware has it, else no)
@@ -685,6 +694,8 @@ def validate_pretrain(config: PretrainConfig) -> None:
         need(not config.model.from_scratch, "train.head_warmup_steps: a model from scratch has no encoder to keep")
         need(train.max_minutes is None, "train.head_warmup_steps counts steps of train.steps; it does not combine "
                                         "with train.max_minutes")
+        need(train.warmup_steps is None, "train.head_warmup_steps schedules its own warm-up by train.warmup_ratio; "
+                                         "it does not combine with train.warmup_steps")
     need(train.head_warmup_steps >= 0, "train.head_warmup_steps must be at least 0")
 
 

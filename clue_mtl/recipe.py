@@ -16,7 +16,7 @@ from transformers import get_scheduler
 
 from . import checkpoint
 from .atomic import FolderLock, write_text_atomic
-from .budget import StepBudget, budget_schedule, refresh_learning_rates
+from .budget import StepBudget, budget_schedule, refresh_learning_rates, warmup_count
 from .config import added_keys, config_fingerprint, config_to_dict
 from .errors import RunFolderError, TrainingDiverged
 from .run_folder import RunFolder
@@ -179,13 +179,14 @@ class RunRecipe(ABC):
         return StepBudget(minutes, agree=agree, synchronize=synchronize)
 
     def _learning_rate_schedule(self, optimizer):
-        """`train.scheduler` with warm-up over `ceil(warmup_ratio * steps)` of the run's steps:
-        `train.steps`, or the total the budget fixes (`budget.budget_schedule`)."""
+        """`train.scheduler` with warm-up over `train.warmup_steps`, or else `ceil(warmup_ratio *
+        steps)`, of the run's steps: `train.steps`, or the total the budget fixes
+        (`budget.budget_schedule`)."""
         train = self.config.train
         if self.budget is not None:
-            return budget_schedule(optimizer, train.scheduler, train.warmup_ratio, self.budget)
+            return budget_schedule(optimizer, train.scheduler, train.warmup_ratio, self.budget, train.warmup_steps)
         return get_scheduler(train.scheduler, optimizer, num_training_steps=train.steps,
-                             num_warmup_steps=math.ceil(train.warmup_ratio * train.steps))
+                             num_warmup_steps=warmup_count(train.steps, train.warmup_ratio, train.warmup_steps))
 
     def _spending(self, account: str):
         """Time a block into the budget's `account` (nothing without a budget)."""

@@ -160,6 +160,8 @@ def test_the_budget_is_a_key_added_later_and_changes_the_fingerprint():
     ("train.max_minutes=1e9", "train.max_minutes must lie in"),
     ("train.max_minutes=.nan", "train.max_minutes: expected a finite number"),
     ("train.max_minutes=soon", "train.max_minutes: expected float"),
+    ("train.warmup_steps=-1", "train.warmup_steps must lie in"),
+    ("train.warmup_steps=2.5", "train.warmup_steps: expected int"),
 ])
 def test_budgets_that_cannot_train_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -184,3 +186,19 @@ def test_minutes_on_the_command_line_set_the_budget(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "--run-dir", str(tmp_path / "run"),
                  "--resume", "--minutes", "7.5"]) == 2
     assert "train.max_minutes: 5.0 -> 7.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget", [None, "train.max_minutes=0.25"])
+def test_warmup_steps_fix_the_warm_up_whatever_the_runs_length(tiny_config, fake_clock, budget):
+    """constant_with_warmup over 3 steps: the same rates in a run of 7 fixed steps and in one the
+    clock fixes (its first steps at the schedule's start, 0), then the peak."""
+    config = tiny_config("train.scheduler=constant_with_warmup", "train.warmup_steps=3", "train.steps=7",
+                         "train.eval_every=100", *([budget] if budget else []))
+    trainer = Trainer(config, show_progress=False)
+    trainer.train()
+    peak = trainer.scheduler.scheduler.base_lrs[0]
+    lrs = [m["lr"] for m in RunFolder(trainer.run_dir).metrics() if m["kind"] == "train"]
+    expected = [peak / 3, 2 * peak / 3, peak, peak, peak, peak, peak]
+    if budget:   # steps 1-2 untimed at the start, the total fixed after step 3
+        expected[:2] = [0.0, 0.0]
+    assert lrs == pytest.approx(expected)
