@@ -217,12 +217,13 @@ class TaskStream:
 
 
 class MultiTaskBatches:
-    """The batch of every task for a given step, as this process's share of the global batch."""
+    """The batch of every task for a given step, as this process's share of the global batch;
+    `with_rows`: each batch also carries its rows' indices in the task's data (`rows`)."""
 
     def __init__(self, encoded: dict[str, EncodedTask], batch_sizes: dict[str, int], *, seed: int,
                  pad_id: int, length_grouping: bool = True, pad_to_multiple_of: int | None = None,
-                 process_index: int = 0, num_processes: int = 1):
-        self.pad_id, self.pad_to_multiple_of = pad_id, pad_to_multiple_of
+                 process_index: int = 0, num_processes: int = 1, with_rows: bool = False):
+        self.pad_id, self.pad_to_multiple_of, self.with_rows = pad_id, pad_to_multiple_of, with_rows
         self.process_index, self.num_processes = process_index, num_processes
         self.streams = {
             task: TaskStream(data, batch_sizes[task] * num_processes, seed + 1000 * i, length_grouping)
@@ -237,6 +238,8 @@ class MultiTaskBatches:
             batch["labels"] = torch.from_numpy(stream.data.labels[rows])
             if stream.data.soft_labels is not None:
                 batch["teacher_probs"] = torch.from_numpy(stream.data.soft_labels[rows])
+            if self.with_rows:
+                batch["rows"] = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
             batches[task] = batch
         return batches
 

@@ -51,7 +51,8 @@ ADDED_KEYS = {"train.scheduler": "linear", "model.heads": {}, "model.private": {
               "auxiliary_mlm.batch_size": 0, "auxiliary_mlm.mlm_probability": 0.15,
               "auxiliary_mlm.anneal": "none", "auxiliary_mlm.pairs": False, "auxiliary_mlm.max_texts": None,
               "train.encoder_pass": "per_task", "train.max_minutes": None,
-              "train.warmup_steps": None}
+              "train.warmup_steps": None, "model.frozen_layers": 0, "train.cache_frozen": False,
+              "train.cache_max_gb": 8.0}
 # The same for pre-training configs, whose keys partly share names with the run config's: a run
 # config always saved `train.layer_lr_decay`, a pre-training config only since it was added there.
 PRETRAIN_ADDED_KEYS = {**ADDED_KEYS, "train.layer_lr_decay": 1.0}
@@ -160,6 +161,7 @@ class ModelConfig:
     freeze_word_embeddings: bool = False # keep the (large) token embedding matrix fixed
     num_layers: int = 0                  # >0: keep only the encoder's bottom N layers (shallower, faster)
     attention_dropout: float | None = None  # dropout on the attention probabilities; None keeps the encoder's (0.1 in BERT/XLM-R)
+    frozen_layers: int = 0               # >0: the embeddings and the bottom k encoder layers fixed, run without dropout (frozen.py)
 
 
 @dataclass
@@ -200,6 +202,8 @@ class TrainConfig:
     fused_optimizer: bool = True         # AdamW's fused kernel where torch has one (CPU, CUDA); false: the per-tensor loop
     attention_kernel: str = "auto"       # auto (math on a CPU in bf16, else torch's pick) | math | torch (`hardware.attention_kernel`)
     encoder_pass: str = "auto"           # joint (one pass over all tasks' rows) | per_task | auto (`resolved_encoder_pass`)
+    cache_frozen: bool = False           # with model.frozen_layers: each row's layer-k states computed once, stored (bf16) under RUN/cache and read back (frozen.py)
+    cache_max_gb: float = 8.0            # the most the cache stores; rows past it run the frozen layers at every visit
     ema_decay: float = 0.0               # >0: evaluate and save an exponential moving average of the weights
     fgm_epsilon: float = 0.0             # >0: FGM adversarial training on the word embeddings
     report_to: str = "none"              # none | tensorboard | wandb | mlflow | trackio (`tracking.py`)
@@ -516,6 +520,7 @@ def validate(config: RunConfig) -> None:
         need(limit is None or limit > 0, f"data.{name} must be positive (or null for all rows)")
     need(0 <= config.model.dropout < 1, "model.dropout must lie in [0, 1)")
     need(0 <= config.model.num_layers <= MAX_LENGTH, f"model.num_layers must lie in [0, {MAX_LENGTH:,}] (0 keeps all)")
+    _validate_frozen(config, need)
     need(config.model.attention_dropout is None or 0 <= config.model.attention_dropout < 1,
          "model.attention_dropout must lie in [0, 1) (or null for the encoder's own)")
     need(0 <= config.model.head_hidden <= MAX_LENGTH, f"model.head_hidden must lie in [0, {MAX_LENGTH:,}]")
@@ -547,6 +552,27 @@ def validate(config: RunConfig) -> None:
     need(not bad_pooling, f"model.task_pooling names tasks not trained: {bad_pooling}")
     validate_structure(config.model, config.data.tasks, need)
     _validate_choices(config)  # last: it imports the models and weighting methods (torch)
+
+
+def _validate_frozen(config: RunConfig, need) -> None:
+    """`model.frozen_layers` and `train.cache_frozen`: what cannot hold is refused here where the
+    config alone tells (the encoder's depth, private layers and adapters are checked at setup:
+    `frozen.check_frozen`)."""
+    frozen, train = config.model.frozen_layers, config.train
+    need(0 <= frozen <= MAX_LENGTH, f"model.frozen_layers must lie in [0, {MAX_LENGTH:,}] (0 freezes nothing)")
+    need(not (config.model.num_layers and frozen > config.model.num_layers),
+         f"model.frozen_layers ({frozen}) must not pass model.num_layers ({config.model.num_layers})")
+    need(not (frozen and train.fgm_epsilon > 0),
+         "train.fgm_epsilon perturbs the word embeddings, which model.frozen_layers freezes")
+    need(0 < train.cache_max_gb <= 1 << 20, "train.cache_max_gb must lie in (0, 1048576]")
+    if not train.cache_frozen:
+        return
+    need(frozen > 0, "train.cache_frozen stores the frozen layers' output: set model.frozen_layers")
+    need(not config.auxiliary_mlm.batch_size, "train.cache_frozen does not combine with the auxiliary masked LM "
+         "(auxiliary_mlm.batch_size): its masked texts are not the stored rows")
+    mixed = [task for task, head in config.model.heads.items() if head.features == "scalar_mix"]
+    need(not mixed, f"model.heads.{mixed[0] if mixed else ''}: a scalar mix reads every layer, and "
+         "train.cache_frozen stores layer model.frozen_layers alone")
 
 
 def _check_finite(config: Any, prefix: str = "") -> None:

@@ -25,6 +25,7 @@ from .batching import TaskRows
 from .config import ModelConfig
 from .encoders import encoder_layers, keep_bottom_layers
 from .errors import RunFolderError
+from .frozen import running_from
 from .heads import AnswerHead, build_head
 from .private import PrivateLayers, TaskAdapters, is_adapter
 from .run_folder import MODEL_FILE, MODEL_META_FILE
@@ -79,26 +80,29 @@ class MultiTaskModel(nn.Module):
         return list(self.heads)
 
     def forward(self, task: str | tuple[TaskRows, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None
+                token_type_ids: torch.Tensor | None = None, start: tuple[int, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor] | dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The task's logits and the vector its classifier read. `token_type_ids` (segment ids of a
         BERT-style pair) reach the encoder only when given, so encoders without them are called as before.
         Given the `TaskRows` of a joint batch instead of a task: {task: (logits, features)} from one
-        encoder pass over all the rows."""
+        encoder pass over all the rows. `start`: (k, the rows' layer-k states), where the encoder
+        runs from (`frozen.running_from`: stored states of frozen layers)."""
         if not isinstance(task, str):
-            return self._joint_forward(task, input_ids, attention_mask, token_type_ids)
+            return self._joint_forward(task, input_ids, attention_mask, token_type_ids, start)
         states = self.hidden_states(task, input_ids, attention_mask, token_type_ids,
-                                    every_layer=self.heads[task].features.needs_all_layers)
+                                    every_layer=self.heads[task].features.needs_all_layers, start=start)
         return self._head_output(task, states, input_ids, attention_mask, token_type_ids)
 
     def _joint_forward(self, parts: tuple[TaskRows, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       token_type_ids: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                       token_type_ids: torch.Tensor | None, start: tuple[int, torch.Tensor] | None = None
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each part's rows cut back to its own width: the states, mask and segment ids its head
         would have had from a pass of its own (padding is masked out of attention)."""
         if self.private is not None or self.adapters is not None:
             raise ValueError("one encoder pass serves every task only where no task has private layers or adapters")
         every_layer = any(self.heads[part.task].features.needs_all_layers for part in parts)
-        states = self.hidden_states(None, input_ids, attention_mask, token_type_ids, every_layer=every_layer)
+        states = self.hidden_states(None, input_ids, attention_mask, token_type_ids, every_layer=every_layer,
+                                    start=start)
         outputs = {}
         for part in parts:
             rows, width = part.rows, part.width
@@ -117,9 +121,11 @@ class MultiTaskModel(nn.Module):
         return head(states, attention_mask, segments)
 
     def hidden_states(self, task: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      token_type_ids: torch.Tensor | None = None, every_layer: bool = False) -> list[torch.Tensor]:
+                      token_type_ids: torch.Tensor | None = None, every_layer: bool = False,
+                      start: tuple[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """[embeddings, layer 1, ..., top] token states as the task's encoder computes them (with its
-        private layers and adapters); only [top] unless `every_layer`."""
+        private layers and adapters); only [top] unless `every_layer`. From `start` = (k, layer-k
+        states) only the layers above k run, and the list is [layer k, ..., top]."""
         segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         with contextlib.ExitStack() as running:
             if self.adapters is not None:
@@ -131,7 +137,11 @@ class MultiTaskModel(nn.Module):
                 for module in encoder_layers(self.encoder):
                     running.callback(module.register_forward_hook(
                         lambda _module, _inputs, out: recorded.append(out[0] if isinstance(out, tuple) else out)).remove)
+            if start is not None:  # after the hooks: they are on the modules, not on the stand-in
+                running.enter_context(running_from(self.encoder, *start))
             top = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
+        if start is not None and recorded:
+            recorded.insert(0, start[1])
         return [*recorded[:-1], top]  # the encoder's own output on top (a final norm included)
 
     # ------------------------------------------------------------------ what weighting and optimiser see

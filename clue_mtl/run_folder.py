@@ -13,6 +13,7 @@
     averaged_from.json  the sources of a weight-averaged run (`average-weights`)
     encoder/          a pre-training run's result; source/ its trimmed starting encoder
     checkpoint-STEP/  the latest full training state, for resume (`checkpoint.py`)
+    cache/            the frozen layers' stored output (`train.cache_frozen`, `frozen.py`)
     .lock             while a command writes the folder: its holder (`atomic.FolderLock`)
 
 Every module that reads or writes these names asks a `RunFolder` for the path. Nothing here
@@ -36,7 +37,8 @@ MODEL_FILE = "model.safetensors"   # in best/ and in every saved model folder (`
 MODEL_META_FILE = "model.json"
 # What a run leaves in its folder (recipes' outputs); any of them means the folder holds a run.
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "budget.json", "split.json", "labels.json", "mended_rows.json",
-               "tokenizer", "best", "evaluation", "tracking", "encoder", "source", *checkpoint.LEGACY_CHECKPOINTS)
+               "tokenizer", "best", "evaluation", "tracking", "encoder", "source", "cache",
+               *checkpoint.LEGACY_CHECKPOINTS)
 # metrics-log fields that are timings: they differ between two runs of the same steps
 TIMING_KEYS = frozenset({"steps_per_second", "samples_per_second", "model_flops_per_second", "fraction_of_peak"})
 
@@ -106,6 +108,10 @@ class RunFolder:
     @property
     def source_dir(self) -> Path:
         return self.path / "source"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.path / "cache"
 
     # ------------------------------------------------------------------------- reading a run
     def has_model(self) -> bool:

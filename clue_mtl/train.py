@@ -35,6 +35,9 @@ from .data import save_split, task_frames
 from .distill import read_soft_labels
 from .ema import ExponentialMovingAverage
 from .encoders import keep_bottom_layers, load_encoder
+from .errors import ConfigError
+from .frozen import FrozenStates, StateCache, cache_folder, cache_key, check_frozen, freeze_bottom, hold_eval, \
+    prepare_cache_folder
 from .hardware import PRECISION_DTYPES, ThroughputMeter, attention_kernel, count_flops, matmul_peak
 from .inference import predict_logits
 from .losses import class_weights, task_loss
@@ -109,7 +112,7 @@ class Trainer(RunRecipe):
         if cfg.model.num_layers:
             keep_bottom_layers(encoder, cfg.model.num_layers)
         self._encoder = encoder
-        fingerprint = tokenizer_fingerprint(self.tokenizer)
+        fingerprint = self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)
         soft_labels = None
         if cfg.distill.soft_labels:
             soft_labels = read_soft_labels(cfg.distill.soft_labels)
@@ -134,6 +137,7 @@ class Trainer(RunRecipe):
             self.train_data, self.batch_sizes, seed=cfg.train.seed, pad_id=self.tokenizer.pad_token_id,
             length_grouping=cfg.train.length_grouping, pad_to_multiple_of=pad_to,
             process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+            with_rows=cfg.train.cache_frozen,
         )
         self.mlm_batches = self._auxiliary_batches(fingerprint) if cfg.auxiliary_mlm.batch_size else None
 
@@ -159,6 +163,11 @@ class Trainer(RunRecipe):
         del self._encoder
         if cfg.model.freeze_word_embeddings:
             model.encoder.get_input_embeddings().weight.requires_grad_(False)
+        self.frozen_modules = []  # the embeddings and layers below model.frozen_layers, held in eval mode
+        self.frozen_states: FrozenStates | None = None  # their stored output, opened at the first step
+        if cfg.model.frozen_layers:
+            self.frozen_modules = freeze_bottom(model.encoder, cfg.model.frozen_layers)
+            check_frozen(model, cfg.model.frozen_layers, cached=cfg.train.cache_frozen)
         groups = parameter_groups(model, lr=cfg.train.lr, head_lr=cfg.train.head_lr,
                                   weight_decay=cfg.train.weight_decay, layer_lr_decay=cfg.train.layer_lr_decay)
         if self.mlm_batches is not None:
@@ -191,6 +200,10 @@ class Trainer(RunRecipe):
         self._head_parameters = _trainable(model.task_parameters())
         if self.mlm_batches is not None:  # the auxiliary head is the masked LM's own, as a head is its task's
             self._head_parameters += _trainable(self.mlm_head_parameters)
+        if cfg.model.frozen_layers and ((self.weighting.manual_gradients and not self._shared_parameters)
+                                        or (cfg.weighting.method == "gradnorm" and not self._last_shared_parameters)):
+            raise ConfigError(f"weighting.method {cfg.weighting.method!r} acts on the shared encoder's gradients, but "
+                              f"model.frozen_layers ({cfg.model.frozen_layers}) leaves it no trainable layer there")
         self.class_weights = {
             task: class_weights(data.labels, get_task(task).num_labels).to(accelerator.device)
             if cfg.train.class_weighting else None
@@ -239,6 +252,7 @@ class Trainer(RunRecipe):
         weighting's backward (and FGM's), then the optimisers once the gradients are complete."""
         train = self.config.train
         self.model.train()
+        hold_eval(self.frozen_modules)
         self.step_tokens = 0
         with attention_kernel(train.attention_kernel, self.accelerator.device.type, self.accelerator.mixed_precision):
             return self._micro_steps(train.grad_accumulation)
@@ -279,16 +293,54 @@ class Trainer(RunRecipe):
 
     def _task_outputs(self, batches: dict[str, dict[str, torch.Tensor]]
                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{task: (logits, features)}: one encoder pass over every task's rows, or one per task."""
+        """{task: (logits, features)}: one encoder pass over every task's rows, or one per task;
+        with `train.cache_frozen`, from the rows' stored layer-k states (`frozen.py`)."""
+        stored = self._stored_states().for_batches(batches) if self.config.train.cache_frozen else None
         if self.joint_pass and len(batches) > 1:
             parts, joint = joint_batch(batches, self.batches.pad_id)
             self.step_tokens += int(joint["input_ids"].numel())
-            return self.model(parts, joint["input_ids"], joint["attention_mask"], joint.get("token_type_ids"))
+            start = {} if stored is None else {"start": self._start([row for t in batches for row in stored[t]],
+                                                                    joint["input_ids"])}
+            return self.model(parts, joint["input_ids"], joint["attention_mask"], joint.get("token_type_ids"), **start)
         outputs = {}
         for task, batch in batches.items():
             self.step_tokens += int(batch["input_ids"].numel())
-            outputs[task] = self.model(task, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            start = {} if stored is None else {"start": self._start(stored[task], batch["input_ids"])}
+            outputs[task] = self.model(task, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                                       **start)
         return outputs
+
+    def _start(self, rows: list[torch.Tensor], input_ids: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Where the encoder starts: layer k, from these rows' states padded to the batch's width."""
+        return self.config.model.frozen_layers, self.frozen_states.padded(rows, input_ids.shape[1], input_ids.device)
+
+    def _stored_states(self) -> FrozenStates:
+        """The frozen layers' stored output, opened at the first step, after any resume: fresh for a
+        new run, cut back to this step's commit for a resumed one. The key is taken from the loaded
+        weights, so a resume keys the weights its checkpoint holds."""
+        if self.frozen_states is None:
+            cfg, accelerator, model = self.config, self.accelerator, self.unwrapped
+            key = cache_key(model.encoder, cfg.model.frozen_layers, self.train_data,
+                            tokenizer=self.tokenizer_fingerprint, max_length=cfg.data.max_length,
+                            precision=accelerator.mixed_precision, attention_kernel=cfg.train.attention_kernel,
+                            device=accelerator.device.type)
+            if accelerator.is_main_process:
+                prepare_cache_folder(self.folder.cache_dir, key, fresh=not self.resume)
+            accelerator.wait_for_everyone()
+            cache = StateCache(cache_folder(self.folder.cache_dir, key),
+                               lengths={task: data.lengths for task, data in self.train_data.items()},
+                               hidden=model.encoder.config.hidden_size, max_bytes=int(cfg.train.cache_max_gb * 2**30),
+                               rank=accelerator.process_index).open(self.state.step if self.resume else None)
+            self.frozen_states = FrozenStates(model.encoder, cfg.model.frozen_layers, cache,
+                                              pad_id=self.tokenizer.pad_token_id, autocast=accelerator.autocast)
+        return self.frozen_states
+
+    def save_checkpoint(self) -> None:
+        """The checkpoint, after the frozen layers' stored output is committed at this step: a
+        resume from it reads what this run read (`frozen.StateCache.commit`)."""
+        if self.frozen_states is not None:
+            self.frozen_states.cache.commit(self.state.step)
+        super().save_checkpoint()
 
     def _masked_lm_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The auxiliary task's mean loss over its masked tokens (annealed: times 1 - step/steps,

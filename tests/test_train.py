@@ -103,17 +103,19 @@ STRUCTURE = ["model.heads={ocnli: {type: san, steps: 3, features: scalar_mix}, "
              "model.private={ocnli: {type: lora, rank: 4}, ocemotion: {type: layers, layers: 1}}"]
 # training by the clock: each rank times its own steps; the slowest decides the total for both
 BUDGET = ["train.max_minutes=0.1", "train.eval_every=1000"]
+CACHED = ("model.frozen_layers=1", "train.cache_frozen=true")  # each rank stores its own rows' states
 DDP_CASES = [("equal", ()), ("uncertainty", ()), ("pcgrad", ()), ("equal", STRUCTURE), ("pcgrad", STRUCTURE),
-             ("equal", BUDGET)]
+             ("equal", BUDGET), ("equal", CACHED)]
 
 
 @pytest.mark.parametrize("method, structure", DDP_CASES, ids=["equal", "uncertainty", "pcgrad", "equal-structures",
-                                                               "pcgrad-structures", "equal-budget"])
+                                                               "pcgrad-structures", "equal-budget", "equal-cached"])
 def test_two_cpu_processes_hold_identical_weights(tiny_config, tmp_path, method, structure):
     """DDP over gloo on two CPU processes: after a few steps both ranks hold the same model and
     task weights (a loss-level method, a learned one, and one that writes gradients by hand; and
     per-task structures with private layers and adapters, where no parameter may go unused; and
-    a budget of minutes, whose total both ranks must fix alike)."""
+    a budget of minutes, whose total both ranks must fix alike; and frozen layers cached, each
+    rank storing its own rows)."""
     tracking = ["train.report_to=tensorboard"] if method == "equal" and not structure else []  # trackers end without a lost group
     config = tiny_config("train.steps=3", "train.eval_every=3", "train.batch_size=12", f"weighting.method={method}",
                          *tracking, *structure)
@@ -140,6 +142,9 @@ def test_two_cpu_processes_hold_identical_weights(tiny_config, tmp_path, method,
     if structure is BUDGET:
         total = json.loads((tmp_path / "out" / "run" / "budget.json").read_text())["total_steps"]
         assert ranks[0]["steps"] == ranks[1]["steps"] == total >= 12  # 2 untimed and 10 timed steps at least
+    if structure == CACHED:
+        stored = sorted(path.name for path in (tmp_path / "out" / "run" / "cache").rglob("states-*.bin"))
+        assert stored == ["states-0.bin", "states-1.bin"]
 
 
 @pytest.mark.parametrize("method", ["dwa", "famo"])
