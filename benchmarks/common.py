@@ -38,14 +38,14 @@ def machine() -> dict:
     }
 
 
-def write_results(name: str, figures: dict, markdown: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(name: str, figures: dict, markdown: str, results: Path = RESULTS) -> None:
+    results.mkdir(parents=True, exist_ok=True)
     record = {
         "name": name, "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "figures": figures,
     }
-    write_whole(RESULTS / f"{name}.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    write_whole(RESULTS / f"{name}.md", markdown.rstrip() + "\n")
+    write_whole(results / f"{name}.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    write_whole(results / f"{name}.md", markdown.rstrip() + "\n")
     print(markdown)
 
 

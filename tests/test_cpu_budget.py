@@ -1,0 +1,66 @@
+"""benchmarks/cpu_budget.py on a tiny encoder and generated data: a curve's points at training
+minutes, a killed curve going on from its last point, and the report (table, figure, crossing)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "cpu_budget.py"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import cpu_budget  # noqa: E402
+
+
+def run_script(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *arguments], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_a_curve_reads_points_goes_on_after_a_stop_and_reports(tmp_path):
+    common = ["--smoke", "--variant", "default", "--run-root", str(tmp_path / "runs"), "--results", str(tmp_path)]
+    first = run_script("curve", *common, "--minutes", "0.02")
+    assert first.returncode == 0, first.stderr[-3000:]
+    record_path = tmp_path / "cpu_budget_runs" / "default-s42.json"
+    later = round(json.loads(record_path.read_text())["points"][0]["training_minutes"] + 0.05, 3)
+    second = run_script("curve", *common, "--minutes", f"0.02,{later}")   # the first point is not read again
+    assert second.returncode == 0, second.stderr[-3000:]
+    points = json.loads(record_path.read_text())["points"]
+    assert [p["target_minutes"] for p in points] == [0.02, later]
+    assert points[0]["training_minutes"] >= 0.02 and points[1]["training_minutes"] >= later
+    assert points[1]["step"] > points[0]["step"]   # trained on from the checkpoint of the first point
+    for point in points:
+        assert set(point["alone"]) == set(point["biased_blend_cross_fitted"]) == {"ocnli", "ocemotion", "tnews", "mean"}
+        assert len(point["decisions"]["tnews"]["alone"]) == len(point["decisions"]["tnews"]["biased"]) > 0
+
+    report = run_script("report", "--results", str(tmp_path))
+    assert report.returncode == 0, report.stderr[-3000:]
+    figures = json.loads((tmp_path / "cpu_budget.json").read_text())["figures"]
+    assert figures["baseline"] == points[0]["baseline"]["mean"]
+    assert [p["step"] for p in figures["curves"]["default-s42"]["points"]] == [p["step"] for p in points]
+    assert (tmp_path / "cpu_budget.png").stat().st_size > 0
+    assert "default-s42" in (tmp_path / "cpu_budget.md").read_text()
+
+
+def test_the_crossing_minute_is_read_between_points():
+    points = [{"training_minutes": m, "alone": {"mean": v}} for m, v in ((10, 0.40), (20, 0.50), (30, 0.60))]
+    assert cpu_budget.crossing(points, 0.55) == pytest.approx(25.0)
+    assert cpu_budget.crossing(points, 0.30) == 10
+    assert cpu_budget.crossing(points, 0.70) is None
+
+
+def test_decisions_are_stored_one_character_a_row():
+    labels = [0, 9, 10, 14, 3]
+    assert cpu_budget.encode_labels(labels) == "09ae3"
+    assert cpu_budget.decode_labels("09ae3").tolist() == labels
+
+
+def test_a_frozen_curve_trains_from_its_store(tmp_path):
+    result = run_script("curve", "--smoke", "--variant", "frozen8", "--set", "model.frozen_layers=1",
+                        "--run-root", str(tmp_path / "runs"), "--results", str(tmp_path), "--minutes", "0.02")
+    assert result.returncode == 0, result.stderr[-3000:]
+    point = json.loads((tmp_path / "cpu_budget_runs" / "frozen8-s42.json").read_text())["points"][0]
+    assert point["step"] >= cpu_budget.CALIBRATION_STEPS
+    assert list((tmp_path / "runs" / "frozen8-s42" / "cache").rglob("states-0.bin"))
