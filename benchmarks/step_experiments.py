@@ -1,7 +1,7 @@
 """Changes to the training step tried against the kit with one encoder pass per task
 (train_throughput.py's math-kernel settings, the kit after until the joint pass was built): each
 variant patches a fresh Trainer, then is timed in its own process, variants taking turns over
-repeats. A variant that pays here is a lever to build (README, "Speed against this machine's own
+repeats. A variant that pays here is a lever to build (benchmarks/README.md, "Speed against this machine's own
 peak"), not a setting; the joint pass it measured (`single_pass`) is now `train.encoder_pass`.
 
     python benchmarks/step_experiments.py            # about 20 minutes on 2 cores, alone

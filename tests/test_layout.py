@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "clue_mtl"
-README = PACKAGE.parent / "README.md"
+README = PACKAGE / "README.md"
 
 
 def _table_order() -> list[str]:
