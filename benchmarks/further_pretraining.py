@@ -428,7 +428,8 @@ def pretraining_minutes(name: str, record: dict, speed: dict) -> float:
 
 
 def cmd_report(args) -> None:
-    from structures import paired_bootstrap, task_f1
+    from clue_mtl.metrics import paired_bootstrap
+    from structures import task_f1
 
     from clue_mtl.tasks import get_task
 

@@ -46,6 +46,10 @@ SMOKE = ["data.max_length=32", "train.batch_size=9", "train.eval_every=4", "trai
          "model.heads={ocnli: {type: attention, heads: 2}, ocemotion: {type: attention, heads: 2}, "
          "tnews: {type: attention, heads: 2}}"]
 METHODS = ("equal", "uncertainty", "gradnorm", "dwa")
+DEVICE_TESTS_LIMIT = 180    # seconds: about 10 on 2 CPU cores
+MAIN_JOB_RESERVE = 120      # seconds after training: the whole dev split, the blend, both zips
+EVALUATION_RESERVE = 90     # seconds after the weighting methods' training: four dev evaluations
+MIN_MINUTES = 0.1
 
 
 # ----------------------------------------------------------------------------------- pack
@@ -97,23 +101,31 @@ def folder_bytes(folder: Path) -> int:
 
 # ----------------------------------------------------------------------------------- run
 class Stages:
-    """Wall seconds per stage, and the minutes left before the deadline."""
+    """The stages of one check, bounded by its deadline: each one's wall seconds, its failure
+    (recorded, never fatal: what ran before still comes back), and the record saved after each."""
 
-    def __init__(self, deadline_minutes: float):
+    def __init__(self, deadline_minutes: float, record: dict, save):
         self.started = time.monotonic()
         self.deadline = self.started + deadline_minutes * 60
-        self.seconds: dict[str, float] = {}
+        self.record, self.save = record, save
+        self.seconds = record["stages_seconds"]
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def timed(self, name: str, work, *args, **kwargs):
+    def run(self, name: str, work, *args, **kwargs):
+        """`work(*args, **kwargs)`, or None with the failure's first lines recorded under `name`."""
         print(f"== {name} ({self.left() / 60:.1f} min left)", flush=True)
         started = time.monotonic()
         try:
             return work(*args, **kwargs)
+        except Exception as error:  # any failure of one stage: the others still run and report
+            self.record["failed"][name] = f"{type(error).__name__}: {error}"[:2000]
+            return None
         finally:
             self.seconds[name] = round(time.monotonic() - started, 1)
+            self.record["wall_seconds"] = round(time.monotonic() - self.started, 1)
+            self.save()
 
 
 def environment() -> dict:
@@ -146,30 +158,40 @@ def prepare_inputs(args, work: Path) -> tuple[Path, Path]:
     return data, carry / "encoder"
 
 
+def child_environment() -> dict:
+    """This tree first on the path (the kit is not installed there), and no hub: nothing to reach."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "HF_HUB_OFFLINE": "1"}
+
+
 def kit(*arguments: str, log: Path) -> subprocess.Popen:
     """`python -m clue_mtl ARGUMENTS` in its own process, its output into `log`."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = child_environment()
     with open(log, "w") as output:
         return subprocess.Popen([sys.executable, "-m", "clue_mtl", *arguments], cwd=ROOT, env=env,
                                 stdout=output, stderr=subprocess.STDOUT)
 
 
-def finished(process: subprocess.Popen, log: Path, timeout: float | None = None) -> None:
+def finished(process: subprocess.Popen, log: Path, timeout: float) -> None:
     try:
-        code = process.wait(timeout=timeout)
+        code = process.wait(timeout=max(timeout, 1))
     except subprocess.TimeoutExpired:
         process.kill()
+        process.wait()
         raise RuntimeError(f"{log.name}: still running at the deadline; stopped") from None
     if code != 0:
         raise RuntimeError(f"{log.name}: exit {code}: {log.read_text(errors='replace')[-1500:]}")
 
 
-def device_tests(work: Path, select: str | None) -> dict:
+def device_tests(work: Path, select: str | None, timeout: float) -> dict:
     report = work / "device-tests.xml"
     command = [sys.executable, "-m", "pytest", "-q", "-m", "device", "-p", "no:cacheprovider",
                f"--junitxml={report}", str(ROOT / "tests" / "test_device.py"), *(["-k", select] if select else [])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, cwd=ROOT, env=child_environment(), capture_output=True, text=True,
+                                timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the device tests ran past {timeout:.0f} s; stopped") from None
     if not report.exists():
         return {"collected": 0, "error": (result.stdout + result.stderr)[-1500:]}
     suite = ElementTree.parse(report).getroot()
@@ -231,14 +253,14 @@ def validated_zips(folder: Path, data: Path) -> dict:
     return zips
 
 
-def main_job(args, work: Path, data: Path, encoder: Path, overrides: list[str]) -> dict:
+def main_job(args, work: Path, data: Path, encoder: Path, overrides: list[str], timeout: float) -> dict:
     log = work / "main-job.log"
     arguments = ["run", "--config", args.config, "--overwrite", "--run-dir", str(work / "runs" / "gpu"),
                  "--blend-dir", str(work / "blends" / "gpu"), "--out-dir", str(work / "submissions")]
     for override in overrides:
         arguments += ["--set", override]
     started = time.monotonic()
-    finished(kit(*arguments, log=log), log)
+    finished(kit(*arguments, log=log), log, timeout)
     text = log.read_text(errors="replace")
     return {"command": "clue-mtl " + " ".join(arguments), "wall_seconds": round(time.monotonic() - started, 1),
             "baseline_reused": "baseline: using" in text, "training": training_figures(work / "runs" / "gpu"),
@@ -264,8 +286,13 @@ def weighting_comparison(args, stages: Stages, work: Path, overrides: list[str])
         for override in overrides:
             arguments += ["--set", override]
         processes[method] = kit(*arguments, log=work / f"weighting-{method}.log")
-    for method, process in processes.items():
-        finished(process, work / f"weighting-{method}.log", timeout=max(stages.left(), 1))
+    try:
+        for method, process in processes.items():
+            finished(process, work / f"weighting-{method}.log", stages.left() - EVALUATION_RESERVE)
+    finally:
+        for process in processes.values():   # one past the deadline: the others stop with it
+            if process.poll() is None:
+                process.kill()
     predicted, scores = {}, {}
     for method, run_dir in runs.items():
         evaluation = evaluate_run(run_dir, plots=False)
@@ -285,36 +312,41 @@ def weighting_comparison(args, stages: Stages, work: Path, overrides: list[str])
 
 
 def cmd_run(args) -> int:
-    stages = Stages(args.deadline)
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    record: dict = {"smoke": args.smoke, "stages_seconds": stages.seconds, "skipped": {}, "failed": {}}
-    record["environment"] = stages.timed("environment", environment)
-    data, encoder = stages.timed("inputs", prepare_inputs, args, work)
+    record: dict = {"smoke": args.smoke, "stages_seconds": {}, "skipped": {}, "failed": {}, "environment": {}}
+    out = Path(args.out) if args.out else None
+    stages = Stages(args.deadline, record, lambda: write_record(record, Path(args.results), out, work))
+    record["environment"] = stages.run("environment", environment) or {}
+    inputs = stages.run("inputs", prepare_inputs, args, work)
+    if inputs is None:
+        return 1
+    data, encoder = inputs
     overrides = [f"data.data_dir={data}", f"model.encoder={encoder}", f"output_dir={work / 'runs'}",
                  *(SMOKE if args.smoke else [])]
-    baseline_log = work / "baseline.log"
+    baseline_log = work / "baseline.log"   # on the CPU beside the device tests; the main job refits it if it failed
     baseline = kit("baseline", "--data-dir", str(data), "--run-dir", str(work / "runs" / "baseline"),
                    "--out-dir", str(work / "baseline-submissions"), log=baseline_log)
-    record["device_tests"] = stages.timed("device tests", device_tests, work, args.device_tests)
-    stages.timed("baseline (beside the device tests)", finished, baseline, baseline_log)
-    try:
-        record["main_job"] = stages.timed("main job", main_job, args, work, data, encoder,
-                                          [*overrides, f"train.max_minutes={args.minutes}"])
-    except RuntimeError as error:
-        record["failed"]["main_job"] = str(error)
-    needed = args.compare_minutes * 60 + 90   # training side by side, then four evaluations
+    record["device_tests"] = stages.run("device tests", device_tests, work, args.device_tests,
+                                        min(DEVICE_TESTS_LIMIT, stages.left() / 3)) or {}
+    stages.run("baseline (beside the device tests)", finished, baseline, baseline_log, stages.left() / 2)
+    # the main job's training shrinks to what the deadline leaves after its evaluation, blend and zips
+    minutes = min(args.minutes, (stages.left() - MAIN_JOB_RESERVE) / 60)
+    if minutes < MIN_MINUTES:
+        record["skipped"]["main_job"] = f"{stages.left() / 60:.1f} minutes left"
+    else:
+        record["main_job"] = stages.run("main job", main_job, args, work, data, encoder,
+                                        [*overrides, f"train.max_minutes={minutes:.3f}"], stages.left())
+    needed = args.compare_minutes * 60 + EVALUATION_RESERVE
     if stages.left() < needed:
         record["skipped"]["weighting"] = f"{stages.left() / 60:.1f} minutes left, {needed / 60:.1f} needed"
     else:
-        try:
-            record["weighting"] = stages.timed("weighting methods", weighting_comparison, args, stages, work,
-                                               [*overrides, f"train.max_minutes={args.compare_minutes}"])
-        except RuntimeError as error:
-            record["failed"]["weighting"] = str(error)
-    record["wall_seconds"] = round(time.monotonic() - stages.started, 1)
-    write_record(record, Path(args.results), Path(args.out) if args.out else None, work)
-    return 0 if not record["failed"] and record["device_tests"].get("failures", 1) == 0 else 1
+        record["weighting"] = stages.run("weighting methods", weighting_comparison, args, stages, work,
+                                         [*overrides, f"train.max_minutes={args.compare_minutes}"])
+    stages.save()
+    print(markdown(record))
+    tests_passed = record["device_tests"].get("failures", 1) == record["device_tests"].get("errors", 1) == 0
+    return 0 if not record["failed"] and tests_passed else 1
 
 
 # ----------------------------------------------------------------------------------- results
@@ -324,7 +356,6 @@ def write_record(record: dict, results: Path, out: Path | None, work: Path) -> N
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": record["environment"], "figures": record}
     write_whole(results / "gpu_check.json", json.dumps(full, indent=2, ensure_ascii=False, default=float) + "\n")
     write_whole(results / "gpu_check.md", markdown(record) + "\n")
-    print(markdown(record))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for name in ("gpu_check.json", "gpu_check.md"):
@@ -337,15 +368,16 @@ def write_record(record: dict, results: Path, out: Path | None, work: Path) -> N
 def markdown(record: dict) -> str:
     env = record["environment"]
     lines = [f"# GPU check{' (smoke, on the CPU)' if record['smoke'] else ''}", "",
-             f"{env.get('gpu') or env['cpu']}; {env.get('nvidia_smi', 'no GPU')}; torch {env['torch']} (CUDA "
-             f"{env['cuda']}), transformers {env['transformers']}, accelerate {env['accelerate']}; "
-             f"wall {record['wall_seconds']:.0f} s", ""]
+             f"{env.get('gpu') or env.get('cpu')}; {env.get('nvidia_smi', 'no GPU')}; torch {env.get('torch')} (CUDA "
+             f"{env.get('cuda')}), transformers {env.get('transformers')}, accelerate {env.get('accelerate')}; "
+             f"wall {record.get('wall_seconds', 0):.0f} s", ""]
     if "bf16_matmul_tflops" in env:
         lines += [f"bf16 matmul peak measured: {env['bf16_matmul_tflops']:.0f} TFLOP/s", ""]
-    tests = record["device_tests"]
-    lines += [f"Device tests: {tests.get('passed', 0)} passed, {tests.get('failures', 0)} failed, "
-              f"{tests.get('errors', 0)} errors, {tests.get('skipped', 0)} skipped", ""]
-    lines += [f"- FAILED {name}: {message}" for name, message in tests.get("failed", {}).items()]
+    tests = record.get("device_tests")
+    if tests is not None:
+        lines += [f"Device tests: {tests.get('passed', 0)} passed, {tests.get('failures', 0)} failed, "
+                  f"{tests.get('errors', 0)} errors, {tests.get('skipped', 0)} skipped", ""]
+        lines += [f"- FAILED {name}: {message}" for name, message in tests.get("failed", {}).items()]
     job = record.get("main_job")
     if job:
         training = job["training"]

@@ -3,4 +3,4 @@
 # `python benchmarks/gpu_check.py pack` writes .gpu first; the results come back in $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHONPATH=. PYTHONUNBUFFERED=1 exec python3 benchmarks/gpu_check.py run --carry .gpu --out "${OUT:?the device tool sets OUT}" "$@"
+HF_HUB_OFFLINE=1 PYTHONPATH=. PYTHONUNBUFFERED=1 exec python3 benchmarks/gpu_check.py run --carry .gpu --out "${OUT:?the device tool sets OUT}" "$@"

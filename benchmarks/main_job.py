@@ -163,9 +163,8 @@ def paired_bootstrap(first: tuple[dict, str | None], second: tuple[dict, str | N
 def bootstrap_decisions(firsts: list[dict], seconds: list[dict], samples: int = 2000, seed: int = 0) -> dict:
     """Mean macro-F1 of the `seconds` minus the `firsts` (each a task -> (gold, decisions) dict;
     several pairs, e.g. one per seed, are averaged), with a 95% interval from resampling each
-    task's dev rows, the same resample for every variant (`structures.paired_bootstrap`)."""
-    from structures import paired_bootstrap as bootstrap
-
+    task's dev rows, the same resample for every variant (`clue_mtl.metrics.paired_bootstrap`)."""
+    from clue_mtl.metrics import paired_bootstrap as bootstrap
     from clue_mtl.tasks import get_task
 
     gold = {t: (firsts[0][t][0], get_task(t).num_labels) for t in TASKS}

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, ROOT, alternate_children, equal_time_steps, time_training_steps,  # noqa: E402
                     train_and_predict, write_results)
-from clue_mtl.metrics import macro_f1, paired_bootstrap  # noqa: E402,F401 (paired_bootstrap: used by further_pretraining)
+from clue_mtl.metrics import macro_f1, paired_bootstrap  # noqa: E402
 from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
 
 CONFIG = "configs/quickstart.yaml"

@@ -268,3 +268,24 @@ def save_baseline(run_dir: str | Path, models: dict[str, BaselineModel], dev_ids
                 "dev_mean_macro_f1": leaderboard_score(reports)}
         (staging / BASELINE_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
     return run_dir
+
+
+def fitted_baseline(data, run_dir: str | Path) -> Path:
+    """The baseline on the split and training rows of `data` (a config's `DataConfig`) in
+    `run_dir`: the one saved there when it matches (same files, split and rows) and loads whole,
+    else fitted now."""
+    run_dir = Path(run_dir)
+    wanted = {"data_dir": str(data.data_dir), "dev_fraction": data.dev_fraction, "split_seed": data.split_seed,
+              "max_rows": data.max_train_rows}
+    try:
+        saved = read_json(run_dir / BASELINE_FILE, what="baseline record", error=DataError)
+        settings = {key: saved["settings"][key] for key in wanted}
+        if settings == wanted and set(data.tasks) <= set(saved["tasks"]):
+            BaselineRun.load(run_dir)  # complete and readable, or fitted again below
+            print(f"baseline: using {run_dir} (same data and split)")
+            return run_dir
+    except (OSError, ValueError, KeyError, TypeError, DataError):
+        pass
+    run_baseline(data.data_dir, out_dir=None, dev_fraction=data.dev_fraction, seed=data.split_seed,
+                 run_dir=run_dir, tasks=list(data.tasks), max_rows=data.max_train_rows, id_mode=data.id_mode)
+    return run_dir

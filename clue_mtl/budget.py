@@ -80,12 +80,19 @@ class StepBudget:
         self.spent = dict.fromkeys(ACCOUNTS, 0.0)
         self._agree = agree or (lambda values: values)
         self._synchronize = synchronize or (lambda: None)
-        self._steps_this_call = 0
-        self._timed_seconds = 0.0
+        self._steps_this_call = 0         # steps of this call of `train()` (`begin_call`)
+        self._timed_seconds = 0.0         # their timed seconds, while measuring
         self._open: list[list] = []  # the blocks being timed, outermost first: [account, started, inner seconds]
         self._last = 0.0             # the last block's own seconds
 
     # ------------------------------------------------------------------------- the total
+    def begin_call(self) -> None:
+        """A new call of `train()` (after any resume): while the total is not fixed, its measurement
+        starts again, skipping this call's first steps (a second call on one trainer included)."""
+        self._steps_this_call, self._timed_seconds = 0, 0.0
+        if self.total is None:
+            self.timed_steps = 0
+
     def total_at(self, step: int) -> int | None:
         """The total the schedules follow at `step` (counted from 0): None before the step the
         total was fixed at, so a resumed run gives every step what it had."""

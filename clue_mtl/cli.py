@@ -249,6 +249,7 @@ def cmd_blend(args) -> int:
 def cmd_run(args) -> int:
     """The main job: baseline, encoder, training, blend, dev report, test A and B submissions."""
     config = _config(args)
+    from .baseline import fitted_baseline
     from .blend import build_blend, evaluate_blend, predict_blend_submission
     from .encoders import ensure_encoder
     from .evaluate import evaluate_run
@@ -259,7 +260,8 @@ def cmd_run(args) -> int:
     ensure_encoder(config.model.encoder)
     # One process fits the baseline (before training, so its errors come early); only the main
     # process blends and predicts after training.
-    baseline_dir = _fitted_baseline(config) if int(os.environ.get("RANK", "0")) == 0 else None
+    baseline_dir = (fitted_baseline(config.data, Path(config.output_dir) / "baseline")
+                    if int(os.environ.get("RANK", "0")) == 0 else None)
     trainer = train(config, args.run_dir, resume=args.resume, overwrite=args.overwrite)
     if not trainer.accelerator.is_main_process:  # evaluation and prediction are one process's work
         return 0
@@ -288,32 +290,6 @@ def _check_job_files(config) -> None:
     check_training_files(data.data_dir, list(data.tasks))
     for split in ("a", "b"):
         checked_test_files(list(data.tasks), split=split, data_dir=data.data_dir, id_mode=data.id_mode)
-
-
-def _fitted_baseline(config) -> Path:
-    """The TF-IDF baseline on the config's split and training rows, fitted now unless a matching
-    one is saved in OUTPUT_DIR/baseline."""
-    import json
-
-    from .baseline import BASELINE_FILE, BaselineRun, run_baseline
-    from .errors import DataError
-
-    data = config.data
-    run_dir = Path(config.output_dir) / "baseline"
-    wanted = {"data_dir": str(data.data_dir), "dev_fraction": data.dev_fraction, "split_seed": data.split_seed,
-              "max_rows": data.max_train_rows}
-    try:
-        saved = json.loads((run_dir / BASELINE_FILE).read_text(encoding="utf-8"))
-        settings = {key: saved["settings"][key] for key in wanted}
-        if settings == wanted and set(data.tasks) <= set(saved["tasks"]):
-            BaselineRun.load(run_dir)  # complete and readable, or fitted again below
-            print(f"baseline: using {run_dir} (same data and split)")
-            return run_dir
-    except (OSError, ValueError, KeyError, TypeError, DataError):
-        pass
-    run_baseline(data.data_dir, out_dir=None, dev_fraction=data.dev_fraction, seed=data.split_seed,
-                 run_dir=run_dir, tasks=list(data.tasks), max_rows=data.max_train_rows, id_mode=data.id_mode)
-    return run_dir
 
 
 def cmd_distill_labels(args) -> int:

@@ -70,6 +70,9 @@ from .private import is_adapter
 from .untrusted import JSON_LIMIT, read_json
 
 FORMAT = 1
+# encoders whose forward is embeddings, then the layer list and nothing between the layers (checked
+# against transformers 5): DeBERTa-v2, for one, runs a convolution inside its layer loop
+SPLIT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 STATE_DTYPE = torch.bfloat16
 RECORD_FIELDS = 4                     # task, row, offset, tokens
 RECORD_BYTES = RECORD_FIELDS * 8
@@ -111,9 +114,11 @@ def check_frozen(model: nn.Module, layers: int, *, cached: bool) -> None:
                           f"({below[0]}); name modules above them in targets")
     if not cached:
         return
-    if not isinstance(getattr(_base(model.encoder), "embeddings", None), nn.Module):
-        raise ConfigError(f"train.cache_frozen: {type(model.encoder).__name__} has no embeddings module to "
-                          "start its layers from stored states")
+    model_type = getattr(model.encoder.config, "model_type", None)
+    if model_type not in SPLIT_MODEL_TYPES or not isinstance(getattr(_base(model.encoder), "embeddings", None),
+                                                             nn.Module):
+        raise ConfigError(f"train.cache_frozen: {type(model.encoder).__name__} ({model_type}) is not an encoder whose "
+                          f"layers are known to start from stored states ({', '.join(SPLIT_MODEL_TYPES)})")
     depth = model.private.full_depth if model.private is not None else len(stack) - 1
     states_above = depth - layers + 1  # layer k and every layer above it
     for task, head in model.heads.items():
@@ -328,9 +333,11 @@ class StateCache:
         except OSError as failure:
             raise RunFolderError(f"{path}: cannot be opened as a cache file ({failure.strerror or failure}); "
                                  f"remove {self.folder} to rebuild it") from None
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:  # a hard link would write elsewhere too
             os.close(descriptor)
-            raise RunFolderError(f"{path}: not a regular file; remove {self.folder} to rebuild it")
+            what = "not a regular file" if not stat.S_ISREG(status.st_mode) else "a file with other links"
+            raise RunFolderError(f"{path}: {what}; remove {self.folder} to rebuild it")
         return descriptor
 
     def _read_commits(self) -> list[list[int]]:

@@ -89,6 +89,8 @@ class RunRecipe(ABC):
     def _train(self, until_step: int | None):
         cfg = self.config.train
         self._start_or_resume()
+        if self.budget is not None:
+            self.budget.begin_call()
         progress = tqdm(total=self.total_steps, initial=self.state.step, desc=self.progress_name, dynamic_ncols=True,
                         disable=not (self.show_progress and self.accelerator.is_main_process))
         with self._spending("evaluation"):

@@ -121,6 +121,18 @@ def test_a_budget_spent_while_measuring_stops_there_with_an_evaluation_and_a_che
     assert (trainer.run_dir / "checkpoint-2" / "COMPLETE").exists()
 
 
+def test_a_second_call_measures_afresh_skipping_its_own_first_step(tiny_config, fake_clock):
+    """Stopped at step 2 before the total was fixed, then trained on by the same trainer: the second
+    call skips its first step (3) as one-off work and times 4 and 5, not 3 and 4."""
+    trainer = Trainer(budgeted(tiny_config), show_progress=False)
+    trainer.train(until_step=2)
+    assert trainer.budget.total is None
+    trainer.resume = True
+    trainer.train()
+    saved = record(trainer.run_dir)
+    assert (saved["fixed_at_step"], saved["timed_steps"], saved["total_steps"]) == (5, 2, 7)
+
+
 @pytest.mark.parametrize("interruption", ["until step 5", "killed in step 4"])
 def test_resume_reproduces_the_budgeted_run(tiny_config, fake_clock, killed_at, tmp_path, interruption):
     """After the total was fixed at step 3: stopped at step 5 (checkpoint 5), or killed in step 4

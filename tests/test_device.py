@@ -79,6 +79,7 @@ def test_every_weighting_method_trains_in_the_fast_half_precision(device_config,
                                     "train.steps=6", "train.eval_every=6", *PARAMS.get(method, [])),
                       show_progress=False)
     trainer.train()
+    assert trainer.accelerator.device.type == DEVICE
     records = train_records(trainer.run_dir)
     assert all(math.isfinite(v) for m in records for v in [*m["loss"].values(), *m["weights"].values()])
     if method in LEARNED:
@@ -92,7 +93,7 @@ def test_every_weighting_method_trains_in_the_fast_half_precision(device_config,
 def test_adamw_runs_fused_on_the_device(device_config):
     trainer = Trainer(device_config("train.mixed_precision=bf16"), show_progress=False)
     optimizer = trainer.optimizer.optimizer   # under Accelerate's wrapper
-    assert optimizer.defaults["fused"]
+    assert optimizer.defaults["fused"] and trainer.accelerator.device.type == DEVICE
     before = {name: p.detach().clone() for name, p in trainer.unwrapped.named_parameters() if p.requires_grad}
     trainer.train()
     after = dict(trainer.unwrapped.named_parameters())

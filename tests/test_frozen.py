@@ -129,6 +129,13 @@ def test_a_damaged_or_hostile_store_is_one_line(tmp_path):
         StateCache(tmp_path / "b", lengths=lengths, hidden=4, max_bytes=1 << 20).open(None)
     assert not (tmp_path / "elsewhere.bin").exists()
 
+    (tmp_path / "c").mkdir()
+    (tmp_path / "elsewhere.bin").write_bytes(b"keep")
+    os.link(tmp_path / "elsewhere.bin", tmp_path / "c" / "states-0.bin")  # a write there would land here too
+    with pytest.raises(RunFolderError, match="states-0.bin: a file with other links"):
+        StateCache(tmp_path / "c", lengths=lengths, hidden=4, max_bytes=1 << 20).open(None)
+    assert (tmp_path / "elsewhere.bin").read_bytes() == b"keep"
+
 
 def test_a_changed_key_rebuilds_the_cache(tmp_path):
     lengths = {"tnews": torch.tensor([2]).numpy()}
@@ -278,3 +285,15 @@ def test_a_refusal_is_one_line_and_exit_2(tiny_config, tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "tiny.yaml"), "--set", "model.frozen_layers=9"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors == ["error: model.frozen_layers is 9, but the encoder has 2 layers"]
+
+
+def test_an_encoder_not_known_to_start_from_stored_states_is_refused_with_the_cache(tiny_bert):
+    """DeBERTa-v2, for one, runs a convolution inside its layer loop: a split pass would skip it."""
+    config = load_config(overrides=[f"model.encoder={tiny_bert}"])
+    encoder, _ = load_encoder(tiny_bert)
+    model = build_model(encoder, ["tnews"], config.model)
+    frozen.check_frozen(model, 1, cached=True)
+    encoder.config.model_type = "deberta-v2"
+    with pytest.raises(ConfigError, match=r"\(deberta-v2\) is not an encoder whose layers are known"):
+        frozen.check_frozen(model, 1, cached=True)
+    frozen.check_frozen(model, 1, cached=False)  # freezing alone needs no split pass

@@ -26,7 +26,7 @@ def run_script(*arguments: str) -> subprocess.CompletedProcess:
 def test_the_smoke_run_goes_through_every_stage_and_records_them(tmp_path):
     result = run_script("run", "--smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
                         "--out", str(tmp_path / "out"), "--minutes", "0.2", "--compare-minutes", "0.05",
-                        "--device-tests", "fused or fp16")
+                        "--device-tests", "fused or fp16", "--deadline", "30")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = json.loads((tmp_path / "results" / "gpu_check.json").read_text())
     figures = record["figures"]
@@ -49,6 +49,18 @@ def test_the_smoke_run_goes_through_every_stage_and_records_them(tmp_path):
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
         "device-tests.xml", "gpu_check.json", "gpu_check.md", "main-job.log"]
     assert "## Main job" in (tmp_path / "out" / "gpu_check.md").read_text()
+
+
+def test_a_failing_stage_is_recorded_and_what_ran_still_comes_back(tmp_path):
+    result = run_script("run", "--smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
+                        "--out", str(tmp_path / "out"), "--device-tests", "fused", "--compare-minutes", "0.05",
+                        "--config", str(tmp_path / "no-such-config.yaml"))
+    assert result.returncode == 1
+    figures = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["figures"]
+    assert figures["device_tests"]["passed"] >= 1 and figures["device_tests"]["failures"] == 0
+    assert set(figures["failed"]) == {"main job", "weighting methods"}
+    assert "no-such-config.yaml" in figures["failed"]["main job"]
+    assert "main job" in figures["stages_seconds"]
 
 
 def test_pack_carries_the_nine_files_and_the_encoder_in_bf16(tmp_path, generated_data_dir, tiny_bert):

@@ -2,10 +2,10 @@
 pinned there, inside its declared range, and is the version installed here."""
 
 import re
-import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -24,6 +24,7 @@ def pins() -> dict[str, Version]:
 
 
 def test_every_declared_dependency_is_pinned_in_its_range_and_installed_at_the_pin():
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11 reads TOML")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = [Requirement(text) for text in project["dependencies"] + project["optional-dependencies"]["test"]]
     pinned = pins()
