@@ -91,6 +91,12 @@ class Curve:
             dev_frame = task_frames(self.config.data, task)[1]
             self.gold[task] = np.asarray(data.labels, dtype=np.int64)
             self.baseline[task] = baseline.probabilities(task, dev_frame)
+        # the dev rows' gold labels and the baseline's decisions, in the order of every point's
+        # decisions: what a paired bootstrap between curves needs, and a check that rows line up
+        rows = {task: {"gold": encode_labels(self.gold[task]), "baseline": encode_labels(self.baseline[task].argmax(-1))}
+                for task in self.gold}
+        if self.record.setdefault("dev_rows", rows) != rows:
+            raise SystemExit(f"error: {self.record_path}: its points were read on other dev rows or another baseline")
 
     def train_until(self, minutes: float) -> None:
         """Segments of training until `minutes` of training seconds are spent; the rate of the
@@ -134,28 +140,23 @@ class Curve:
         write_whole(self.record_path, json.dumps(self.record, indent=1, ensure_ascii=False) + "\n")
 
 
-def fitted_baseline(config, folder: Path) -> Path:
-    """The TF-IDF baseline on the curve's split, fitted once."""
-    from clue_mtl.baseline import BASELINE_FILE, run_baseline
-
-    if not (folder / BASELINE_FILE).exists():
-        data = config.data
-        run_baseline(data.data_dir, out_dir=None, dev_fraction=data.dev_fraction, seed=data.split_seed,
-                     run_dir=folder, tasks=list(data.tasks), max_rows=data.max_train_rows, id_mode=data.id_mode)
-    return folder
-
-
 def cmd_curve(args) -> int:
     if args.smoke:
         smoke_inputs(args)
     curve = Curve(args)
     done = [point["target_minutes"] for point in curve.record["points"]]
-    targets = [minutes for minutes in args.minutes if minutes not in done]
+    targets = sorted(minutes for minutes in args.minutes if minutes not in done)
     if not targets:
         print(f"{curve.name}: every point is there ({curve.record_path})")
         return 0
-    curve.start(fitted_baseline(curve.config, Path(args.run_root) / "baseline"))
+    from clue_mtl.baseline import fitted_baseline
+
+    curve.start(fitted_baseline(curve.config.data, Path(args.run_root) / "baseline"))
     for minutes in targets:
+        reached = max((point["training_minutes"] for point in curve.record["points"]), default=0.0)
+        if minutes < reached:
+            print(f"{curve.name}: {minutes} training minutes are behind the run ({reached:.1f}); not read")
+            continue
         curve.train_until(minutes)
         point = {"target_minutes": minutes, **curve.point()}
         curve.record["points"].append(point)
@@ -218,6 +219,17 @@ def cmd_report(args) -> int:
             lines.append(f"| {name} | {cpu} | {point['training_minutes']:.1f} | {point['step']} | "
                          f"{point['epochs'].get('tnews', 0):.2f} | {point['alone']['mean']:.4f} | "
                          f"{point['biased_blend_cross_fitted']['mean']:.4f} |")
+    comparisons = compare_with_default(runs)
+    figures["against_default"] = comparisons
+    if comparisons:
+        lines += ["", "Each curve minus `default` of its seed at the same target minute, paired bootstrap over the "
+                  "same dev rows (95% interval; one seed):", "",
+                  "| curve | minute | alone | biased blend |", "|---|---|---|---|"]
+        for name, at in comparisons.items():
+            for minute, pair in at.items():
+                cells = [f"{pair[key]['difference']:+.4f} ({pair[key]['low']:+.4f}, {pair[key]['high']:+.4f})"
+                         for key in ("alone", "biased")]
+                lines.append(f"| {name} | {minute} | {cells[0]} | {cells[1]} |")
     lines += ["", "Where each member alone reaches the baseline:", ""]
     for name, curve in figures["curves"].items():
         minute = curve["alone_crosses_baseline_at_minute"]
@@ -227,6 +239,50 @@ def cmd_report(args) -> int:
     plot(figures, Path(args.results) / "cpu_budget.png")
     write_results("cpu_budget", figures, "\n".join(lines) + "\n\n![curves](cpu_budget.png)", results=Path(args.results))
     return 0
+
+
+def dev_gold(run: dict) -> dict[str, tuple[np.ndarray, int]]:
+    """Per task, the dev rows' gold label indices and the number of labels, in the points' order:
+    recorded with the curve, or read again from its config's split."""
+    from clue_mtl.tasks import get_task
+
+    if "dev_rows" in run:
+        return {task: (decode_labels(rows["gold"]), get_task(task).num_labels) for task, rows in run["dev_rows"].items()}
+    from clue_mtl.config import load_config
+    from clue_mtl.data import task_frames
+
+    config = load_config(str(CONFIG), run["overrides"])
+    gold = {}
+    for task in config.data.tasks:
+        index = get_task(task).label_index()
+        gold[task] = (np.array([index[label] for label in task_frames(config.data, task)[1]["label"]]),
+                      get_task(task).num_labels)
+    return gold
+
+
+def compare_with_default(runs: dict[str, dict]) -> dict:
+    """Each curve against `default` of the same seed, at every target minute both read: the paired
+    bootstrap of the member alone and of the biased blend."""
+    from clue_mtl.metrics import paired_bootstrap
+
+    comparisons = {}
+    for name, run in runs.items():
+        reference = runs.get(f"default-s{run['seed']}")
+        if run["variant"] == "default" or reference is None:
+            continue
+        gold = dev_gold(reference)
+        theirs = {point["target_minutes"]: point["decisions"] for point in reference["points"]}
+        comparisons[name] = {}
+        for point in run["points"]:
+            if point["target_minutes"] not in theirs:
+                continue
+            pair = {}
+            for key in ("alone", "biased"):
+                decided = [{task: decode_labels(d[task][key]) for task in gold}
+                           for d in (point["decisions"], theirs[point["target_minutes"]])]
+                pair[key] = paired_bootstrap([tuple(decided)], gold)
+            comparisons[name][point["target_minutes"]] = pair
+    return comparisons
 
 
 def plot(figures: dict, path: Path) -> None:

@@ -64,3 +64,20 @@ def test_a_frozen_curve_trains_from_its_store(tmp_path):
     point = json.loads((tmp_path / "cpu_budget_runs" / "frozen8-s42.json").read_text())["points"][0]
     assert point["step"] >= cpu_budget.CALIBRATION_STEPS
     assert list((tmp_path / "runs" / "frozen8-s42" / "cache").rglob("states-0.bin"))
+
+
+def test_a_curve_is_compared_with_the_default_of_its_seed_at_each_shared_minute():
+    gold = {"ocnli": "0120", "ocemotion": "0123456", "tnews": "0123"}
+    rows = {task: {"gold": labels, "baseline": labels} for task, labels in gold.items()}
+
+    def run(variant, points):
+        return {"variant": variant, "seed": 1, "dev_rows": rows, "points": [
+            {"target_minutes": minute, "decisions": {task: {"alone": alone(task), "biased": gold[task]} for task in gold}}
+            for minute, alone in points]}
+
+    right, wrong = (lambda task: gold[task]), (lambda task: "0" * len(gold[task]))
+    runs = {"default-s1": run("default", [(10, wrong), (20, wrong)]), "frozen8-s1": run("frozen8", [(10, right)])}
+    comparisons = cpu_budget.compare_with_default(runs)
+    assert list(comparisons) == ["frozen8-s1"] and list(comparisons["frozen8-s1"]) == [10]
+    at_ten = comparisons["frozen8-s1"][10]
+    assert at_ten["alone"]["difference"] > 0.5 and at_ten["biased"]["difference"] == 0.0
