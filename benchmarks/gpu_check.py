@@ -238,18 +238,18 @@ def blend_figures(blend_dir: Path) -> dict:
 
 
 def validated_zips(folder: Path, data: Path) -> dict:
-    """Each zip read back by the scorer's own reader, its rows counted against the test files'."""
+    """Each zip read back by the scorer's own reader, its rows counted against the test files'
+    (as the kit's own check of them counts them)."""
+    from clue_mtl.data import checked_test_files
     from clue_mtl.submission import read_submission
-    from clue_mtl.task_files import FileReader
-    from clue_mtl.tasks import TASKS
+    from clue_mtl.tasks import TASK_NAMES
 
     zips = {}
     for path in sorted(folder.glob("*.zip")):
         split = "a" if path.stem.endswith("-a") else "b"
         rows = {task: len(frame) for task, frame in read_submission(path).items()}
-        expected = {name: len(FileReader(data / task.test_file(split), task, labelled=False).read(warn=False)[0])
-                    for name, task in TASKS.items()}
-        zips[path.name] = {"rows": rows, "validated": rows == expected}
+        checked = checked_test_files(list(TASK_NAMES), split=split, data_dir=data)
+        zips[path.name] = {"rows": rows, "validated": rows == {task: file.rows for task, file in checked.items()}}
     return zips
 
 

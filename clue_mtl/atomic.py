@@ -92,6 +92,11 @@ def _rename(source: Path, target: Path) -> None:
 
 
 def _remove_tree(path: Path) -> None:
+    remove_tree(path)
+
+
+def remove_tree(path: Path) -> None:
+    """A folder and what it holds, or a file or a link (never followed); nothing where nothing is."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif os.path.lexists(path):

@@ -51,7 +51,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import stat
 import sys
 import weakref
@@ -62,7 +61,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import write_text_atomic
+from .atomic import remove_tree, write_text_atomic
 from .batching import EncodedTask, joint_batch
 from .encoders import encoder_layers, layer_slot
 from .errors import ConfigError, RunFolderError
@@ -221,13 +220,13 @@ def prepare_cache_folder(root: str | Path, key: dict, *, fresh: bool) -> Path:
     Run by the main process; each process then opens its own files (`StateCache.open`)."""
     root, folder = Path(root), cache_folder(root, key)
     if os.path.lexists(root) and not _real_folder(root):
-        _remove(root)
+        remove_tree(root)
     root.mkdir(parents=True, exist_ok=True)
     for other in root.iterdir():
         if other.name.startswith("frozen-") and other != folder:
-            _remove(other)
+            remove_tree(other)
     if os.path.lexists(folder) and (fresh or not _real_folder(folder) or _saved_key(folder) != key):
-        _remove(folder)
+        remove_tree(folder)
     folder.mkdir(exist_ok=True)
     write_text_atomic(folder / "key.json", json.dumps(key, indent=2, sort_keys=True) + "\n")
     return folder
@@ -235,10 +234,6 @@ def prepare_cache_folder(root: str | Path, key: dict, *, fresh: bool) -> Path:
 
 def _real_folder(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink()
-
-
-def _remove(path: Path) -> None:
-    shutil.rmtree(path) if _real_folder(path) else path.unlink()
 
 
 def _saved_key(folder: Path) -> object:
