@@ -114,7 +114,7 @@ def train_and_predict(config: str, run_dir: Path, overrides: list[str], frames: 
     subprocess.run(command, cwd=ROOT, check=True)
     seconds = time.perf_counter() - started
 
-    from clue_mtl.inference import LoadedRun
+    from clue_mtl.predict.inference import LoadedRun
 
     # float32 weights: the studies' cached predictions were made so, and a resumed study compares with them
     run = LoadedRun(run_dir, show_progress=False, float32_weights=True)
@@ -124,7 +124,7 @@ def train_and_predict(config: str, run_dir: Path, overrides: list[str], frames: 
 
 def ensure_trimmed_encoder() -> Path:
     """e5-small with its vocabulary trimmed to the corpus (`clue-mtl trim-vocab`), built once."""
-    from clue_mtl.encoders import ensure_encoder
+    from clue_mtl.model.encoders import ensure_encoder
 
     full = ensure_encoder(ROOT / "artifacts" / "e5-small")
     if not (TRIMMED_ENCODER / "config.json").exists():
@@ -155,8 +155,8 @@ def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to
 
     import torch
 
-    from clue_mtl.config import load_config
-    from clue_mtl.train import Trainer
+    from clue_mtl.config.run_config import load_config
+    from clue_mtl.recipes.multitask import Trainer
 
     config = load_config(config_path, [*overrides, f"train.steps={max(warmup + steps, quality_steps)}"])
     with tempfile.TemporaryDirectory() as run_dir:

@@ -63,7 +63,7 @@ class Curve:
     """One variant's long run, stopped at given training minutes to read a point."""
 
     def __init__(self, args):
-        from clue_mtl.config import load_config
+        from clue_mtl.config.run_config import load_config
 
         self.name = f"{args.variant}-s{args.seed}"
         self.record_path = Path(args.results) / "cpu_budget_runs" / f"{self.name}.json"
@@ -77,9 +77,9 @@ class Curve:
         self.rate: float | None = None   # seconds a training step, over the last segment
 
     def start(self, baseline_dir: Path) -> None:
-        from clue_mtl.baseline import BaselineRun
-        from clue_mtl.data import task_frames
-        from clue_mtl.train import Trainer
+        from clue_mtl.predict.baseline import BaselineRun
+        from clue_mtl.data.folder import task_frames
+        from clue_mtl.recipes.multitask import Trainer
 
         resume = (self.run_dir / "config.yaml").exists() and bool(self.record["points"])
         self.trainer = Trainer(self.config, self.run_dir, resume=resume, overwrite=not resume, show_progress=False)
@@ -112,8 +112,8 @@ class Curve:
 
     def point(self) -> dict:
         """The whole dev split predicted with the weights of now; the blend with the baseline."""
-        from clue_mtl.blend import fit_task_blend
-        from clue_mtl.inference import predict_logits, softmax
+        from clue_mtl.predict.blend import fit_task_blend
+        from clue_mtl.predict.inference import predict_logits, softmax
 
         trainer, started = self.trainer, time.perf_counter()
         alone, biased, decisions = {}, {}, {}
@@ -149,7 +149,7 @@ def cmd_curve(args) -> int:
     if not targets:
         print(f"{curve.name}: every point is there ({curve.record_path})")
         return 0
-    from clue_mtl.baseline import fitted_baseline
+    from clue_mtl.predict.baseline import fitted_baseline
 
     curve.start(fitted_baseline(curve.config.data, Path(args.run_root) / "baseline"))
     for minutes in targets:
@@ -248,8 +248,8 @@ def dev_gold(run: dict) -> dict[str, tuple[np.ndarray, int]]:
 
     if "dev_rows" in run:
         return {task: (decode_labels(rows["gold"]), get_task(task).num_labels) for task, rows in run["dev_rows"].items()}
-    from clue_mtl.config import load_config
-    from clue_mtl.data import task_frames
+    from clue_mtl.config.run_config import load_config
+    from clue_mtl.data.folder import task_frames
 
     config = load_config(str(CONFIG), run["overrides"])
     gold = {}
@@ -263,7 +263,7 @@ def dev_gold(run: dict) -> dict[str, tuple[np.ndarray, int]]:
 def compare_with_default(runs: dict[str, dict]) -> dict:
     """Each curve against `default` of the same seed, at every target minute both read: the paired
     bootstrap of the member alone and of the biased blend."""
-    from clue_mtl.metrics import paired_bootstrap
+    from clue_mtl.predict.metrics import paired_bootstrap
 
     comparisons = {}
     for name, run in runs.items():

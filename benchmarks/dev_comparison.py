@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, ensure_trimmed_encoder, write_results  # noqa: E402
 from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
-from clue_mtl.run_folder import RunFolder  # noqa: E402
+from clue_mtl.runs.folder import RunFolder  # noqa: E402
 
 CONFIG = "configs/compare.yaml"
 RUNS = ROOT / "runs" / "compare"
@@ -103,16 +103,16 @@ def weight_trajectory(directory: Path, every: int = 20) -> dict:
 
 def dev_frames(config_path: str) -> dict:
     """The dev rows every run of the comparison is scored on (`Trainer` samples them the same way)."""
-    from clue_mtl.config import load_config
-    from clue_mtl.data import task_frames
+    from clue_mtl.config.run_config import load_config
+    from clue_mtl.data.folder import task_frames
 
     config = load_config(ROOT / config_path, [f"data.data_dir={ROOT / 'data'}"])
     return {task: task_frames(config.data, task).dev for task in TASKS}
 
 
 def score_ensemble(directories: list[Path]) -> dict:
-    from clue_mtl.metrics import leaderboard_score, task_report
-    from clue_mtl.inference import LoadedRun, ensemble_probabilities
+    from clue_mtl.predict.metrics import leaderboard_score, task_report
+    from clue_mtl.predict.inference import LoadedRun, ensemble_probabilities
 
     runs = [LoadedRun(directory) for directory in directories]
     reports = {}
@@ -126,7 +126,7 @@ def derived_variant(variant: str, seeds: list[int]) -> dict:
     members = [run_dir("equal", seed) for seed in seeds]
     if variant == "ensemble-equal":
         return score_ensemble(members)
-    from clue_mtl.averaging import average_weights
+    from clue_mtl.predict.averaging import average_weights
 
     averaged = RUNS / variant
     if not RunFolder(averaged).has_model():
@@ -149,7 +149,7 @@ def ensure_inputs(variants: list[str], seeds: list[int], threads: int, results: 
 
 
 def summarise(study: str, results: dict) -> str:
-    from clue_mtl.config import load_config
+    from clue_mtl.config.run_config import load_config
 
     train = load_config(ROOT / CONFIG).train
     lines = [f"# Dev comparison: {study} ({CONFIG}: e5-small, trimmed vocabulary, {train.steps} steps x "

@@ -121,7 +121,7 @@ def argmax(probabilities: dict) -> dict:
 
 
 def macro_f1s(decided: dict) -> dict[str, float]:
-    from clue_mtl.metrics import macro_f1
+    from clue_mtl.predict.metrics import macro_f1
     from clue_mtl.tasks import get_task
 
     return {t: float(macro_f1(gold, pred, get_task(t).num_labels)) for t, (gold, pred) in decided.items()}

@@ -206,7 +206,7 @@ def device_tests(work: Path, select: str | None, timeout: float) -> dict:
 def training_figures(run_dir: Path) -> dict:
     """Rows/s, model FLOP/s, fraction of peak and peak memory over the training records; steps,
     epochs and how the budget's minutes were spent."""
-    from clue_mtl.run_folder import RunFolder
+    from clue_mtl.runs.folder import RunFolder
 
     records = [m for m in RunFolder(run_dir).metrics() if m["kind"] == "train"]
     timed = [m for m in records if "samples_per_second" in m]
@@ -240,8 +240,8 @@ def blend_figures(blend_dir: Path) -> dict:
 def validated_zips(folder: Path, data: Path) -> dict:
     """Each zip read back by the scorer's own reader, its rows counted against the test files'
     (as the kit's own check of them counts them)."""
-    from clue_mtl.data import checked_test_files
-    from clue_mtl.submission import read_submission
+    from clue_mtl.data.folder import checked_test_files
+    from clue_mtl.predict.submission import read_submission
     from clue_mtl.tasks import TASK_NAMES
 
     zips = {}
@@ -272,11 +272,11 @@ def weighting_comparison(args, stages: Stages, work: Path, overrides: list[str])
     model on the whole dev split; paired bootstrap of each against `equal`."""
     import numpy as np
 
-    from clue_mtl.config import load_run_config
-    from clue_mtl.data import dev_frames, load_split_ids
-    from clue_mtl.evaluate import evaluate_run
-    from clue_mtl.metrics import paired_bootstrap
-    from clue_mtl.run_folder import RunFolder
+    from clue_mtl.config.run_config import load_run_config
+    from clue_mtl.data.folder import dev_frames, load_split_ids
+    from clue_mtl.predict.evaluate import evaluate_run
+    from clue_mtl.predict.metrics import paired_bootstrap
+    from clue_mtl.runs.folder import RunFolder
 
     runs = {method: work / "runs" / f"weighting-{method}" for method in METHODS}
     processes = {}

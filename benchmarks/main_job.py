@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, write_results  # noqa: E402
 from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
-from clue_mtl.run_folder import RunFolder  # noqa: E402
+from clue_mtl.runs.folder import RunFolder  # noqa: E402
 
 RECORD = RESULTS / "main_job.json"
 
@@ -63,7 +63,7 @@ def blend_entry(blend_dir: Path) -> dict:
 
 
 def cmd_run(args) -> None:
-    from clue_mtl.config import load_config
+    from clue_mtl.config.run_config import load_config
 
     name = recorded_name(args)
     overrides = [f"name=main-{name}", f"train.seed={args.seed}", *(args.set or [])]
@@ -90,7 +90,7 @@ def cmd_run(args) -> None:
 
 def training_speed(run_dir: Path) -> float | None:
     """Training rows/s of a run as its metrics last logged it: over the whole run, its evaluations included."""
-    from clue_mtl.config import load_config
+    from clue_mtl.config.run_config import load_config
 
     folder = RunFolder(run_dir)
     speeds = [r["steps_per_second"] for r in folder.metrics() if r["kind"] == "train"]
@@ -117,7 +117,7 @@ def entries_locked():
 
 
 def cmd_ensemble(args) -> None:
-    from clue_mtl.blend import build_blend
+    from clue_mtl.predict.blend import build_blend
 
     members = [ROOT / r for r in args.run] + [ROOT / args.baseline]
     blend_dir = ROOT / "blends" / f"ensemble-{args.name}"
@@ -163,8 +163,8 @@ def paired_bootstrap(first: tuple[dict, str | None], second: tuple[dict, str | N
 def bootstrap_decisions(firsts: list[dict], seconds: list[dict], samples: int = 2000, seed: int = 0) -> dict:
     """Mean macro-F1 of the `seconds` minus the `firsts` (each a task -> (gold, decisions) dict;
     several pairs, e.g. one per seed, are averaged), with a 95% interval from resampling each
-    task's dev rows, the same resample for every variant (`clue_mtl.metrics.paired_bootstrap`)."""
-    from clue_mtl.metrics import paired_bootstrap as bootstrap
+    task's dev rows, the same resample for every variant (`clue_mtl.predict.metrics.paired_bootstrap`)."""
+    from clue_mtl.predict.metrics import paired_bootstrap as bootstrap
     from clue_mtl.tasks import get_task
 
     gold = {t: (firsts[0][t][0], get_task(t).num_labels) for t in TASKS}

@@ -59,7 +59,7 @@ def logits_of(model, autocast: bool, batch_size: int, math_kernel: bool, datas: 
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from clue_mtl.inference import predict_logits
+    from clue_mtl.predict.inference import predict_logits
 
     kernel = sdpa_kernel(SDPBackend.MATH) if math_kernel else contextlib.nullcontext()
     with kernel, torch.inference_mode():
@@ -78,10 +78,10 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from clue_mtl.batching import encode_frame
-    from clue_mtl.data import load_split, task_frames
-    from clue_mtl.inference import LoadedRun, bf16_weights, float32_modules
-    from clue_mtl.metrics import task_report
+    from clue_mtl.data.batching import encode_frame
+    from clue_mtl.data.folder import load_split, task_frames
+    from clue_mtl.predict.inference import LoadedRun, bf16_weights, float32_modules
+    from clue_mtl.predict.metrics import task_report
 
     run = LoadedRun(args.run_dir, show_progress=False, float32_weights=True)
     length, pad_id = run.config.data.max_length, run.tokenizer.pad_token_id

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, peak_rss_mb, write_results  # noqa: E402
-from clue_mtl.run_folder import MODEL_META_FILE, RunFolder  # noqa: E402
+from clue_mtl.runs.folder import MODEL_META_FILE, RunFolder  # noqa: E402
 
 
 # name -> predict_submission's float32_weights
@@ -30,9 +30,9 @@ VARIANTS = {BEFORE: True, "kit: weights cast to bf16 once as the run loads": Fal
 
 
 def make_run(run_dir: Path) -> None:
-    from clue_mtl.config import load_config, save_config
-    from clue_mtl.encoders import ensure_encoder, load_encoder
-    from clue_mtl.model import build_model
+    from clue_mtl.config.run_config import load_config, save_config
+    from clue_mtl.model.encoders import ensure_encoder, load_encoder
+    from clue_mtl.model.multitask import build_model
     from clue_mtl.tasks import TASKS
 
     config = load_config(ROOT / "configs/quickstart.yaml")
@@ -54,10 +54,10 @@ def phases(run_dir: Path, split: str) -> dict:
 
     from transformers import AutoTokenizer
 
-    from clue_mtl.batching import encode_frame
-    from clue_mtl.data import load_split
-    from clue_mtl.inference import LoadedRun, predict_logits
-    from clue_mtl.model import MultiTaskModel, encoder_from_config, saved_encoder_config
+    from clue_mtl.data.batching import encode_frame
+    from clue_mtl.data.folder import load_split
+    from clue_mtl.predict.inference import LoadedRun, predict_logits
+    from clue_mtl.model.multitask import MultiTaskModel, encoder_from_config, saved_encoder_config
 
     folder = RunFolder(run_dir)
     seconds = {}
@@ -92,10 +92,10 @@ def int8_check(run_dir: Path, split: str) -> dict:
     import numpy as np
     import torch
 
-    from clue_mtl.batching import encode_frame
-    from clue_mtl.metrics import macro_f1
-    from clue_mtl.data import load_dev_rows, load_split, load_split_ids
-    from clue_mtl.inference import LoadedRun, predict_logits
+    from clue_mtl.data.batching import encode_frame
+    from clue_mtl.predict.metrics import macro_f1
+    from clue_mtl.data.folder import load_dev_rows, load_split, load_split_ids
+    from clue_mtl.predict.inference import LoadedRun, predict_logits
 
     run = LoadedRun(run_dir, float32_weights=True)
     quantised = copy.deepcopy(run.model)
@@ -151,8 +151,8 @@ def main() -> None:
     import torch
 
     from clue_mtl.hardware import count_flops, matmul_peak
-    from clue_mtl.inference import LoadedRun, predict_submission
-    from clue_mtl.submission import read_submission
+    from clue_mtl.predict.inference import LoadedRun, predict_submission
+    from clue_mtl.predict.submission import read_submission
 
     with tempfile.TemporaryDirectory() as scratch:
         run_dir = Path(scratch) / "run"

@@ -21,11 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, write_results  # noqa: E402
 from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
-from clue_mtl.run_folder import RunFolder  # noqa: E402
+from clue_mtl.runs.folder import RunFolder  # noqa: E402
 
 
 def run_config(config: str) -> tuple[Path, float]:
-    from clue_mtl.config import load_config
+    from clue_mtl.config.run_config import load_config
 
     loaded = load_config(ROOT / config)
     started = time.perf_counter()
@@ -36,7 +36,7 @@ def run_config(config: str) -> tuple[Path, float]:
 def baseline_entry() -> dict:
     import tempfile
 
-    from clue_mtl.baseline import run_baseline
+    from clue_mtl.predict.baseline import run_baseline
 
     with tempfile.TemporaryDirectory() as out_dir:
         result = run_baseline(ROOT / "data", out_dir=out_dir, progress=False)

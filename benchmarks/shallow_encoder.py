@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, alternate_children, time_training_steps, write_results  # noqa: E402
-from clue_mtl.run_folder import RunFolder  # noqa: E402
+from clue_mtl.runs.folder import RunFolder  # noqa: E402
 
 BASE = [f"data.data_dir={ROOT / 'data'}", f"model.encoder={ROOT / 'artifacts/e5-small'}", "data.max_train_rows=4000",
         "train.eval_every=1000000", "model.attention_dropout=0.0"]
@@ -29,7 +29,7 @@ VARIANTS = {"12 layers": [], "bottom 6 layers": ["model.num_layers=6"]}
 
 
 def measure(variant: str, steps: int, warmup: int) -> dict:
-    from clue_mtl.config import load_config
+    from clue_mtl.config.run_config import load_config
 
     overrides = [*BASE, *VARIANTS[variant]]
     quickstart = ROOT / "configs/quickstart.yaml"
@@ -45,7 +45,7 @@ def _quickstart_train_keys(config) -> list[tuple[str, object]]:
 
 
 def member_row(record: dict, name: str) -> tuple:
-    from clue_mtl.config import load_config
+    from clue_mtl.config.run_config import load_config
 
     entry, _, member = name.partition("@")
     f1 = record[entry]["members"][member]

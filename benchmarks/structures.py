@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, ROOT, alternate_children, equal_time_steps, time_training_steps,  # noqa: E402
                     train_and_predict, write_results)
-from clue_mtl.metrics import macro_f1, paired_bootstrap  # noqa: E402
+from clue_mtl.predict.metrics import macro_f1, paired_bootstrap  # noqa: E402
 from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
 
 CONFIG = "configs/quickstart.yaml"
@@ -62,7 +62,7 @@ def slug(variant: str) -> str:
 
 # ----------------------------------------------------------------------------- speed
 def measure(variant: str, steps: int, warmup: int) -> dict:
-    from clue_mtl.config import load_config
+    from clue_mtl.config.run_config import load_config
 
     quickstart = load_config(ROOT / CONFIG)
     base = [f"data.data_dir={ROOT / 'data'}", f"model.encoder={ROOT / quickstart.model.encoder}",
@@ -70,8 +70,8 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
             "model.freeze_word_embeddings=true", f"train.mixed_precision={quickstart.train.mixed_precision}",
             "train.eval_every=1000000", "data.max_train_rows=4000"]
     result = time_training_steps([*base, *VARIANTS[variant]], steps, warmup)
-    from clue_mtl.model import build_model  # parameter counts of the structure on the real encoder
-    from clue_mtl.encoders import load_encoder
+    from clue_mtl.model.multitask import build_model  # parameter counts of the structure on the real encoder
+    from clue_mtl.model.encoders import load_encoder
 
     config = load_config(overrides=[f"model.encoder={ROOT / quickstart.model.encoder}", *VARIANTS[variant]])
     encoder, tokenizer = load_encoder(config.model.encoder)
@@ -114,8 +114,8 @@ def run_dir(variant: str, seed: int) -> Path:
 
 
 def dev_frames() -> dict:
-    from clue_mtl.config import load_config
-    from clue_mtl.data import task_frames
+    from clue_mtl.config.run_config import load_config
+    from clue_mtl.data.folder import task_frames
 
     config = load_config(ROOT / CONFIG, [f"data.data_dir={ROOT / 'data'}", f"data.max_dev_rows={DEV_ROWS}"])
     return {task: task_frames(config.data, task).dev for task in TASKS}

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS, ROOT, run_child, time_training_steps, time_variants, timing_arguments,  # noqa: E402
                     write_results, write_whole)
-from clue_mtl.run_folder import RunFolder  # noqa: E402
+from clue_mtl.runs.folder import RunFolder  # noqa: E402
 
 BASE = [
     f"data.data_dir={ROOT / 'data'}", f"model.encoder={ROOT / 'artifacts/e5-small'}", "data.max_length=128", "train.batch_size=24",
@@ -114,8 +114,8 @@ def profile(steps: int, warmup: int, overrides: list[str] | None = None) -> dict
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from clue_mtl.config import load_config
-    from clue_mtl.train import Trainer
+    from clue_mtl.config.run_config import load_config
+    from clue_mtl.recipes.multitask import Trainer
 
     variant = AFTER if overrides is None else overrides
     config = load_config(overrides=[*BASE, *variant, f"train.steps={warmup + steps + 1}"])
@@ -156,7 +156,7 @@ def quality_rows(names: list[str]) -> list[str]:
     lines = ["", "## Equal steps, dev macro-F1 (whole dev split)", "",
              "| run | steps | seed | attention dropout | attention kernel | encoder pass | OCNLI | OCEMOTION | TNEWS | mean |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    from clue_mtl.config import load_run_config
+    from clue_mtl.config.run_config import load_run_config
 
     for name in (part for joined in names for part in joined.split("+")):
         entry, _, member = name.partition("@")
@@ -210,7 +210,7 @@ def main() -> None:
         render(args)
         return
 
-    from clue_mtl.encoders import ensure_encoder
+    from clue_mtl.model.encoders import ensure_encoder
 
     ensure_encoder(ROOT / "artifacts/e5-small")
     runs = time_variants(__file__, VARIANTS, args)

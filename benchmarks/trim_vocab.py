@@ -27,7 +27,7 @@ VARIANTS = {
 
 
 def measure(variant: str, steps: int, warmup: int) -> dict:
-    from clue_mtl.encoders import load_encoder
+    from clue_mtl.model.encoders import load_encoder
 
     encoder_dir, frozen = VARIANTS[variant]
     overrides = [f"data.data_dir={ROOT / 'data'}", f"model.encoder={encoder_dir}", "data.max_train_rows=3000",

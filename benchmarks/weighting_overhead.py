@@ -40,7 +40,7 @@ def main() -> None:
         print(json.dumps(time_training_steps(overrides(args.method), args.steps, args.warmup)))
         return
 
-    from clue_mtl.encoders import ensure_encoder
+    from clue_mtl.model.encoders import ensure_encoder
 
     ensure_encoder(ROOT / "artifacts/e5-small")
     children = alternate_children(__file__, "--method", METHODS, ["--steps", str(args.steps), "--warmup", str(args.warmup)],

@@ -1,3 +1,3 @@
-from .cli import main
+from clue_mtl.cli import main
 
 raise SystemExit(main())

@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import secrets
+import shutil
 import socket
 import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import RunFolderError
+from clue_mtl.errors import RunFolderError
 
 try:
     import fcntl

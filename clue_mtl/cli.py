@@ -23,14 +23,14 @@ class UsageError(Exception):
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from .errors import KNOWN_ERRORS
+    from clue_mtl.errors import KNOWN_ERRORS
 
     # OSError: a path that cannot be read or written (missing, a folder, no permission, disk full).
     return (UsageError, *KNOWN_ERRORS, OSError)
 
 
 def _key_values(specs: list[str], what: str) -> dict[str, str]:
-    from .tasks import TASK_NAMES
+    from clue_mtl.tasks import TASK_NAMES
 
     pairs = {}
     for spec in specs or []:
@@ -63,7 +63,7 @@ def cmd_link_data(args) -> int:
 
 
 def cmd_check_data(args) -> int:
-    from .data import check_data
+    from clue_mtl.data.folder import check_data
 
     report, problems, notes = check_data(args.data_dir, strict=args.strict, id_mode=args.id_mode)
     if notes:
@@ -76,7 +76,7 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_baseline(args) -> int:
-    from .baseline import run_baseline
+    from clue_mtl.predict.baseline import run_baseline
 
     run_baseline(args.data_dir, out_dir=args.out_dir, dev_fraction=args.dev_fraction, seed=args.seed,
                  run_dir=args.run_dir)
@@ -84,8 +84,8 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .metrics import format_report
-    from .submission import gold_from_dir, gold_from_specs, score_submission
+    from clue_mtl.predict.metrics import format_report
+    from clue_mtl.predict.submission import gold_from_dir, gold_from_specs, score_submission
 
     if not args.gold_dir and not args.gold:
         raise UsageError("name the labelled files with --gold-dir DIR or --gold TASK=PATH")
@@ -105,8 +105,8 @@ TINY_ENCODERS = ("tiny-bert", "tiny-xlmr")
 
 def cmd_build_encoder(args) -> int:
     _quiet_libraries()
-    from .testing import build_tiny_encoder
-    from .offline_encoders import OFFLINE_ENCODERS, build_offline_encoder
+    from clue_mtl.model.offline_encoders import OFFLINE_ENCODERS, build_offline_encoder
+    from clue_mtl.testing import build_tiny_encoder
 
     if args.kind in TINY_ENCODERS:
         path = build_tiny_encoder(args.out, kind=args.kind.removeprefix("tiny-"))
@@ -122,8 +122,8 @@ def cmd_build_encoder(args) -> int:
 
 def cmd_trim_vocab(args) -> int:
     _quiet_libraries()
-    from .encoders import ensure_encoder
-    from .vocab import corpus_texts, trim_vocabulary
+    from clue_mtl.model.encoders import ensure_encoder
+    from clue_mtl.model.vocab import corpus_texts, trim_vocabulary
 
     report = trim_vocabulary(ensure_encoder(args.encoder), args.out, corpus_texts(args.data_dir),
                              held_out=corpus_texts(args.data_dir, ("a", "b")))
@@ -132,13 +132,13 @@ def cmd_trim_vocab(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .config import load_pretrain_config
+    from clue_mtl.config.run_config import load_pretrain_config
 
     config = load_pretrain_config(args.config, _overrides(args))
     _check_run_folder(args, config)
     _quiet_libraries()
-    from .encoders import ensure_encoder
-    from .pretrain import pretrain
+    from clue_mtl.model.encoders import ensure_encoder
+    from clue_mtl.recipes.pretrain import pretrain
 
     ensure_encoder(config.model.encoder)
     pretrainer = pretrain(config, args.run_dir, resume=args.resume, overwrite=args.overwrite)
@@ -153,7 +153,7 @@ def cmd_pretrain(args) -> int:
 
 def _config(args):
     """The run's config, and its run folder checked, before anything imports torch."""
-    from .config import load_config
+    from clue_mtl.config.run_config import load_config
 
     config = load_config(args.config, _overrides(args))
     _check_run_folder(args, config)
@@ -176,8 +176,8 @@ def _overrides(args) -> list[str]:
 
 
 def _check_run_folder(args, config) -> None:
-    from .config import added_keys, config_to_dict
-    from .run_folder import RunFolder
+    from clue_mtl.config.run_config import added_keys, config_to_dict
+    from clue_mtl.runs.folder import RunFolder
 
     folder = RunFolder(args.run_dir or Path(config.output_dir) / config.name)
     folder.check_claim(config_to_dict(config), resume=args.resume, overwrite=args.overwrite, added=added_keys(config))
@@ -185,8 +185,8 @@ def _check_run_folder(args, config) -> None:
 
 def cmd_train(args) -> int:
     config = _config(args)
-    from .encoders import ensure_encoder
-    from .train import train
+    from clue_mtl.model.encoders import ensure_encoder
+    from clue_mtl.recipes.multitask import train
 
     ensure_encoder(config.model.encoder)
     trainer = train(config, args.run_dir, resume=args.resume, overwrite=args.overwrite)
@@ -201,14 +201,14 @@ def cmd_evaluate(args) -> int:
     if bool(args.run) == bool(args.blend):
         raise UsageError("name one of --run RUN or --blend BLEND")
     if args.blend:
-        from .blend import evaluate_blend
+        from clue_mtl.predict.blend import evaluate_blend
 
         print(evaluate_blend(args.blend, plots=not args.no_plots)["report"])
         print(f"report and figures in {Path(args.blend) / 'evaluation'}")
         return 0
-    from .evaluate import evaluate_run
-    from .metrics import format_report
-    from .run_folder import RunFolder
+    from clue_mtl.predict.evaluate import evaluate_run
+    from clue_mtl.predict.metrics import format_report
+    from clue_mtl.runs.folder import RunFolder
 
     result = evaluate_run(args.run, data_dir=args.data_dir, plots=not args.no_plots)
     print(format_report(result["reports"]))
@@ -222,12 +222,12 @@ def cmd_predict(args) -> int:
         raise UsageError("name --run RUN (repeat to average runs) or --blend BLEND, not both")
     test_files = _key_values(args.test, "--test")
     if args.blend:
-        from .blend import predict_blend_submission
+        from clue_mtl.predict.blend import predict_blend_submission
 
         path = predict_blend_submission(args.blend, args.out, split=args.split, data_dir=args.data_dir,
                                         test_files=test_files, id_mode=args.id_mode)
     else:
-        from .inference import predict_submission
+        from clue_mtl.predict.inference import predict_submission
 
         path = predict_submission(args.run, args.out, split=args.split, data_dir=args.data_dir,
                                   test_files=test_files, id_mode=args.id_mode)
@@ -237,7 +237,7 @@ def cmd_predict(args) -> int:
 
 def cmd_blend(args) -> int:
     _quiet_libraries()
-    from .blend import build_blend, format_blend_report
+    from clue_mtl.predict.blend import build_blend, format_blend_report
 
     members = list(args.run or []) + list(args.baseline or [])
     blend = build_blend(members, args.out, data_dir=args.data_dir)
@@ -249,12 +249,12 @@ def cmd_blend(args) -> int:
 def cmd_run(args) -> int:
     """The main job: baseline, encoder, training, blend, dev report, test A and B submissions."""
     config = _config(args)
-    from .baseline import fitted_baseline
-    from .blend import build_blend, evaluate_blend, predict_blend_submission
-    from .encoders import ensure_encoder
-    from .evaluate import evaluate_run
-    from .submission import read_submission
-    from .train import train
+    from clue_mtl.model.encoders import ensure_encoder
+    from clue_mtl.predict.baseline import fitted_baseline
+    from clue_mtl.predict.blend import build_blend, evaluate_blend, predict_blend_submission
+    from clue_mtl.predict.evaluate import evaluate_run
+    from clue_mtl.predict.submission import read_submission
+    from clue_mtl.recipes.multitask import train
 
     _check_job_files(config)
     ensure_encoder(config.model.encoder)
@@ -284,7 +284,7 @@ def cmd_run(args) -> int:
 def _check_job_files(config) -> None:
     """Every file the main job reads, before its first minute of work: the training files, and
     the test A and B files it predicts at the end."""
-    from .data import check_training_files, checked_test_files
+    from clue_mtl.data.folder import check_training_files, checked_test_files
 
     data = config.data
     check_training_files(data.data_dir, list(data.tasks))
@@ -294,7 +294,7 @@ def _check_job_files(config) -> None:
 
 def cmd_distill_labels(args) -> int:
     _quiet_libraries()
-    from .distill import write_soft_labels
+    from clue_mtl.training.distill import write_soft_labels
 
     path = write_soft_labels(args.run, args.out, args.data_dir)
     print(f"soft labels of {len(args.run)} teacher run(s) written to {path}")
@@ -303,7 +303,7 @@ def cmd_distill_labels(args) -> int:
 
 def cmd_average_weights(args) -> int:
     _quiet_libraries()
-    from .averaging import average_weights
+    from clue_mtl.predict.averaging import average_weights
 
     path = average_weights(args.run, args.out)
     print(f"averaged run written to {path}; predict with `clue-mtl predict --run {path}`")
@@ -312,7 +312,7 @@ def cmd_average_weights(args) -> int:
 
 def cmd_compare_encoders(args) -> int:
     _quiet_libraries()
-    from .probe import compare_encoders
+    from clue_mtl.recipes.probe import compare_encoders
 
     result = compare_encoders(args.before, args.after, args.data_dir, texts=args.texts, probe_rows=args.probe_rows)
     print(f"layer  CKA (after vs before, {result['texts']} texts)"
@@ -322,7 +322,7 @@ def cmd_compare_encoders(args) -> int:
                   if args.probe_rows else "")
         print(f"{layer:5d}  {cka:.4f}{probes}")
     if args.json:  # beside the target, then renamed over it: never a half-written file
-        from .atomic import write_text_atomic
+        from clue_mtl.atomic import write_text_atomic
 
         write_text_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return 0
@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--gold", action="append", metavar="TASK=PATH", help="a labelled file for one task")
     sub.add_argument("--json", action="store_true", help="machine-readable output")
 
-    from .offline_encoders import OFFLINE_ENCODERS
+    from clue_mtl.model.offline_encoders import OFFLINE_ENCODERS
 
     sub = command("build-encoder", cmd_build_encoder, "write an offline encoder folder")
     sub.add_argument("kind", choices=[*OFFLINE_ENCODERS, *TINY_ENCODERS])
@@ -457,7 +457,7 @@ def _show_data_warnings() -> None:
     """Rows a data file had mended print as `warning: FILE:LINE: ...` lines, each file's once."""
     import warnings
 
-    from .errors import DataWarning
+    from clue_mtl.errors import DataWarning
 
     shown = warnings.showwarning
     if getattr(shown, "shows_data_warnings", False):  # main() ran before in this process

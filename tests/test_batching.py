@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clue_mtl.batching import (EncodedTask, MultiTaskBatches, encode_frame, epoch_batches, inference_batches,
+from clue_mtl.data.batching import (EncodedTask, MultiTaskBatches, encode_frame, epoch_batches, inference_batches,
                                pad_batch, task_batch_sizes, tokenizer_fingerprint)
 
 

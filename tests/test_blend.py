@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from clue_mtl import blend as blend_module
-from clue_mtl.baseline import BaselineModel, BaselineRun, run_baseline
-from clue_mtl.blend import (Blend, BlendError, build_blend, fit_bias, fit_task_blend, fit_weights,
+from clue_mtl.predict import blend as blend_module
+from clue_mtl.predict.baseline import BaselineModel, BaselineRun, run_baseline
+from clue_mtl.predict.blend import (Blend, BlendError, build_blend, fit_bias, fit_task_blend, fit_weights,
                             log_probabilities, macro_f1, predict_blend_submission, stratified_folds)
-from clue_mtl.submission import read_submission
+from clue_mtl.predict.submission import read_submission
 
 
 def softmax(x):
@@ -106,7 +106,7 @@ def fitted_baseline(data_dir, tmp_path_factory):
 
 
 def test_baseline_loads_without_pickle_and_predicts_the_same(fitted_baseline, data_dir):
-    from clue_mtl.data import load_split
+    from clue_mtl.data.folder import load_split
 
     run_dir, _ = fitted_baseline
     assert {p.suffix for p in run_dir.iterdir()} == {".json", ".safetensors"}
@@ -115,7 +115,7 @@ def test_baseline_loads_without_pickle_and_predicts_the_same(fitted_baseline, da
     frame = load_split(data_dir, "ocemotion", "a")
     loaded = BaselineRun.load(run_dir)
     # refit the same model in memory: the loaded files must predict exactly as it does
-    from clue_mtl.data import stratified_split
+    from clue_mtl.data.folder import stratified_split
 
     train, _ = stratified_split(load_split(data_dir, "ocemotion", "train"), 0.1, 42)
     _, train = stratified_split(train, 400 / len(train), 42)
@@ -128,7 +128,7 @@ def test_baseline_probabilities_agree_with_scikit_learn(data_dir):
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
 
-    from clue_mtl.data import load_split, stratified_split
+    from clue_mtl.data.folder import load_split, stratified_split
 
     frame = load_split(data_dir, "tnews", "train")
     train, dev = stratified_split(frame.iloc[:3000], 0.2, 0)
@@ -141,7 +141,7 @@ def test_baseline_probabilities_agree_with_scikit_learn(data_dir):
 def test_a_corrupt_baseline_folder_is_refused(fitted_baseline, tmp_path):
     import shutil
 
-    from clue_mtl.data import DataError
+    from clue_mtl.data.folder import DataError
 
     run_dir, _ = fitted_baseline
     broken = tmp_path / "broken"
@@ -156,9 +156,9 @@ def test_a_corrupt_baseline_folder_is_refused(fitted_baseline, tmp_path):
 # ----------------------------------------------------------------------------- blend folders
 @pytest.fixture(scope="module")
 def tiny_run(data_dir, tmp_path_factory):
-    from clue_mtl.config import load_config
+    from clue_mtl.config.run_config import load_config
     from clue_mtl.testing import build_tiny_encoder
-    from clue_mtl.train import train
+    from clue_mtl.recipes.multitask import train
 
     root = tmp_path_factory.mktemp("tiny-run")
     encoder = build_tiny_encoder(root / "encoder", kind="bert", seed=0)
@@ -225,7 +225,7 @@ def test_a_one_task_run_blends_with_a_baseline_of_all_tasks(tiny_run, fitted_bas
 
 
 def test_blend_settings_and_a_corrupt_dev_file_are_clear_errors(fitted_baseline, tmp_path):
-    from clue_mtl.blend import FitSettings, evaluate_blend
+    from clue_mtl.predict.blend import FitSettings, evaluate_blend
 
     with pytest.raises(BlendError, match="folds >= 2"):
         FitSettings(folds=1)
@@ -238,7 +238,7 @@ def test_blend_settings_and_a_corrupt_dev_file_are_clear_errors(fitted_baseline,
 # ----------------------------------------------------------------------------- a kill while saving
 def made_blend(weight: float) -> Blend:
     """A one-task blend built by hand: no members or competition files needed."""
-    from clue_mtl.blend import FitSettings, TaskBlend
+    from clue_mtl.predict.blend import FitSettings, TaskBlend
 
     dev = {"members": {"m": 0.5}, "blend": {"in_sample": 0.5, "cross_fitted": 0.4},
            "biased": {"in_sample": 0.6, "cross_fitted": 0.45}, "rows": 3}

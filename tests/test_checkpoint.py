@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clue_mtl import checkpoint
-from clue_mtl.config import save_config
+from clue_mtl.runs import checkpoint
+from clue_mtl.config.run_config import save_config
 from clue_mtl.errors import CheckpointError, ConfigError, RunFolderError
-from clue_mtl.run_folder import RunFolder
-from clue_mtl.train import Trainer
+from clue_mtl.runs.folder import RunFolder
+from clue_mtl.recipes.multitask import Trainer
 
 FILE_OPERATIONS = ("_make_dir", "_write_bytes", "_write_model", "_rename", "_remove_tree")
 
@@ -309,8 +309,8 @@ def test_a_run_holds_its_folder_from_claim_to_end_and_lets_go_after(small_config
 def test_a_kill_while_best_is_saved_again_keeps_the_previous_best(small_config, tmp_path, monkeypatch):
     """`best/` is replaced file by file, atomically: a kill in the middle of writing the new weights
     leaves the previous best model whole and loadable."""
-    from clue_mtl import model as model_module
-    from clue_mtl.model import MultiTaskModel
+    from clue_mtl.model import multitask as model_module
+    from clue_mtl.model.multitask import MultiTaskModel
 
     run = tmp_path / "run"
     trainer = Trainer(small_config(), run, show_progress=False)

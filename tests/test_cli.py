@@ -6,7 +6,7 @@ import zipfile
 import pytest
 
 from clue_mtl.cli import main
-from clue_mtl.config import save_config
+from clue_mtl.config.run_config import save_config
 
 
 def test_check_data_passes_on_the_real_files(data_dir, capsys):
@@ -78,7 +78,7 @@ def test_main_job_trains_evaluates_and_writes_valid_zips(tiny_config, tmp_path, 
 
 def test_score_the_example_submission_against_its_own_labels(data_dir, tmp_path, capsys):
     """Scoring a zip against gold files made of its own predictions: every row right."""
-    from clue_mtl.submission import read_submission
+    from clue_mtl.predict.submission import read_submission
     from clue_mtl.tasks import get_task
 
     example = next((data_dir / "examples").glob("*.zip"))

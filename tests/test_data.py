@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clue_mtl.data import (DataError, DataWarning, check_data, load_split, load_split_ids, read_clue_jsonl,
+from clue_mtl.data.folder import (DataError, DataWarning, check_data, load_split, load_split_ids, read_clue_jsonl,
                            read_task_file, resolve_data_file, save_split, stratified_split)
 from clue_mtl.tasks import OCEMOTION, OCNLI, TASKS, TNEWS
 
@@ -249,7 +249,7 @@ def test_split_is_deterministic_and_ignores_row_order():
 
 def test_split_is_the_same_under_another_hash_seed():
     code = SPLIT_FRAME_CODE + (
-        "from clue_mtl.data import stratified_split\n"
+        "from clue_mtl.data.folder import stratified_split\n"
         "print(','.join(stratified_split(frame, 0.1, seed=3)[1]['id']))\n")
     env = dict(os.environ, PYTHONHASHSEED="12345")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from clue_mtl.config import load_config
+from clue_mtl.config.run_config import load_config
 from clue_mtl.errors import ConfigError
-from clue_mtl.inference import LoadedRun, predict_submission
-from clue_mtl.run_folder import RunFolder
-from clue_mtl.submission import read_submission
-from clue_mtl.task_files import FileReader
+from clue_mtl.predict.inference import LoadedRun, predict_submission
+from clue_mtl.runs.folder import RunFolder
+from clue_mtl.predict.submission import read_submission
+from clue_mtl.data.task_files import FileReader
 from clue_mtl.tasks import TASKS
-from clue_mtl.train import Trainer, train
+from clue_mtl.recipes.multitask import Trainer, train
 from clue_mtl.weighting import METHODS
 
 # cuBLAS picks its reductions per handle; this fixes them (read when the first handle is made)

@@ -11,18 +11,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from clue_mtl.adversarial import FGM
-from clue_mtl.averaging import AveragingError, average_weights
-from clue_mtl.config import load_config
-from clue_mtl.data import load_split
+from clue_mtl.training.adversarial import FGM
+from clue_mtl.predict.averaging import AveragingError, average_weights
+from clue_mtl.config.run_config import load_config
+from clue_mtl.data.folder import load_split
 from clue_mtl.errors import ConfigError
-from clue_mtl.distill import (SoftLabelError, annealed_mix, annealed_target, distillation_loss, read_soft_labels,
+from clue_mtl.training.distill import (SoftLabelError, annealed_mix, annealed_target, distillation_loss, read_soft_labels,
                               write_soft_labels)
-from clue_mtl.ema import ExponentialMovingAverage
-from clue_mtl.encoders import load_encoder
-from clue_mtl.inference import LoadedRun
-from clue_mtl.model import build_model
-from clue_mtl.train import train
+from clue_mtl.training.ema import ExponentialMovingAverage
+from clue_mtl.model.encoders import load_encoder
+from clue_mtl.predict.inference import LoadedRun
+from clue_mtl.model.multitask import build_model
+from clue_mtl.recipes.multitask import train
 
 # ----------------------------------------------------------------------------------- losses
 

@@ -10,9 +10,13 @@ import torch
 from safetensors.numpy import load_file
 from torch import nn
 
-from clue_mtl import encoders, offline_encoders, testing
+from clue_mtl.model import encoders
+
+from clue_mtl.model import offline_encoders
+
+from clue_mtl import testing
 from clue_mtl.errors import EncoderError
-from clue_mtl.encoders import encoder_layers, ensure_encoder, load_encoder
+from clue_mtl.model.encoders import encoder_layers, ensure_encoder, load_encoder
 from clue_mtl.testing import build_tiny_encoder
 
 ZH = ["今天天气很好，我们去公园散步吧。", "这家餐厅的菜太难吃了，服务也很差！",

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from clue_mtl.evaluate import plot_confusion
-from clue_mtl.metrics import format_report, leaderboard_score, task_report
+from clue_mtl.predict.evaluate import plot_confusion
+from clue_mtl.predict.metrics import format_report, leaderboard_score, task_report
 from clue_mtl.tasks import OCEMOTION, OCNLI, TNEWS
 
 # OCNLI, 6 rows, classes 0/1/2:
@@ -88,7 +88,7 @@ def test_plot_confusion_writes_png(tmp_path):
 
 
 def test_paired_bootstrap_of_the_same_predictions_is_zero_and_of_better_ones_positive():
-    from clue_mtl.metrics import macro_f1, paired_bootstrap
+    from clue_mtl.predict.metrics import macro_f1, paired_bootstrap
 
     rng = np.random.default_rng(0)
     gold = {"a": (rng.integers(0, 3, 300), 3), "b": (rng.integers(0, 5, 200), 5)}

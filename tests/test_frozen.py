@@ -7,16 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clue_mtl import frozen
-from clue_mtl.batching import joint_batch
-from clue_mtl.config import load_config
-from clue_mtl.encoders import encoder_layers, load_encoder
+from clue_mtl.model import frozen
+from clue_mtl.data.batching import joint_batch
+from clue_mtl.config.run_config import load_config
+from clue_mtl.model.encoders import encoder_layers, load_encoder
 from clue_mtl.errors import ConfigError, RunFolderError
-from clue_mtl.frozen import FrozenStates, StateCache, freeze_bottom, prepare_cache_folder
-from clue_mtl.model import build_model
-from clue_mtl.run_folder import RunFolder
+from clue_mtl.model.frozen import FrozenStates, StateCache, freeze_bottom, prepare_cache_folder
+from clue_mtl.model.multitask import build_model
+from clue_mtl.runs.folder import RunFolder
 from clue_mtl.testing import build_tiny_encoder
-from clue_mtl.train import Trainer
+from clue_mtl.recipes.multitask import Trainer
 from clue_mtl.weighting import METHODS
 
 CACHED = ("model.frozen_layers=1", "train.cache_frozen=true")
@@ -237,7 +237,7 @@ def test_every_weighting_method_and_head_trains_from_the_cache(tiny_config, smal
 
 
 def test_a_student_of_soft_labels_trains_from_the_cache(tiny_config, small_data_dir, tmp_path):
-    from clue_mtl.distill import write_soft_labels
+    from clue_mtl.training.distill import write_soft_labels
 
     teacher = Trainer(tiny_config(f"data.data_dir={small_data_dir}", "data.max_train_rows=null", "name=teacher",
                                   "train.steps=2", "train.eval_every=2"), show_progress=False)
@@ -279,7 +279,7 @@ def test_what_cannot_hold_is_refused_with_the_encoder(tiny_config, small_data_di
 
 def test_a_refusal_is_one_line_and_exit_2(tiny_config, tmp_path, capsys):
     from clue_mtl.cli import main
-    from clue_mtl.config import save_config
+    from clue_mtl.config.run_config import save_config
 
     save_config(tiny_config(), tmp_path / "tiny.yaml")
     assert main(["train", "--config", str(tmp_path / "tiny.yaml"), "--set", "model.frozen_layers=9"]) == 2

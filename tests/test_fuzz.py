@@ -18,7 +18,7 @@ def test_fuzzer_finds_no_traceback_wrong_exit_or_unlocated_message(name, cases, 
 
 def test_the_data_fuzzer_notices_a_corruption_the_reader_misses(data_dir, monkeypatch):
     """A fuzzer that cannot fail proves nothing: with the id checks off, its id cases count wrong exits."""
-    from clue_mtl import task_files
+    from clue_mtl.data import task_files
 
     monkeypatch.setattr(task_files, "id_problem", lambda id_: None)
     tally = fuzz.fuzz_data(len(fuzz.DATA_KINDS), 0, data_dir)
@@ -27,7 +27,7 @@ def test_the_data_fuzzer_notices_a_corruption_the_reader_misses(data_dir, monkey
 
 def test_the_data_fuzzer_notices_a_test_row_left_out_of_the_zip(data_dir, monkeypatch):
     """With empty test texts dropped (as training rows are), its content cases count incomplete zips."""
-    from clue_mtl import task_files
+    from clue_mtl.data import task_files
 
     mend = task_files.FileReader._text
     monkeypatch.setattr(task_files.FileReader, "_text", lambda *args: mend(*args) or None)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from clue_mtl.encoders import load_encoder
+from clue_mtl.model.encoders import load_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"

@@ -28,7 +28,7 @@ def test_auto_on_a_gpu_does_not_count_emulated_bf16(monkeypatch, native, expecte
 
 
 def test_the_trainer_runs_at_the_resolved_precision(tiny_config, monkeypatch):
-    from clue_mtl.train import Trainer
+    from clue_mtl.recipes.multitask import Trainer
 
     monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
     trainer = Trainer(tiny_config("train.mixed_precision=auto"), show_progress=False)

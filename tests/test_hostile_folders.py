@@ -68,8 +68,8 @@ def refused(argv: list[str], capsys) -> str:
 # ----------------------------------------------------------------------------- folders to spoil
 @pytest.fixture(scope="module")
 def trained_run(data_dir, tiny_bert, tmp_path_factory) -> Path:
-    from clue_mtl.config import load_config
-    from clue_mtl.train import train
+    from clue_mtl.config.run_config import load_config
+    from clue_mtl.recipes.multitask import train
 
     root = tmp_path_factory.mktemp("hostile-run")
     config = load_config(overrides=[
@@ -81,7 +81,7 @@ def trained_run(data_dir, tiny_bert, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fitted_baseline(small_data_dir, tmp_path_factory) -> Path:
-    from clue_mtl.baseline import run_baseline
+    from clue_mtl.predict.baseline import run_baseline
 
     run_dir = tmp_path_factory.mktemp("hostile-baseline") / "baseline"
     run_baseline(small_data_dir, out_dir=None, run_dir=run_dir, progress=False)
@@ -118,7 +118,7 @@ def rewrite_json(path: Path, change) -> None:
 def blend_of(member: Path, out: Path) -> Path:
     """A blend folder over one member, written by hand (fitting one predicts the whole dev split):
     Blend.load accepts it, and `predict --blend` reaches the member's fingerprint."""
-    from clue_mtl.blend import BLEND_FILE, Blend, FitSettings, TaskBlend, member_fingerprint
+    from clue_mtl.predict.blend import BLEND_FILE, Blend, FitSettings, TaskBlend, member_fingerprint
 
     dev = {"members": {member.name: 0.5}, "blend": {"in_sample": 0.5, "cross_fitted": 0.5},
            "biased": {"in_sample": 0.5, "cross_fitted": 0.5}, "rows": 10}
@@ -211,7 +211,7 @@ def test_blend_refuses_a_run_member_holding_a_fifo(run, tmp_path, capsys):
 
 
 def test_the_fingerprint_refuses_a_fifo_among_the_weights_rather_than_skip_it(run):
-    from clue_mtl.blend import BlendError, member_fingerprint
+    from clue_mtl.predict.blend import BlendError, member_fingerprint
 
     os.mkfifo(run / "best" / "extra.safetensors")
     with bounded(), pytest.raises(BlendError, match="extra.safetensors: not a regular file"):

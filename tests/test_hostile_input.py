@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from clue_mtl.cli import main
-from clue_mtl.config import ConfigError, load_config, save_config
+from clue_mtl.config.run_config import ConfigError, load_config, save_config
 from clue_mtl.errors import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_a_warmup_of_1e309_in_a_file_is_one_line(tmp_path, capsys):
 
 
 def test_a_diverging_run_stops_naming_step_and_task_and_keeps_no_best(tiny_config, small_data_dir, tmp_path):
-    from clue_mtl.train import Trainer
+    from clue_mtl.recipes.multitask import Trainer
 
     config = tiny_config(f"data.data_dir={small_data_dir}", "data.dev_fraction=0.2", "train.lr=1e30",
                          "train.head_lr=1e30", "train.warmup_ratio=0.0", "train.grad_clip=0.0")
@@ -83,7 +83,7 @@ def test_an_alias_bomb_is_refused_at_once_in_a_config_and_a_run_folder(tmp_path,
 
 
 def test_soft_label_teachers_configs_are_read_boundedly(tmp_path):
-    from clue_mtl.distill import _teacher_record
+    from clue_mtl.training.distill import _teacher_record
 
     (tmp_path / "config.yaml").write_text(BOMB)
     with pytest.raises(ConfigError, match="aliases"):
@@ -137,7 +137,7 @@ def test_an_encoder_that_is_a_file_is_one_line(tmp_path, capsys, data_dir):
 
 
 def test_an_unreadable_data_folder_is_one_line(tmp_path, monkeypatch, capsys):
-    from clue_mtl import data
+    from clue_mtl.data import folder as data
 
     def refuse(self):
         raise PermissionError(13, "Permission denied")
@@ -189,7 +189,7 @@ def test_error_exits_do_not_import_torch(tmp_path):
 
 # ----------------------------------------------------------------------------- 7: leftovers and vague messages
 def test_a_killed_writers_temporary_file_is_swept(tmp_path):
-    from clue_mtl.submission import write_submission
+    from clue_mtl.predict.submission import write_submission
     from clue_mtl.tasks import TASKS
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -227,7 +227,7 @@ def test_two_case_variants_of_a_file_name_are_ambiguous(tmp_path, capsys):
     ("\ufeff12\tok\t0", "id '\\ufeff12' contains U+FEFF (ZERO WIDTH NO-BREAK SPACE)"),
 ])
 def test_ids_that_cannot_be_right_are_refused(tmp_path, row, message):
-    from clue_mtl.data import DataError, read_task_file
+    from clue_mtl.data.folder import DataError, read_task_file
 
     path = tmp_path / "TNEWS_train1128.csv"
     path.write_bytes(f"0\tfine\t100\r\n{row.replace(chr(9) + '0', chr(9) + '100')}\r\n".encode())
@@ -243,7 +243,7 @@ def test_ids_that_cannot_be_right_are_refused(tmp_path, row, message):
      True),
 ])
 def test_training_texts_are_mended_or_skipped_with_a_warning(tmp_path, row, message, kept):
-    from clue_mtl.data import DataError, DataWarning, read_task_file
+    from clue_mtl.data.folder import DataError, DataWarning, read_task_file
 
     path = tmp_path / "TNEWS_train1128.csv"
     path.write_bytes(f"0\tfine\t100\r\n{row.replace(chr(9) + '0', chr(9) + '100')}\r\n".encode())

@@ -1,69 +1,60 @@
-"""The package's shape: imports only downward, in the order the README's module table gives."""
+"""The package's shape: its layers, as the import-linter contract in pyproject.toml states them."""
 
 from __future__ import annotations
 
 import ast
 import re
+import tomllib
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "clue_mtl"
-README = PACKAGE / "README.md"
+from importlinter.cli import lint_imports
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "clue_mtl"
 
 
-def _table_order() -> list[str]:
-    """Module names in the order of the README's "What is inside" table (`weighting/` as `weighting`)."""
-    section = README.read_text(encoding="utf-8").split("## What is inside", 1)[1].split("\n## ", 1)[0]
-    names = []
-    for line in section.splitlines():
-        if line.startswith("| `"):
-            cell = line.split("|")[1]
-            names += [name.rstrip("/").removesuffix(".py") for name in re.findall(r"`([a-z_]+(?:\.py|/))`", cell)]
-    return names
+def _layers(pyproject: Path = ROOT / "pyproject.toml") -> list[list[str]]:
+    """The layers contract, top to bottom: each layer's modules without the `clue_mtl.` prefix."""
+    contracts = tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["importlinter"]["contracts"]
+    (layers,) = [contract["layers"] for contract in contracts if contract["type"] == "layers"]
+    return [[name.strip().removeprefix("clue_mtl.") for name in re.split(r"[|:]", layer)] for layer in layers]
 
 
-def _modules() -> dict[str, list[Path]]:
-    """Module name -> its files; a sub-package (`weighting/`) counts as one module."""
-    modules: dict[str, list[Path]] = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        if path.parent == PACKAGE:
-            if path.stem not in ("__init__", "__main__"):
-                modules[path.stem] = [path]
-        else:
-            modules.setdefault(path.parent.name, []).append(path)
-    return modules
+def _top_level() -> set[str]:
+    """The package's own modules and subpackages (its entry points aside)."""
+    names = {path.stem for path in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    return names | {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
 
 
-def _imports(path: Path, module: str) -> set[str]:
-    """The package's modules that `path` imports anywhere (top level, inside functions, TYPE_CHECKING)."""
-    found = set()
-    inside_subpackage = path.parent != PACKAGE
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            if inside_subpackage and node.level == 1:
-                continue  # a sibling inside the same sub-package
-            head = (node.module or "").split(".")[0]
-            found |= {head} if head else {alias.name for alias in node.names}
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            found |= {name.split(".")[1] for name in names if name.startswith("clue_mtl.")}
-    return found - {module}
+def test_the_package_imports_only_downward():
+    assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True, no_logo=True) == 0
 
 
-def test_the_readme_table_lists_every_module_once():
-    order = _table_order()
-    assert len(order) == len(set(order))
-    assert set(order) == set(_modules())
+def test_every_module_and_subpackage_has_one_layer():
+    named = [name for layer in _layers() for name in layer]
+    assert len(named) == len(set(named))
+    assert set(named) == _top_level()
 
 
-def test_every_module_imports_only_modules_above_it_in_the_table():
-    position = {name: index for index, name in enumerate(_table_order())}
-    upward = [f"{module} imports {target}" for module, paths in _modules().items() for path in paths
-              for target in _imports(path, module) if position[target] >= position[module]]
-    assert upward == []
+def test_an_upward_import_breaks_the_contract(tmp_path, monkeypatch):
+    """The check itself can fail: a lower layer that imports a higher one is reported."""
+    package = tmp_path / "layered"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "high.py").write_text("VALUE = 1\n")
+    (package / "low.py").write_text("from layered.high import VALUE\n")
+    config = tmp_path / "pyproject.toml"
+    config.write_text('[tool.importlinter]\nroot_package = "layered"\n\n[[tool.importlinter.contracts]]\n'
+                      'name = "down"\ntype = "layers"\nlayers = ["layered.high", "layered.low"]\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert lint_imports(config_filename=str(config), no_cache=True, no_logo=True) == 1
+    (package / "low.py").write_text("VALUE = 2\n")
+    assert lint_imports(config_filename=str(config), no_cache=True, no_logo=True) == 0
 
 
 def test_every_module_opens_with_the_concept_it_holds():
-    for paths in _modules().values():
-        for path in paths:
-            docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
-            assert docstring and docstring.splitlines()[0].strip(), f"{path.name} has no opening line"
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "__main__.py":
+            continue
+        docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+        assert docstring and docstring.splitlines()[0].strip(), f"{path.relative_to(ROOT)} has no opening line"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clue_mtl.masking import WholeWordMaskCollator, jieba_spans, segment, word_units
+from clue_mtl.mlm.masking import WholeWordMaskCollator, jieba_spans, segment, word_units
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/tianchi"
 
@@ -49,7 +49,7 @@ def tokenizer(request):
 
 def sentences(n=2000):
     if DATA.is_dir():
-        from clue_mtl.data import load_split
+        from clue_mtl.data.folder import load_split
 
         texts = list(load_split(DATA, "tnews", "train")["text_a"][:n])
         if len(texts) == n:

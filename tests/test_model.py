@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from clue_mtl.batching import joint_batch
-from clue_mtl.config import load_config
-from clue_mtl.encoders import load_encoder
-from clue_mtl.model import MultiTaskModel, build_model
-from clue_mtl.pooling import POOLINGS, pool_mean
+from clue_mtl.data.batching import joint_batch
+from clue_mtl.config.run_config import load_config
+from clue_mtl.model.encoders import load_encoder
+from clue_mtl.model.multitask import MultiTaskModel, build_model
+from clue_mtl.model.pooling import POOLINGS, pool_mean
 from clue_mtl.testing import build_tiny_encoder
 
 
@@ -53,8 +53,8 @@ def test_segment_embedding_changes_pair_logits_only(tiny_bert):
     segment embedding, which single-text tasks never use."""
     import pandas as pd
 
-    from clue_mtl.batching import encode_frame
-    from clue_mtl.inference import predict_logits
+    from clue_mtl.data.batching import encode_frame
+    from clue_mtl.predict.inference import predict_logits
 
     encoder, tokenizer = load_encoder(tiny_bert)
     model = build_model(encoder, ["ocnli", "tnews"], pooling="mean").eval()

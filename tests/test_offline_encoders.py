@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from clue_mtl import offline_encoders
+from clue_mtl.model import offline_encoders
 from clue_mtl.cli import main
-from clue_mtl.encoders import load_encoder
-from clue_mtl.offline_encoders import OFFLINE_ENCODERS, build_e5_small, dequantize_q4_0
+from clue_mtl.model.encoders import load_encoder
+from clue_mtl.model.offline_encoders import OFFLINE_ENCODERS, build_e5_small, dequantize_q4_0
 
 ZH = ["今天天气很好，我们去公园散步吧。", "这家餐厅的菜太难吃了，服务也很差！",
       "北京大学成立于1898年，是中国最早的国立综合性大学。", "股市今日大涨，沪指收复3000点。",

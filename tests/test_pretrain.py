@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from clue_mtl.cli import main
-from clue_mtl.config import ConfigError, load_pretrain_config, save_config
-from clue_mtl.encoders import load_encoder
+from clue_mtl.config.run_config import ConfigError, load_pretrain_config, save_config
+from clue_mtl.model.encoders import load_encoder
 from clue_mtl.errors import CheckpointError
-from clue_mtl.pretrain import Pretrainer, held_out_split, sample_texts
-from clue_mtl.run_folder import RunFolder
+from clue_mtl.recipes.pretrain import Pretrainer, held_out_split, sample_texts
+from clue_mtl.runs.folder import RunFolder
 from clue_mtl.testing import build_tiny_encoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -72,7 +72,7 @@ def test_held_out_texts_depend_on_the_texts_only():
 def test_pretraining_lowers_held_out_loss_and_feeds_train(pretrain_config, tiny_config):
     """High rate, no dropout, 2,700 texts seen about 2.5 times: the held-out loss must fall below
     the unigram starting point; the encoder folder then trains with the multi-task recipe."""
-    from clue_mtl.train import Trainer
+    from clue_mtl.recipes.multitask import Trainer
 
     config = pretrain_config("data.max_texts=3000", "data.held_out_fraction=0.1", "train.steps=200",
                              "train.batch_size=32", "train.eval_every=100", "train.log_every=20",
@@ -127,7 +127,7 @@ def test_resume_reproduces_the_uninterrupted_run(pretrain_config, tmp_path):
 def test_pretraining_by_the_clock_fixes_its_steps_and_writes_the_encoder(pretrain_config, monkeypatch):
     """A fake clock: steps of 2 s, the first untimed and the next two timed, so 15 s fix 3 + 9 // 2
     = 7 steps after step 3; the held-out evaluations (100 s each) are not charged."""
-    from clue_mtl import budget
+    from clue_mtl.training import budget
 
     now = [0.0]
     monkeypatch.setattr(budget, "clock", lambda: now[0])
@@ -179,7 +179,7 @@ def test_xlmr_with_trimmed_vocabulary(pretrain_config, tmp_path):
 def test_head_on_masked_positions_equals_the_full_forward(tiny_bert):
     """The objective runs the vocabulary-wide head on labelled positions only; same numbers as
     the model's own forward over every position."""
-    from clue_mtl.pretrain import MaskedLMObjective, load_masked_lm
+    from clue_mtl.recipes.pretrain import MaskedLMObjective, load_masked_lm
 
     model, new_head, _ = load_masked_lm(str(tiny_bert))
     assert new_head and model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -203,8 +203,8 @@ def test_objective_passes_pair_segment_ids(tiny_bert):
     """Pairs from the collator carry segment ids; the objective hands them to the encoder."""
     from transformers import AutoTokenizer
 
-    from clue_mtl.masking import WholeWordMaskCollator
-    from clue_mtl.pretrain import MaskedLMObjective, load_masked_lm
+    from clue_mtl.mlm.masking import WholeWordMaskCollator
+    from clue_mtl.recipes.pretrain import MaskedLMObjective, load_masked_lm
 
     model, _, _ = load_masked_lm(str(tiny_bert))
     objective = MaskedLMObjective(model).eval()
@@ -356,7 +356,7 @@ def test_head_warmup_ends_at_its_step_limit(pretrain_config):
 def test_layer_lr_decay_scales_each_encoder_layer_and_keeps_the_head_at_lr(pretrain_config, tmp_path):
     """Layer i of n (embeddings 0, with the tied decoder) at lr * decay ** (n - i), the head at lr;
     with a head warm-up the whole encoder stays frozen, then every layer trains at its own rate."""
-    from clue_mtl.encoders import encoder_layers
+    from clue_mtl.model.encoders import encoder_layers
 
     config = pretrain_config("train.layer_lr_decay=0.5", "train.head_warmup_steps=2",
                              "train.head_warmup_eval_every=100", "train.warmup_ratio=0")
@@ -384,7 +384,7 @@ def test_layer_lr_decay_scales_each_encoder_layer_and_keeps_the_head_at_lr(pretr
 def test_layer_lr_decay_one_keeps_the_four_groups_of_saved_runs(pretrain_config, tmp_path):
     """Without decay the optimiser has the groups runs saved before the setting had (so their
     checkpoints load), and a pre-training config saved without the key resumes as decay 1."""
-    from clue_mtl.config import added_keys, config_differences, config_fingerprint, config_to_dict
+    from clue_mtl.config.run_config import added_keys, config_differences, config_fingerprint, config_to_dict
 
     config = pretrain_config()
     pretrainer = Pretrainer(config, tmp_path / "plain", show_progress=False, cache_dir=None)
@@ -407,7 +407,7 @@ def test_head_warmup_config_errors(pretrain_config):
 def test_pairs_are_masked_as_pairs_with_their_segments(pretrain_config, tmp_path):
     """`data.pairs`: OCNLI's sentences train as tokenizer(a, b) pairs, segment ids intact through
     the cache and the masking, separators never masked; held-out texts stay single and unseen."""
-    from clue_mtl.vocab import corpus_pairs
+    from clue_mtl.model.vocab import corpus_pairs
 
     config = pretrain_config("data.pairs=true", "data.max_texts=3000")
     pretrainer = Pretrainer(config, show_progress=False, cache_dir=tmp_path / "cache")

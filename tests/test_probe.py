@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from clue_mtl.encoders import load_encoder
-from clue_mtl.probe import layer_cka, layer_vectors, linear_cka, probe_scores
+from clue_mtl.model.encoders import load_encoder
+from clue_mtl.recipes.probe import layer_cka, layer_vectors, linear_cka, probe_scores
 
 
 def test_linear_cka_is_one_under_rotation_and_scale_and_low_for_unrelated():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from clue_mtl.train import Trainer
+from clue_mtl.recipes.multitask import Trainer
 
 REFERENCE = Path(__file__).with_name("reference_run.json")
 CASES = {

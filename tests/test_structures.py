@@ -10,20 +10,20 @@ import pytest
 import torch
 
 from clue_mtl import hardware
-from clue_mtl.averaging import average_weights
-from clue_mtl.config import load_config
-from clue_mtl.data import load_split
+from clue_mtl.predict.averaging import average_weights
+from clue_mtl.config.run_config import load_config
+from clue_mtl.data.folder import load_split
 from clue_mtl.errors import AveragingError, ConfigError
-from clue_mtl.features import LayerFeatures
-from clue_mtl.heads import AnswerHead
-from clue_mtl.inference import LoadedRun, float32_modules
-from clue_mtl.model import MultiTaskModel, build_model, pair_segments
-from clue_mtl.encoders import encoder_layers, load_encoder
-from clue_mtl.optim import parameter_groups
-from clue_mtl.pooling import POOLINGS
-from clue_mtl.structure import POOLING_NAMES, resolve_heads
-from clue_mtl.run_folder import RunFolder
-from clue_mtl.train import Trainer
+from clue_mtl.model.features import LayerFeatures
+from clue_mtl.model.heads import AnswerHead
+from clue_mtl.predict.inference import LoadedRun, float32_modules
+from clue_mtl.model.multitask import MultiTaskModel, build_model, pair_segments
+from clue_mtl.model.encoders import encoder_layers, load_encoder
+from clue_mtl.training.optim import parameter_groups
+from clue_mtl.model.pooling import POOLINGS
+from clue_mtl.config.structure import POOLING_NAMES, resolve_heads
+from clue_mtl.runs.folder import RunFolder
+from clue_mtl.recipes.multitask import Trainer
 from clue_mtl.weighting import METHODS
 
 # Every head type, feature kind and private part, spread over the three tasks in two mixes.

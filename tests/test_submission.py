@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clue_mtl import submission
-from clue_mtl.submission import (SubmissionError, gold_from_dir, gold_from_specs, parse_gold_specs,
+from clue_mtl.predict import submission
+from clue_mtl.predict.submission import (SubmissionError, gold_from_dir, gold_from_specs, parse_gold_specs,
                                  read_submission, score_submission, write_submission)
 from clue_mtl.tasks import TASK_NAMES, TASKS
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from clue_mtl.cli import main
-from clue_mtl.data import DataError, DataWarning, checked_test_files, read_task_file
+from clue_mtl.data.folder import DataError, DataWarning, checked_test_files, read_task_file
 from clue_mtl.tasks import TASKS
 
 ROWS = 20
@@ -203,8 +203,8 @@ def test_a_backspace_and_an_empty_text_still_give_every_row_a_prediction(data_di
     import json
     import zipfile
 
-    from clue_mtl.baseline import run_baseline
-    from clue_mtl.config import save_config
+    from clue_mtl.predict.baseline import run_baseline
+    from clue_mtl.config.run_config import save_config
 
     data = hostile_data_dir(data_dir, tmp_path / "data")
     assert main(["check-data", "--data-dir", str(data)]) == 0

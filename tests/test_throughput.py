@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from clue_mtl import hardware
-from clue_mtl.config import ConfigError, validate
-from clue_mtl.train import Trainer
+from clue_mtl.config.run_config import ConfigError, validate
+from clue_mtl.recipes.multitask import Trainer
 
 
 def read_train_records(run_dir):
@@ -60,7 +60,7 @@ def test_the_fused_optimizer_trains_as_the_loop_does(tiny_config):
 
 def test_no_fused_optimizer_under_fp16():
     """fp16's GradScaler would hide skipped steps from Accelerate behind a fused kernel."""
-    from clue_mtl.optim import adamw
+    from clue_mtl.training.optim import adamw
 
     groups = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
     assert adamw(groups, device_type="cpu").defaults["fused"] is True
@@ -127,11 +127,11 @@ def test_the_progress_bar_shows_rows_per_second_and_the_fraction_of_peak(tiny_co
 
 
 def test_a_shallower_encoder_trains_saves_and_reloads(tiny_config):
-    from clue_mtl.encoders import encoder_layers
+    from clue_mtl.model.encoders import encoder_layers
     from clue_mtl.errors import EncoderError
-    from clue_mtl.model import MultiTaskModel
+    from clue_mtl.model.multitask import MultiTaskModel
 
-    from clue_mtl.encoders import load_encoder
+    from clue_mtl.model.encoders import load_encoder
 
     trainer = Trainer(tiny_config("model.num_layers=1", "train.steps=2"), show_progress=False)
     assert len(encoder_layers(trainer.unwrapped.encoder)) == 2   # embeddings and one layer
@@ -184,8 +184,8 @@ def test_the_training_step_runs_attention_in_the_chosen_kernel(tiny_config, sett
 def test_a_loaded_run_predicts_with_its_weights_cast_to_bf16_once(tiny_config, monkeypatch, fast_bf16):
     import numpy as np
 
-    from clue_mtl.data import load_split
-    from clue_mtl.inference import LoadedRun
+    from clue_mtl.data.folder import load_split
+    from clue_mtl.predict.inference import LoadedRun
 
     trainer = Trainer(tiny_config("train.steps=3", "train.mixed_precision=auto"), show_progress=False)
     trainer.train()

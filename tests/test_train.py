@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from clue_mtl.errors import CheckpointError
-from clue_mtl.run_folder import RunFolder
-from clue_mtl.train import Trainer, train
+from clue_mtl.runs.folder import RunFolder
+from clue_mtl.recipes.multitask import Trainer, train
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -119,7 +119,7 @@ def test_two_cpu_processes_hold_identical_weights(tiny_config, tmp_path, method,
     tracking = ["train.report_to=tensorboard"] if method == "equal" and not structure else []  # trackers end without a lost group
     config = tiny_config("train.steps=3", "train.eval_every=3", "train.batch_size=12", f"weighting.method={method}",
                          *tracking, *structure)
-    from clue_mtl.config import save_config
+    from clue_mtl.config.run_config import save_config
 
     save_config(config, tmp_path / "config.yaml")
     worker = Path(__file__).with_name("ddp_worker.py")
@@ -164,7 +164,7 @@ def test_step_histories_advance_once_per_optimiser_step_under_accumulation(tiny_
 def test_distilled_student_with_ema_and_fgm(tiny_config, data_dir, tmp_path):
     """A teacher's soft labels drive an annealed student trained with EMA and FGM, end to end."""
     from clue_mtl.cli import main
-    from clue_mtl.distill import read_soft_labels
+    from clue_mtl.training.distill import read_soft_labels
     from clue_mtl.tasks import TASKS
 
     small = tmp_path / "small-data"  # the first 200 rows of each training file: soft labels must cover them all

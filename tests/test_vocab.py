@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clue_mtl.vocab import TRIM_FILE, corpus_texts, trim_tokenizer_json, trim_vocabulary, unknown_rate
+from clue_mtl.model.vocab import TRIM_FILE, corpus_texts, trim_tokenizer_json, trim_vocabulary, unknown_rate
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/tianchi"
 OUTSIDE = "鼹鼯鼷"  # characters none of the corpus sample uses

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clue_mtl.run_folder import RunFolder
-from clue_mtl.train import Trainer
+from clue_mtl.runs.folder import RunFolder
+from clue_mtl.recipes.multitask import Trainer
 from clue_mtl.weighting import METHODS, StepContext, build_weighting
 from clue_mtl.weighting.base import gram_matrix
 from clue_mtl.weighting.gradnorm import GradNorm
@@ -486,7 +486,7 @@ def test_two_processes_match_one_process_on_the_global_batch_for_every_method(ti
     import sys
     from pathlib import Path
 
-    from clue_mtl.config import save_config
+    from clue_mtl.config.run_config import save_config
 
     encoder = tmp_path / "encoder"
     shutil.copytree(tiny_bert, encoder)

@@ -1,0 +1,1 @@
+"""Run configs: the schema and its checks (`run_config`), per-task structure (`structure`)."""

@@ -1,0 +1,1 @@
+"""The recipes: multi-task fine-tuning (`multitask`), further pre-training (`pretrain`), and the encoder probes (`probe`)."""

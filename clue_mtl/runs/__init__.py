@@ -1,0 +1,1 @@
+"""Run folders: their layout and reading one back (`folder`), the resumable checkpoint (`checkpoint`)."""
