@@ -155,7 +155,7 @@ def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to
 
     import torch
 
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
     from clue_mtl.recipes.multitask import Trainer
 
     config = load_config(config_path, [*overrides, f"train.steps={max(warmup + steps, quality_steps)}"])

@@ -63,7 +63,7 @@ class Curve:
     """One variant's long run, stopped at given training minutes to read a point."""
 
     def __init__(self, args):
-        from clue_mtl.config.run_config import load_config
+        from clue_mtl.config import load_config
 
         self.name = f"{args.variant}-s{args.seed}"
         self.record_path = Path(args.results) / "cpu_budget_runs" / f"{self.name}.json"
@@ -248,7 +248,7 @@ def dev_gold(run: dict) -> dict[str, tuple[np.ndarray, int]]:
 
     if "dev_rows" in run:
         return {task: (decode_labels(rows["gold"]), get_task(task).num_labels) for task, rows in run["dev_rows"].items()}
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
     from clue_mtl.data.folder import task_frames
 
     config = load_config(str(CONFIG), run["overrides"])

@@ -103,7 +103,7 @@ def weight_trajectory(directory: Path, every: int = 20) -> dict:
 
 def dev_frames(config_path: str) -> dict:
     """The dev rows every run of the comparison is scored on (`Trainer` samples them the same way)."""
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
     from clue_mtl.data.folder import task_frames
 
     config = load_config(ROOT / config_path, [f"data.data_dir={ROOT / 'data'}"])
@@ -149,7 +149,7 @@ def ensure_inputs(variants: list[str], seeds: list[int], threads: int, results: 
 
 
 def summarise(study: str, results: dict) -> str:
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
 
     train = load_config(ROOT / CONFIG).train
     lines = [f"# Dev comparison: {study} ({CONFIG}: e5-small, trimmed vocabulary, {train.steps} steps x "

@@ -235,7 +235,7 @@ CKA_TEXTS = 512
 def run_pretrain(job: dict) -> None:
     """The pre-training, in this process, stopping at each snapshot step to compare every layer's
     pooled states on held-out texts with the starting encoder's (linear CKA)."""
-    from clue_mtl.config.run_config import load_pretrain_config
+    from clue_mtl.config import load_pretrain_config
     from clue_mtl.recipes.pretrain import Pretrainer
     from clue_mtl.recipes.probe import layer_cka, layer_vectors
 
@@ -266,7 +266,7 @@ PROBE_TRAIN_ROWS = 4000
 def run_probe(job: dict, encoder_path: Path) -> None:
     """OCNLI macro-F1 of a logistic regression on each frozen layer's pooled `tokenizer(a, b)`
     states: 4,000 training rows, the fine-tuning runs' 2,000 dev rows."""
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
     from clue_mtl.data.folder import task_frames
     from clue_mtl.model.encoders import load_encoder
     from clue_mtl.recipes.probe import layer_vectors, probe_scores
@@ -333,7 +333,7 @@ def cmd_next(args) -> None:
 # ----------------------------------------------------------------------------- speed
 def finetune_overrides(name: str, extra: list[str]) -> list[str]:
     """The fine-tuning config of `name` as overrides of the defaults (for `time_training_steps`)."""
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
 
     quickstart = load_config(ROOT / finetune_config(name))
     encoder = m3e_encoder() if is_m3e(name) else ensure_trimmed_encoder()
@@ -352,7 +352,7 @@ def time_pretraining(config_path: str, encoder: Path, overrides: list[str], step
 
     from tqdm.auto import tqdm
 
-    from clue_mtl.config.run_config import load_pretrain_config
+    from clue_mtl.config import load_pretrain_config
     from clue_mtl.recipes.pretrain import Pretrainer
 
     config = load_pretrain_config(ROOT / config_path, [
@@ -406,7 +406,7 @@ def cmd_speed(args) -> None:
 
 # ----------------------------------------------------------------------------- scoring
 def dev_frames() -> dict:
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
     from clue_mtl.data.folder import task_frames
 
     config = load_config(ROOT / FINETUNE_CONFIG, [f"data.data_dir={ROOT / 'data'}", f"data.max_dev_rows={DEV_ROWS}"])

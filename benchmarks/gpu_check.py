@@ -272,7 +272,7 @@ def weighting_comparison(args, stages: Stages, work: Path, overrides: list[str])
     model on the whole dev split; paired bootstrap of each against `equal`."""
     import numpy as np
 
-    from clue_mtl.config.run_config import load_run_config
+    from clue_mtl.config import load_run_config
     from clue_mtl.data.folder import dev_frames, load_split_ids
     from clue_mtl.predict.evaluate import evaluate_run
     from clue_mtl.predict.metrics import paired_bootstrap

@@ -63,7 +63,7 @@ def blend_entry(blend_dir: Path) -> dict:
 
 
 def cmd_run(args) -> None:
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
 
     name = recorded_name(args)
     overrides = [f"name=main-{name}", f"train.seed={args.seed}", *(args.set or [])]
@@ -90,7 +90,7 @@ def cmd_run(args) -> None:
 
 def training_speed(run_dir: Path) -> float | None:
     """Training rows/s of a run as its metrics last logged it: over the whole run, its evaluations included."""
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
 
     folder = RunFolder(run_dir)
     speeds = [r["steps_per_second"] for r in folder.metrics() if r["kind"] == "train"]

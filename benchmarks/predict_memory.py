@@ -36,7 +36,7 @@ MEASURE = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]
 
 
 def make_run(run_dir: Path, data_dir: Path) -> None:
-    from clue_mtl.config.run_config import load_config, save_config
+    from clue_mtl.config import load_config, save_config
     from clue_mtl.model.encoders import load_encoder
     from clue_mtl.model.multitask import build_model
     from clue_mtl.runs.folder import RunFolder

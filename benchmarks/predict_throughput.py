@@ -30,7 +30,7 @@ VARIANTS = {BEFORE: True, "kit: weights cast to bf16 once as the run loads": Fal
 
 
 def make_run(run_dir: Path) -> None:
-    from clue_mtl.config.run_config import load_config, save_config
+    from clue_mtl.config import load_config, save_config
     from clue_mtl.model.encoders import ensure_encoder, load_encoder
     from clue_mtl.model.multitask import build_model
     from clue_mtl.tasks import TASKS

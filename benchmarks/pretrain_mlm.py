@@ -22,7 +22,7 @@ from clue_mtl.runs.folder import RunFolder  # noqa: E402
 
 
 def run_pretraining(config: str, overrides: list[str]) -> tuple[Path, float]:
-    from clue_mtl.config.run_config import load_pretrain_config
+    from clue_mtl.config import load_pretrain_config
 
     loaded = load_pretrain_config(ROOT / config, overrides)
     command = [sys.executable, "-m", "clue_mtl", "pretrain", "--config", config, "--overwrite"]

@@ -25,7 +25,7 @@ from clue_mtl.runs.folder import RunFolder  # noqa: E402
 
 
 def run_config(config: str) -> tuple[Path, float]:
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
 
     loaded = load_config(ROOT / config)
     started = time.perf_counter()

@@ -29,7 +29,7 @@ VARIANTS = {"12 layers": [], "bottom 6 layers": ["model.num_layers=6"]}
 
 
 def measure(variant: str, steps: int, warmup: int) -> dict:
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
 
     overrides = [*BASE, *VARIANTS[variant]]
     quickstart = ROOT / "configs/quickstart.yaml"
@@ -45,7 +45,7 @@ def _quickstart_train_keys(config) -> list[tuple[str, object]]:
 
 
 def member_row(record: dict, name: str) -> tuple:
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
 
     entry, _, member = name.partition("@")
     f1 = record[entry]["members"][member]

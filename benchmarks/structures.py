@@ -62,7 +62,7 @@ def slug(variant: str) -> str:
 
 # ----------------------------------------------------------------------------- speed
 def measure(variant: str, steps: int, warmup: int) -> dict:
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
 
     quickstart = load_config(ROOT / CONFIG)
     base = [f"data.data_dir={ROOT / 'data'}", f"model.encoder={ROOT / quickstart.model.encoder}",
@@ -114,7 +114,7 @@ def run_dir(variant: str, seed: int) -> Path:
 
 
 def dev_frames() -> dict:
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
     from clue_mtl.data.folder import task_frames
 
     config = load_config(ROOT / CONFIG, [f"data.data_dir={ROOT / 'data'}", f"data.max_dev_rows={DEV_ROWS}"])

@@ -114,7 +114,7 @@ def profile(steps: int, warmup: int, overrides: list[str] | None = None) -> dict
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
     from clue_mtl.recipes.multitask import Trainer
 
     variant = AFTER if overrides is None else overrides
@@ -156,7 +156,7 @@ def quality_rows(names: list[str]) -> list[str]:
     lines = ["", "## Equal steps, dev macro-F1 (whole dev split)", "",
              "| run | steps | seed | attention dropout | attention kernel | encoder pass | OCNLI | OCEMOTION | TNEWS | mean |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    from clue_mtl.config.run_config import load_run_config
+    from clue_mtl.config import load_run_config
 
     for name in (part for joined in names for part in joined.split("+")):
         entry, _, member = name.partition("@")

@@ -132,7 +132,7 @@ def cmd_trim_vocab(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from clue_mtl.config.run_config import load_pretrain_config
+    from clue_mtl.config import load_pretrain_config
 
     config = load_pretrain_config(args.config, _overrides(args))
     _check_run_folder(args, config)
@@ -153,7 +153,7 @@ def cmd_pretrain(args) -> int:
 
 def _config(args):
     """The run's config, and its run folder checked, before anything imports torch."""
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
 
     config = load_config(args.config, _overrides(args))
     _check_run_folder(args, config)
@@ -176,7 +176,7 @@ def _overrides(args) -> list[str]:
 
 
 def _check_run_folder(args, config) -> None:
-    from clue_mtl.config.run_config import added_keys, config_to_dict
+    from clue_mtl.config import added_keys, config_to_dict
     from clue_mtl.runs.folder import RunFolder
 
     folder = RunFolder(args.run_dir or Path(config.output_dir) / config.name)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clue_mtl.config.run_config import load_config
+from clue_mtl.config import load_config
 
 # Tiny models gain nothing from a second thread and lose a lot when the machine is busy.
 torch.set_num_threads(1)

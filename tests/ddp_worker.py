@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from clue_mtl.config.run_config import load_config
+from clue_mtl.config import load_config
 from clue_mtl.recipes.multitask import Trainer
 
 

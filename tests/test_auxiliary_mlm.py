@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from clue_mtl.config.run_config import ConfigError
+from clue_mtl.config import ConfigError
 from clue_mtl.predict.inference import LoadedRun
 from clue_mtl.runs.folder import RunFolder
 from clue_mtl.recipes.multitask import Trainer

@@ -156,7 +156,7 @@ def test_a_corrupt_baseline_folder_is_refused(fitted_baseline, tmp_path):
 # ----------------------------------------------------------------------------- blend folders
 @pytest.fixture(scope="module")
 def tiny_run(data_dir, tmp_path_factory):
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
     from clue_mtl.testing import build_tiny_encoder
     from clue_mtl.recipes.multitask import train
 

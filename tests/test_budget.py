@@ -15,7 +15,7 @@ from transformers import get_scheduler
 from clue_mtl.training import budget
 from clue_mtl.training.budget import StepBudget, schedule_factor
 from clue_mtl.cli import main
-from clue_mtl.config.run_config import SCHEDULERS, ConfigError, config_fingerprint, config_to_dict, load_config
+from clue_mtl.config import SCHEDULERS, ConfigError, config_fingerprint, config_to_dict, load_config
 from clue_mtl.runs.folder import RunFolder
 from clue_mtl.recipes.multitask import Trainer
 
@@ -190,7 +190,7 @@ def test_bad_minutes_are_one_line_and_exit_2(command, minutes, capsys):
 
 def test_minutes_on_the_command_line_set_the_budget(tmp_path, capsys):
     """`--minutes` reaches the config (a resume under another budget is refused, naming it)."""
-    from clue_mtl.config.run_config import save_config
+    from clue_mtl.config import save_config
 
     save_config(load_config(overrides=[f"output_dir={tmp_path}", "train.max_minutes=5"]), tmp_path / "c.yaml")
     (tmp_path / "run").mkdir()

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from clue_mtl.runs import checkpoint
-from clue_mtl.config.run_config import save_config
+from clue_mtl.config import save_config
 from clue_mtl.errors import CheckpointError, ConfigError, RunFolderError
 from clue_mtl.runs.folder import RunFolder
 from clue_mtl.recipes.multitask import Trainer

@@ -6,7 +6,7 @@ import zipfile
 import pytest
 
 from clue_mtl.cli import main
-from clue_mtl.config.run_config import save_config
+from clue_mtl.config import save_config
 
 
 def test_check_data_passes_on_the_real_files(data_dir, capsys):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from clue_mtl.config.run_config import ConfigError, config_to_dict, load_config, save_config
+from clue_mtl.config import ConfigError, config_to_dict, load_config, save_config
 
 
 def test_defaults_validate():
@@ -112,7 +112,7 @@ def test_quickstart_m3e_is_the_quickstart_on_m3e():
 
 def test_a_key_added_later_reads_as_its_old_behaviour_when_a_saved_config_lacks_it():
     """Runs saved before `train.scheduler` existed trained with the linear schedule: they resume."""
-    from clue_mtl.config.run_config import ADDED_KEYS, config_differences, config_fingerprint
+    from clue_mtl.config import ADDED_KEYS, config_differences, config_fingerprint
 
     current = config_to_dict(load_config())
     saved = {**current, "train": {k: v for k, v in current["train"].items() if k != "scheduler"}}
@@ -129,7 +129,7 @@ def test_a_run_saved_before_the_joint_encoder_pass_resumes_only_as_it_ran():
     now gives one joint pass, resuming names what changed; where it still gives one pass per task
     (private layers, PCGrad, MGDA), or with per_task written out, the run resumes with the
     fingerprint it was saved with."""
-    from clue_mtl.config.run_config import config_differences, config_fingerprint
+    from clue_mtl.config import config_differences, config_fingerprint
 
     def saved_before_the_key(values: dict) -> dict:
         return {**values, "train": {k: v for k, v in values["train"].items() if k != "encoder_pass"}}
@@ -152,7 +152,7 @@ def test_a_run_saved_before_the_joint_encoder_pass_resumes_only_as_it_ran():
 def test_a_saved_run_config_reads_as_the_run_ran(tmp_path):
     """A run folder's config.yaml saved before a key existed reads with that key's old behaviour
     (one encoder pass per task), not today's default; a mangled section is named, not a traceback."""
-    from clue_mtl.config.run_config import load_run_config
+    from clue_mtl.config import load_run_config
 
     path = tmp_path / "config.yaml"
     save_config(load_config(), path)

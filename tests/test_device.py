@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from clue_mtl.config.run_config import load_config
+from clue_mtl.config import load_config
 from clue_mtl.errors import ConfigError
 from clue_mtl.predict.inference import LoadedRun, predict_submission
 from clue_mtl.runs.folder import RunFolder

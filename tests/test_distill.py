@@ -13,7 +13,7 @@ from torch import nn
 
 from clue_mtl.training.adversarial import FGM
 from clue_mtl.predict.averaging import AveragingError, average_weights
-from clue_mtl.config.run_config import load_config
+from clue_mtl.config import load_config
 from clue_mtl.data.folder import load_split
 from clue_mtl.errors import ConfigError
 from clue_mtl.training.distill import (SoftLabelError, annealed_mix, annealed_target, distillation_loss, read_soft_labels,

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from clue_mtl.model import frozen
 from clue_mtl.data.batching import joint_batch
-from clue_mtl.config.run_config import load_config
+from clue_mtl.config import load_config
 from clue_mtl.model.encoders import encoder_layers, load_encoder
 from clue_mtl.errors import ConfigError, RunFolderError
 from clue_mtl.model.frozen import FrozenStates, StateCache, freeze_bottom, prepare_cache_folder
@@ -279,7 +279,7 @@ def test_what_cannot_hold_is_refused_with_the_encoder(tiny_config, small_data_di
 
 def test_a_refusal_is_one_line_and_exit_2(tiny_config, tmp_path, capsys):
     from clue_mtl.cli import main
-    from clue_mtl.config.run_config import save_config
+    from clue_mtl.config import save_config
 
     save_config(tiny_config(), tmp_path / "tiny.yaml")
     assert main(["train", "--config", str(tmp_path / "tiny.yaml"), "--set", "model.frozen_layers=9"]) == 2

@@ -68,7 +68,7 @@ def refused(argv: list[str], capsys) -> str:
 # ----------------------------------------------------------------------------- folders to spoil
 @pytest.fixture(scope="module")
 def trained_run(data_dir, tiny_bert, tmp_path_factory) -> Path:
-    from clue_mtl.config.run_config import load_config
+    from clue_mtl.config import load_config
     from clue_mtl.recipes.multitask import train
 
     root = tmp_path_factory.mktemp("hostile-run")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from clue_mtl.cli import main
-from clue_mtl.config.run_config import ConfigError, load_config, save_config
+from clue_mtl.config import ConfigError, load_config, save_config
 from clue_mtl.errors import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]

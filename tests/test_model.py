@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clue_mtl.data.batching import joint_batch
-from clue_mtl.config.run_config import load_config
+from clue_mtl.config import load_config
 from clue_mtl.model.encoders import load_encoder
 from clue_mtl.model.multitask import MultiTaskModel, build_model
 from clue_mtl.model.pooling import POOLINGS, pool_mean

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from clue_mtl.cli import main
-from clue_mtl.config.run_config import ConfigError, load_pretrain_config, save_config
+from clue_mtl.config import ConfigError, load_pretrain_config, save_config
 from clue_mtl.model.encoders import load_encoder
 from clue_mtl.errors import CheckpointError
 from clue_mtl.recipes.pretrain import Pretrainer, held_out_split, sample_texts
@@ -384,7 +384,7 @@ def test_layer_lr_decay_scales_each_encoder_layer_and_keeps_the_head_at_lr(pretr
 def test_layer_lr_decay_one_keeps_the_four_groups_of_saved_runs(pretrain_config, tmp_path):
     """Without decay the optimiser has the groups runs saved before the setting had (so their
     checkpoints load), and a pre-training config saved without the key resumes as decay 1."""
-    from clue_mtl.config.run_config import added_keys, config_differences, config_fingerprint, config_to_dict
+    from clue_mtl.config import added_keys, config_differences, config_fingerprint, config_to_dict
 
     config = pretrain_config()
     pretrainer = Pretrainer(config, tmp_path / "plain", show_progress=False, cache_dir=None)

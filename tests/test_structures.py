@@ -11,7 +11,7 @@ import torch
 
 from clue_mtl import hardware
 from clue_mtl.predict.averaging import average_weights
-from clue_mtl.config.run_config import load_config
+from clue_mtl.config import load_config
 from clue_mtl.data.folder import load_split
 from clue_mtl.errors import AveragingError, ConfigError
 from clue_mtl.model.features import LayerFeatures

@@ -204,7 +204,7 @@ def test_a_backspace_and_an_empty_text_still_give_every_row_a_prediction(data_di
     import zipfile
 
     from clue_mtl.predict.baseline import run_baseline
-    from clue_mtl.config.run_config import save_config
+    from clue_mtl.config import save_config
 
     data = hostile_data_dir(data_dir, tmp_path / "data")
     assert main(["check-data", "--data-dir", str(data)]) == 0

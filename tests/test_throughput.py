@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clue_mtl import hardware
-from clue_mtl.config.run_config import ConfigError, validate
+from clue_mtl.config import ConfigError, validate
 from clue_mtl.recipes.multitask import Trainer
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from clue_mtl.config.run_config import ConfigError, load_config
+from clue_mtl.config import ConfigError, load_config
 from clue_mtl.runs.folder import RunFolder
 from clue_mtl.training.tracking import flat_record, hyperparameters
 from clue_mtl.recipes.multitask import Trainer
@@ -48,7 +48,7 @@ def test_tensorboard_events_hold_the_metrics_log(tiny_config, tmp_path):
 def test_report_to_is_checked_and_may_change_on_resume(tiny_config):
     with pytest.raises(ConfigError, match="train.report_to must be one of"):
         tiny_config("train.report_to=neptune")
-    from clue_mtl.config.run_config import config_fingerprint, config_to_dict
+    from clue_mtl.config import config_fingerprint, config_to_dict
 
     assert (config_fingerprint(config_to_dict(tiny_config("train.report_to=tensorboard")))
             == config_fingerprint(config_to_dict(tiny_config())))

@@ -119,7 +119,7 @@ def test_two_cpu_processes_hold_identical_weights(tiny_config, tmp_path, method,
     tracking = ["train.report_to=tensorboard"] if method == "equal" and not structure else []  # trackers end without a lost group
     config = tiny_config("train.steps=3", "train.eval_every=3", "train.batch_size=12", f"weighting.method={method}",
                          *tracking, *structure)
-    from clue_mtl.config.run_config import save_config
+    from clue_mtl.config import save_config
 
     save_config(config, tmp_path / "config.yaml")
     worker = Path(__file__).with_name("ddp_worker.py")

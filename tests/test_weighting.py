@@ -486,7 +486,7 @@ def test_two_processes_match_one_process_on_the_global_batch_for_every_method(ti
     import sys
     from pathlib import Path
 
-    from clue_mtl.config.run_config import save_config
+    from clue_mtl.config import save_config
 
     encoder = tmp_path / "encoder"
     shutil.copytree(tiny_bert, encoder)

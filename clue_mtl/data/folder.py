@@ -32,7 +32,7 @@ from clue_mtl.errors import DataError
 from clue_mtl.tasks import TASKS, Task, as_task
 
 if TYPE_CHECKING:
-    from clue_mtl.config.run_config import DataConfig
+    from clue_mtl.config import DataConfig
 
 SPLITS = ("train", "a", "b")
 

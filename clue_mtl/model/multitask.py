@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from clue_mtl.atomic import replace_file, write_text_atomic
-from clue_mtl.config.run_config import ModelConfig
+from clue_mtl.config import ModelConfig
 from clue_mtl.config.structure import HeadConfig, PrivateConfig, resolve_heads, resolve_private, validate_structure
 from clue_mtl.data.batching import TaskRows
 from clue_mtl.errors import RunFolderError

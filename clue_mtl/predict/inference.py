@@ -13,7 +13,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from clue_mtl.config.run_config import RunConfig, load_run_config
+from clue_mtl.config import RunConfig, load_run_config
 from clue_mtl.data.batching import encode_frame, inference_batches
 from clue_mtl.data.folder import checked_test_files
 from clue_mtl.errors import RunFolderError

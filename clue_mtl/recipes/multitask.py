@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from clue_mtl.config.run_config import RunConfig, resolved_encoder_pass, save_config, validate, weighted_tasks
+from clue_mtl.config import RunConfig, resolved_encoder_pass, save_config, validate, weighted_tasks
 from clue_mtl.data.batching import (
     EncodedTask,
     MultiTaskBatches,

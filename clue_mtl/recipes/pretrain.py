@@ -49,7 +49,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from clue_mtl.atomic import replace_folder
-from clue_mtl.config.run_config import ConfigError, PretrainConfig, save_config
+from clue_mtl.config import ConfigError, PretrainConfig, save_config
 from clue_mtl.data.batching import tokenizer_fingerprint
 from clue_mtl.mlm.masking import WholeWordMaskCollator
 from clue_mtl.mlm.objective import (

@@ -85,7 +85,7 @@ def compare_encoders(before: str, after: str, data_dir: str, *, texts: int = 512
     """Per-layer CKA of `after` against `before` on `texts` competition texts (evenly spaced over
     the corpus); with `probe_rows`, each layer's OCNLI probe (that many training rows, `dev_rows`
     of the kit's dev split) for both encoders."""
-    from clue_mtl.config.run_config import DataConfig
+    from clue_mtl.config import DataConfig
     from clue_mtl.data.folder import task_frames
     from clue_mtl.errors import ConfigError
     from clue_mtl.mlm.objective import sample_texts

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 
 from clue_mtl.atomic import FolderLock, in_use, lock_holder, write_text_atomic
-from clue_mtl.config.run_config import ADDED_KEYS, config_differences, read_yaml
+from clue_mtl.config import ADDED_KEYS, config_differences, read_yaml
 from clue_mtl.errors import RunFolderError
 from clue_mtl.runs import checkpoint
 from clue_mtl.tasks import TASKS

@@ -46,7 +46,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
-from clue_mtl.config.run_config import MAX_STEPS
+from clue_mtl.config import MAX_STEPS
 from clue_mtl.errors import RunFolderError
 from clue_mtl.untrusted import read_json
 

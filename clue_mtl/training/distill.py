@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from clue_mtl.atomic import replace_file
-from clue_mtl.config.run_config import read_yaml
+from clue_mtl.config import read_yaml
 from clue_mtl.errors import SoftLabelError
 from clue_mtl.runs.folder import RunFolder
 from clue_mtl.tasks import TASK_NAMES, get_task

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from clue_mtl.atomic import FolderLock, write_text_atomic
-from clue_mtl.config.run_config import added_keys, config_fingerprint, config_to_dict
+from clue_mtl.config import added_keys, config_fingerprint, config_to_dict
 from clue_mtl.errors import RunFolderError, TrainingDiverged
 from clue_mtl.runs import checkpoint
 from clue_mtl.runs.folder import RunFolder

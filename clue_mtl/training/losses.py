@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clue_mtl.config.run_config import DistillConfig
+from clue_mtl.config import DistillConfig
 from clue_mtl.training.distill import annealed_mix, distillation_loss
 
 

@@ -13,7 +13,7 @@ import importlib.util
 import json
 from typing import Any
 
-from clue_mtl.config.run_config import REPORT_TO
+from clue_mtl.config import REPORT_TO
 from clue_mtl.errors import ConfigError
 from clue_mtl.runs.folder import RunFolder
 
