@@ -8,7 +8,7 @@
   the old folder is renamed to `.NAME.previous`, the new one to `folder`, and the old one removed.
   A kill before the first rename leaves the old folder as it was; a kill between the two renames
   leaves it complete under `.NAME.previous`, and `recover_folder` (which the lock and the readers
-  call) renames it back.
+  call) renames it back. A run folder's `best/` is swapped in this way (`MultiTaskModel.save`).
 - `FolderLock(folder)`: an exclusive `fcntl.flock` on `folder/.lock`, which names its holder. A
   second command is refused at once with one line (`RunFolderError`); the operating system
   releases the lock when its holder ends, however it ends. Locks are per process: nested holders
@@ -103,16 +103,31 @@ def remove_tree(path: Path) -> None:
         path.unlink()
 
 
-def recover_folder(folder: str | Path) -> None:
-    """Rename back the folder a kill between `replace_folder`'s two renames left at `.NAME.previous`."""
+def recover_folder(folder: str | Path, *, locked_by: str | Path | None = None) -> None:
+    """Rename back the folder a kill between `replace_folder`'s two renames left at `.NAME.previous`.
+
+    Not while a live writer may be between its renames (it finishes the swap itself): one holds
+    the folder's own lock, whose file went aside with the old folder, or, for a folder inside a
+    locked one (a run folder's `best/`), `locked_by`'s lock, held by another process."""
     folder = Path(os.path.realpath(folder))
     previous = _previous(folder)
-    if os.path.lexists(folder) or not previous.is_dir() or _holder(previous / LOCK_FILE) is not None:
-        return  # nothing to recover, or a live writer is between its renames and finishes the swap itself
+    if os.path.lexists(folder) or not previous.is_dir():
+        return  # nothing to recover
+    writer = _holder(previous / LOCK_FILE) if locked_by is None else lock_holder(locked_by)
+    if writer is not None:
+        return
     try:
         os.rename(previous, folder)
     except OSError:
         pass  # a writer's own rename, or another reader's, came first: `folder` is there now
+
+
+def remove_swap_leftovers(folder: str | Path) -> None:
+    """Remove what a killed `replace_folder` of `folder` left beside it: its staging folder, and
+    the old folder set aside (recover it first to keep it)."""
+    folder = Path(os.path.realpath(folder))
+    _remove_tree(_staging(folder))
+    _remove_tree(_previous(folder))
 
 
 def _holder(path: Path) -> str | None:

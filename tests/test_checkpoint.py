@@ -307,8 +307,8 @@ def test_a_run_holds_its_folder_from_claim_to_end_and_lets_go_after(small_config
 
 
 def test_a_kill_while_best_is_saved_again_keeps_the_previous_best(small_config, tmp_path, monkeypatch):
-    """`best/` is replaced file by file, atomically: a kill in the middle of writing the new weights
-    leaves the previous best model whole and loadable."""
+    """`best/` is written beside and swapped in whole: a kill in the middle of writing the new
+    weights leaves the previous best model whole and loadable, and nothing beside it."""
     from clue_mtl.model import multitask as model_module
     from clue_mtl.model.multitask import MultiTaskModel
 
@@ -330,6 +330,7 @@ def test_a_kill_while_best_is_saved_again_keeps_the_previous_best(small_config, 
         with pytest.raises(Killed):
             trainer.unwrapped.save(best)
     assert sorted(p.name for p in best.iterdir()) == ["model.json", "model.safetensors"]
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".best")]  # the half-written folder is gone
     after = load_file(best / "model.safetensors")
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     MultiTaskModel.load(best)
@@ -337,6 +338,98 @@ def test_a_kill_while_best_is_saved_again_keeps_the_previous_best(small_config, 
     saved = load_file(best / "model.safetensors")
     assert not torch.equal(saved["encoder.embeddings.word_embeddings.weight"],
                            before["encoder.embeddings.word_embeddings.weight"])
+
+
+def half_written_weights(model, filename, **kwargs):
+    """A weight writer killed half way: part of a safetensors file, then the kill."""
+    Path(filename).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{half")
+    raise Killed
+
+
+@pytest.mark.parametrize("kill", ["weights", "meta", "first rename", "second rename", "removal"])
+def test_a_kill_anywhere_in_a_save_of_best_leaves_a_whole_best(kill, tiny_bert, tmp_path, monkeypatch):
+    """Wherever a kill lands in `MultiTaskModel.save` of `best/`, a reader of the run folder finds
+    one whole model there: the previous one until the new folder is renamed in, the new one after
+    (between the two renames the previous waits at `.best.previous`, and the reader puts it back);
+    the next save leaves nothing beside `best/`."""
+    from clue_mtl import atomic
+    from clue_mtl.config import load_config
+    from clue_mtl.model import multitask as model_module
+    from clue_mtl.model.encoders import load_encoder
+    from clue_mtl.model.multitask import MultiTaskModel, build_model
+
+    config = load_config(overrides=[f"model.encoder={tiny_bert}"])
+    encoder, tokenizer = load_encoder(config.model.encoder)
+    model = build_model(encoder, ["ocnli", "tnews"], config.model, sep_token_id=tokenizer.sep_token_id)
+    folder = RunFolder(tmp_path / "run")
+    with folder.lock():
+        model.save(folder.best_dir)
+    old = {k: v.clone() for k, v in load_file(folder.best_model_file).items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    new = {k: v.clone() for k, v in model.state_dict().items()}
+
+    calls = []
+
+    def killed_at(name, number):
+        original = getattr(atomic, name)
+
+        def killable(*args):
+            calls.append(name)
+            if calls.count(name) == number:
+                raise Killed
+            return original(*args)
+        return killable
+
+    with monkeypatch.context() as patch, pytest.raises(Killed), folder.lock():
+        if kill == "weights":
+            patch.setattr(model_module, "save_model", half_written_weights)
+        elif kill == "meta":
+            def half_written_meta(path, text, **kwargs):
+                path.write_bytes(text.encode("utf-8")[:10])
+                raise Killed
+
+            patch.setattr(Path, "write_text", half_written_meta)
+        else:  # the swap's calls: _remove_tree(staging), _remove_tree(previous), _rename x 2, _remove_tree(previous)
+            name, number = {"first rename": ("_rename", 1), "second rename": ("_rename", 2),
+                            "removal": ("_remove_tree", 3)}[kill]
+            patch.setattr(atomic, name, killed_at(name, number))
+        model.save(folder.best_dir)
+
+    assert folder.has_model()  # a reader: puts back a best/ the kill left aside
+    assert sorted(p.name for p in folder.best_dir.iterdir()) == ["model.json", "model.safetensors"]
+    expected = new if kill == "removal" else old
+    loaded = MultiTaskModel.load(folder.best_dir).state_dict()
+    assert all(torch.equal(loaded[k], expected[k]) for k in old)
+    with folder.lock():
+        model.save(folder.best_dir)
+    assert sorted(p.name for p in folder.path.iterdir()) == ["best"]
+    assert all(torch.equal(v, new[k]) for k, v in load_file(folder.best_model_file).items())
+
+
+def test_a_reader_leaves_best_alone_while_another_command_holds_the_run(tmp_path):
+    """Between the two renames of a live save `best/` is missing: a reader must not put the old
+    one back under the writer, which holds the run folder's lock (not a lock inside `best/`)."""
+    import subprocess
+    import sys
+
+    folder = RunFolder(tmp_path / "run")
+    previous = folder.path / ".best.previous"
+    previous.mkdir(parents=True)
+    (previous / "model.safetensors").write_bytes(b"old")
+    hold = ("import sys; from clue_mtl.atomic import FolderLock; lock = FolderLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder.path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert not folder.has_model() and previous.is_dir()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+    assert folder.has_model() and not previous.exists()  # the writer is gone: the old best/ comes back
 
 
 def test_under_two_processes_a_refused_lock_stops_both_ranks(tiny_config, tmp_path):

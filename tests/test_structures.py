@@ -19,7 +19,7 @@ from clue_mtl.model.heads import AnswerHead
 from clue_mtl.predict.inference import LoadedRun, float32_modules
 from clue_mtl.model.multitask import MultiTaskModel, build_model, pair_segments
 from clue_mtl.model.encoders import encoder_layers, load_encoder
-from clue_mtl.training.optim import parameter_groups
+from clue_mtl.training.optim import BY_RATE, multitask_rates, parameter_groups
 from clue_mtl.model.pooling import POOLINGS
 from clue_mtl.config.structure import POOLING_NAMES, resolve_heads
 from clue_mtl.runs.folder import RunFolder
@@ -203,7 +203,8 @@ def test_when_every_task_has_private_top_layers_the_shared_top_is_cut(tiny_bert)
     assert len(encoder_layers(model.encoder)) - 1 == 1  # 2 layers, the top one private to every task
     assert all(len(stack) == 3 for stack in model.encoder_stacks())
     # layer-wise decay: a private copy learns as the top layer it copies, the shared layer below it
-    groups = parameter_groups(model, lr=1.0, head_lr=10.0, weight_decay=0.0, layer_lr_decay=0.5)
+    groups = parameter_groups(multitask_rates(model, lr=1.0, head_lr=10.0, layer_lr_decay=0.5), weight_decay=0.0,
+                              layout=BY_RATE)
     rate = {id(p): g["lr"] for g in groups for p in g["params"]}
     assert {rate[id(p)] for p in model.private.copies["tnews"].parameters()} == {1.0}
     assert {rate[id(p)] for p in encoder_layers(model.encoder)[-1].parameters()} == {0.5}
@@ -227,7 +228,7 @@ def test_lora_adapters_are_each_tasks_own(tiny_bert):
     assert torch.allclose(plain, model.hidden_states("tnews", **batch)[-1])
     assert not torch.allclose(after["ocnli"], before["ocnli"])
     assert torch.allclose(after["tnews"], before["tnews"]) and torch.allclose(after["ocemotion"], before["ocemotion"])
-    groups = parameter_groups(model, lr=1.0, head_lr=10.0, weight_decay=0.0)
+    groups = parameter_groups(multitask_rates(model, lr=1.0, head_lr=10.0), weight_decay=0.0, layout=BY_RATE)
     rate = {id(p): g["lr"] for g in groups for p in g["params"]}
     assert {rate[id(p)] for _, p in adapters} == {10.0}  # trained from zero, as a head is
 

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from clue_mtl.atomic import replace_file, write_text_atomic
+from clue_mtl.atomic import replace_folder
 from clue_mtl.config import ModelConfig
 from clue_mtl.config.structure import HeadConfig, PrivateConfig, resolve_heads, resolve_private, validate_structure
 from clue_mtl.data.batching import TaskRows
@@ -173,13 +173,16 @@ class MultiTaskModel(nn.Module):
 
     # ------------------------------------------------------------------ saving and loading
     def save(self, directory: str | Path) -> None:
-        """Each file replaced atomically, so a kill while `best/` is saved again keeps a whole model:
-        the meta describes the structure, fixed for the model's life, so the old weights still fit
-        the new meta between the two replacements."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(directory / MODEL_META_FILE, json.dumps(self.meta, indent=2, ensure_ascii=False))
-        replace_file(directory / MODEL_FILE, lambda temporary: save_model(self, str(temporary)))
+        """The structure (`model.json`) and the weights written into a new folder beside
+        `directory`, swapped in whole (`atomic.replace_folder`): a kill while `best/` is saved again
+        leaves the previous model complete, in `best/` or, between the swap's two renames, at
+        `.best.previous`, where the next reader (`RunFolder.recover_best`) or save puts it back.
+        The caller holds the lock of the folder `directory` is in (the run folder's), so no other
+        writer shares the staging folder."""
+        with replace_folder(directory) as staging:
+            (staging / MODEL_META_FILE).write_text(json.dumps(self.meta, indent=2, ensure_ascii=False),
+                                                   encoding="utf-8")
+            save_model(self, str(staging / MODEL_FILE))
 
     @classmethod
     def load(cls, directory: str | Path) -> "MultiTaskModel":

@@ -88,6 +88,7 @@ def average_weights(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path
     if out.path.exists() and any(out.path.iterdir()):
         raise AveragingError(f"{out.path} already exists and is not empty")
     for run in runs:
+        run.recover_best()
         _refuse_adapters(run)
         for path in _run_files(run):
             if not path.exists():

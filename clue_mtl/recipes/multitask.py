@@ -70,7 +70,7 @@ from clue_mtl.training.distill import read_soft_labels
 from clue_mtl.training.ema import ExponentialMovingAverage
 from clue_mtl.training.loop import RunRecipe
 from clue_mtl.training.losses import class_weights, task_loss
-from clue_mtl.training.optim import adamw, parameter_groups
+from clue_mtl.training.optim import BY_RATE, PAIRS, adamw, multitask_rates, parameter_groups
 from clue_mtl.training.tracking import accelerator_kwargs
 from clue_mtl.weighting import StepContext, build_weighting
 
@@ -189,15 +189,15 @@ class Trainer(RunRecipe):
         if cfg.model.frozen_layers:
             self.frozen_modules = freeze_bottom(model.encoder, cfg.model.frozen_layers)
             check_frozen(model, cfg.model.frozen_layers, cached=cfg.train.cache_frozen)
-        groups = parameter_groups(model, lr=cfg.train.lr, head_lr=cfg.train.head_lr,
-                                  weight_decay=cfg.train.weight_decay, layer_lr_decay=cfg.train.layer_lr_decay)
+        rates = multitask_rates(model, lr=cfg.train.lr, head_lr=cfg.train.head_lr,
+                                layer_lr_decay=cfg.train.layer_lr_decay)
+        groups = parameter_groups(rates, weight_decay=cfg.train.weight_decay, layout=BY_RATE)
         if self.mlm_batches is not None:
             head = auxiliary_head(cfg.model.encoder, model.encoder, self.mlm_features, self.tokenizer.all_special_ids)
             self.mlm_head_parameters = [p for p in head.parameters() if p is not model.encoder.get_input_embeddings().weight]
-            groups += [{"params": [p for p in self.mlm_head_parameters if p.ndim >= 2], "lr": cfg.train.head_lr,
-                        "weight_decay": cfg.train.weight_decay},
-                       {"params": [p for p in self.mlm_head_parameters if p.ndim < 2], "lr": cfg.train.head_lr,
-                        "weight_decay": 0.0}]
+            # after the model's groups, one pair at head_lr: the layout runs with the head always had
+            groups += parameter_groups([(p, 1.0) for p in self.mlm_head_parameters], lr=cfg.train.head_lr,
+                                       weight_decay=cfg.train.weight_decay, layout=PAIRS)
             model = WithMaskedLM(model, head)
         optimizer = adamw(groups, device_type=accelerator.device.type, fused=cfg.train.fused_optimizer,
                           precision=accelerator.mixed_precision)

@@ -67,7 +67,7 @@ from clue_mtl.model.vocab import corpus_pairs, corpus_texts, trim_vocabulary
 from clue_mtl.runs.folder import RunFolder
 from clue_mtl.training.accelerator import fresh_accelerator
 from clue_mtl.training.loop import RunRecipe
-from clue_mtl.training.optim import adamw, layer_rate_scales
+from clue_mtl.training.optim import PAIRS, adamw, layer_rate_scales, parameter_groups
 from clue_mtl.training.tracking import accelerator_kwargs
 
 CACHE_DIR = Path("artifacts/cache")
@@ -208,13 +208,11 @@ class Pretrainer(RunRecipe):
         scale_of = layer_rate_scales(encoder_layers(model), train.layer_lr_decay) if train.layer_lr_decay < 1 else {}
         groups, parts = [], []
         for part, parameters in (("encoder", list(model.base_model.parameters())), ("head", self.head_parameters)):
-            trainable = [p for p in parameters if p.requires_grad]  # the head holds no layer: at 1
-            for rate in sorted({scale_of.get(id(p), 1.0) for p in trainable} or {1.0}, reverse=True):
-                at_rate = [p for p in trainable if scale_of.get(id(p), 1.0) == rate]
-                groups += [{"params": [p for p in at_rate if p.ndim >= 2], "lr": train.lr * rate,
-                            "weight_decay": train.weight_decay},
-                           {"params": [p for p in at_rate if p.ndim < 2], "lr": train.lr * rate, "weight_decay": 0.0}]
-                parts += [part, part]
+            # the head holds no layer: at 1
+            part_groups = parameter_groups([(p, scale_of.get(id(p), 1.0)) for p in parameters], lr=train.lr,
+                                           weight_decay=train.weight_decay, layout=PAIRS)
+            groups += part_groups
+            parts += [part] * len(part_groups)
         return groups, parts
 
     def _lr_factor(self, part: str):

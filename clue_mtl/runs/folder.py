@@ -7,7 +7,7 @@
     metrics.jsonl     one JSON object per logged step or evaluation
     budget.json       training by the clock (`train.max_minutes`): the total it fixed, where the minutes went
     tokenizer/        the encoder's tokenizer
-    best/             the best model by dev mean macro-F1 (model.safetensors, model.json)
+    best/             the best model by dev mean macro-F1 (model.safetensors, model.json), swapped in whole
     evaluation/       `evaluate`'s reports and plots
     tracking/         TensorBoard's events (`train.report_to: tensorboard`)
     averaged_from.json  the sources of a weight-averaged run (`average-weights`)
@@ -26,7 +26,7 @@ import json
 import os
 from pathlib import Path
 
-from clue_mtl.atomic import FolderLock, in_use, lock_holder, write_text_atomic
+from clue_mtl.atomic import FolderLock, in_use, lock_holder, recover_folder, remove_swap_leftovers, write_text_atomic
 from clue_mtl.config import ADDED_KEYS, config_differences, read_yaml
 from clue_mtl.errors import RunFolderError
 from clue_mtl.runs import checkpoint
@@ -115,7 +115,14 @@ class RunFolder:
 
     # ------------------------------------------------------------------------- reading a run
     def has_model(self) -> bool:
+        self.recover_best()
         return self.best_model_file.is_file()
+
+    def recover_best(self) -> None:
+        """Put `best/` back where a kill between the two renames of its swap (`MultiTaskModel.save`)
+        left it aside; not while another command holds the folder (its save may be in the swap).
+        Every reader of `best/` calls this (`has_model` does) before it reads."""
+        recover_folder(self.best_dir, locked_by=self.path)
 
     def read_labels(self) -> dict[str, list[str]]:
         """Each task's labels in head order: a task's own labels, in any order; anything else is one line."""
@@ -211,6 +218,7 @@ class RunFolder:
     def clear(self) -> None:
         """Remove the run from the folder (what `entries` lists and leftovers), for `overwrite`."""
         checkpoint.remove_entries(self.path, self.entries())
+        remove_swap_leftovers(self.best_dir)
 
     def lock(self) -> FolderLock:
         """The folder's lock (`atomic.FolderLock`, the file `.lock`, not a run entry): a recipe holds
