@@ -247,49 +247,14 @@ def cmd_blend(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """The main job: baseline, encoder, training, blend, dev report, test A and B submissions."""
-    config = _config(args)
-    from clue_mtl.model.encoders import ensure_encoder
-    from clue_mtl.predict.baseline import fitted_baseline
-    from clue_mtl.predict.blend import build_blend, evaluate_blend, predict_blend_submission
-    from clue_mtl.predict.evaluate import evaluate_run
-    from clue_mtl.predict.submission import read_submission
-    from clue_mtl.recipes.multitask import train
+    """The main job (`pipeline.main_job`): baseline, training, blend, dev report, test A and B zips."""
+    from clue_mtl.config import load_config
+    from clue_mtl.pipeline import main_job
 
-    _check_job_files(config)
-    ensure_encoder(config.model.encoder)
-    # One process fits the baseline (before training, so its errors come early); only the main
-    # process blends and predicts after training.
-    baseline_dir = (fitted_baseline(config.data, Path(config.output_dir) / "baseline")
-                    if int(os.environ.get("RANK", "0")) == 0 else None)
-    trainer = train(config, args.run_dir, resume=args.resume, overwrite=args.overwrite)
-    if not trainer.accelerator.is_main_process:  # evaluation and prediction are one process's work
-        return 0
-    run_dir = trainer.run_dir
-    evaluation = evaluate_run(run_dir)
-    blend_dir = Path(args.blend_dir or Path("blends") / config.name)
-    blend = build_blend([run_dir, baseline_dir], blend_dir,
-                        dev_probabilities={str(run_dir): evaluation["probabilities"]})
-    print(evaluate_blend(blend_dir)["report"])  # also writes blend_dir/evaluation: figures, confusions
-    print(f"the zips decide by the biased blend ({blend_dir}); cross-fitted dev mean macro-F1 "
-          f"{blend.mean('biased'):.4f}")
-    out_dir = Path(args.out_dir)
-    for split in ("a", "b"):
-        path = predict_blend_submission(blend_dir, out_dir / f"{config.name}-test-{split}.zip", split=split)
-        rows = sum(len(frame) for frame in read_submission(path, allow_partial=len(config.data.tasks) < 3).values())
-        print(f"test {split.upper()} submission: {path} ({rows} rows, validated)")
+    config = load_config(args.config, _overrides(args))
+    main_job(config, run_dir=args.run_dir, blend_dir=args.blend_dir, out_dir=args.out_dir, resume=args.resume,
+             overwrite=args.overwrite, before_model_work=_quiet_libraries)
     return 0
-
-
-def _check_job_files(config) -> None:
-    """Every file the main job reads, before its first minute of work: the training files, and
-    the test A and B files it predicts at the end."""
-    from clue_mtl.data.folder import check_training_files, checked_test_files
-
-    data = config.data
-    check_training_files(data.data_dir, list(data.tasks))
-    for split in ("a", "b"):
-        checked_test_files(list(data.tasks), split=split, data_dir=data.data_dir, id_mode=data.id_mode)
 
 
 def cmd_distill_labels(args) -> int:

@@ -207,13 +207,14 @@ def _locking_run_dir(function):
 def run_baseline(data_dir: str | Path, out_dir: str | Path | None = "submissions", dev_fraction: float = 0.1,
                  seed: int = 42, progress: bool = True, *, max_rows: int | None = None,
                  id_mode: str = "file", C: float = 1.0, run_dir: str | Path | None = None,
-                 tasks: list[str] | None = None) -> dict:
+                 tasks: list[str] | None = None, training_files_checked: bool = False) -> dict:
     """Fit the baseline per task on the train part of `stratified_split(frame, dev_fraction, seed)`
     (the split every neural run with the same `data` settings uses), report dev macro-F1, and
     write test A and B zips to `out_dir` (None: no zips) and the fitted models to `run_dir`
     (None: not saved).
 
     max_rows: train on a stratified sample of at most this many rows per task (quick runs, tests).
+    training_files_checked: the caller checked the training files already (the main job does).
     With progress, prints one line per task, then the dev report table and the paths.
     Returns {"reports": {task: report}, "mean": float, "zips": {"a": Path, "b": Path} (or {}),
     "run_dir": Path | None, "seconds": float, "task_seconds": {task: float}}.
@@ -221,7 +222,8 @@ def run_baseline(data_dir: str | Path, out_dir: str | Path | None = "submissions
     start = time.perf_counter()
     say = print if progress else (lambda *args, **kwargs: None)
     tasks = list(tasks or TASK_NAMES)
-    check_training_files(data_dir, tasks)  # every file before any fit: a fault in the last costs seconds
+    if not training_files_checked:  # every file before any fit: a fault in the last costs seconds
+        check_training_files(data_dir, tasks)
     test_files = ({split: checked_test_files(tasks, split=split, data_dir=data_dir, id_mode=id_mode)
                    for split in ("a", "b")} if out_dir is not None else {})
     reports, task_seconds, models, dev_ids = {}, {}, {}, {}
@@ -277,10 +279,10 @@ def save_baseline(run_dir: str | Path, models: dict[str, BaselineModel], dev_ids
     return run_dir
 
 
-def fitted_baseline(data, run_dir: str | Path) -> Path:
+def fitted_baseline(data, run_dir: str | Path, *, training_files_checked: bool = False) -> Path:
     """The baseline on the split and training rows of `data` (a config's `DataConfig`) in
     `run_dir`: the one saved there when it matches (same files, split and rows) and loads whole,
-    else fitted now."""
+    else fitted now (`training_files_checked`: as `run_baseline` takes it)."""
     run_dir = Path(run_dir)
     wanted = {"data_dir": str(data.data_dir), "dev_fraction": data.dev_fraction, "split_seed": data.split_seed,
               "max_rows": data.max_train_rows}
@@ -294,5 +296,6 @@ def fitted_baseline(data, run_dir: str | Path) -> Path:
     except (OSError, ValueError, KeyError, TypeError, DataError):
         pass
     run_baseline(data.data_dir, out_dir=None, dev_fraction=data.dev_fraction, seed=data.split_seed,
-                 run_dir=run_dir, tasks=list(data.tasks), max_rows=data.max_train_rows, id_mode=data.id_mode)
+                 run_dir=run_dir, tasks=list(data.tasks), max_rows=data.max_train_rows, id_mode=data.id_mode,
+                 training_files_checked=training_files_checked)
     return run_dir

@@ -34,6 +34,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.optimize import minimize
@@ -44,6 +45,9 @@ from clue_mtl.predict.metrics import macro_f1
 from clue_mtl.runs.folder import RunFolder
 from clue_mtl.tasks import TASK_NAMES, get_task
 from clue_mtl.untrusted import LARGE_LIMIT, checked_size, open_regular, read_json
+
+if TYPE_CHECKING:
+    from clue_mtl.data.task_files import CheckedFile
 
 BLEND_FILE = "blend.json"
 DEV_FILE = "dev.safetensors"
@@ -443,9 +447,14 @@ def load_blend_members(blend: Blend, where: str | Path, *, show_progress: bool =
 
 def predict_blend_submission(blend_dir: str | Path, out: str | Path, *, split: str = "a",
                              data_dir: str | Path | None = None, test_files: dict[str, str | Path] | None = None,
-                             id_mode: str | None = None, progress: bool = True) -> Path:
+                             id_mode: str | None = None, progress: bool = True,
+                             checked: dict[str, CheckedFile] | None = None) -> Path:
     """Predict every task's test file with a fitted blend and write the submission zip: every file
-    checked before the first model pass, then predicted in chunks (`write_streamed_submission`)."""
+    checked before the first model pass, then predicted in chunks (`write_streamed_submission`).
+
+    checked: test files the caller has checked already (`data.checked_test_files`, as the main job
+    does before its training), read as they are; the blend's other tasks' files are checked here.
+    """
     from clue_mtl.data.folder import checked_test_files
     from clue_mtl.predict.submission import write_streamed_submission
 
@@ -454,8 +463,11 @@ def predict_blend_submission(blend_dir: str | Path, out: str | Path, *, split: s
     first = next(iter(members.values()))
     config = next((m.config for m in members.values() if getattr(m, "config", None) is not None), None)
     id_mode = id_mode or (config.data.id_mode if config is not None else "file")
-    files = checked_test_files(list(blend.tasks), split=split, data_dir=data_dir or _member_data_dir(first),
-                               test_files=test_files, id_mode=id_mode)
+    checked = checked or {}
+    unchecked = [task for task in blend.tasks if task not in checked]
+    fresh = checked_test_files(unchecked, split=split, data_dir=data_dir or _member_data_dir(first),
+                               test_files=test_files, id_mode=id_mode) if unchecked else {}
+    files = {task: checked[task] if task in checked else fresh[task] for task in blend.tasks}
 
     def decide(task: str, frame) -> list[str]:
         task_blend = blend.tasks[task]
