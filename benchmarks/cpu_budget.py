@@ -3,6 +3,7 @@ quickstart recipe, the member alone and blended with the TF-IDF baseline (biased
 
     python benchmarks/cpu_budget.py curve --variant default --minutes 10,20,30,45,60,90,120
     python benchmarks/cpu_budget.py curve --variant frozen8 --minutes ... --threads 1   # a lane
+    python benchmarks/cpu_budget.py confirm --variant frozen8 --minutes 45 --threads 1   # its own schedule
     python benchmarks/cpu_budget.py report        # cpu_budget.{json,md,png} from every curve so far
 
 A curve is one long run whose schedule does not depend on its length (`constant_with_warmup`
@@ -14,6 +15,12 @@ weights it has then, and blends them with the baseline's probabilities
 (`blend.fit_task_blend`: the biased blend, cross-fitted). All of that is off the clock. Each
 point goes to `benchmarks/results/cpu_budget_runs/VARIANT-sSEED.json` at once. A killed curve
 goes on from its last checkpoint: run the same command again.
+
+A curve's constant learning rate never decays, so its points understate what a run of that length
+gives. `confirm` trains a variant at one budget with the recipe's own schedule (`train.max_minutes`
+fixes the steps, the quickstart's linear decay ends on the last one) and reads one point the same
+way, to `VARIANT-ownMINUTES-sSEED.json`; the report compares it with `default` at the same budget
+and schedule.
 
 Lanes: two curves side by side with `--threads 1` each (and OMP_NUM_THREADS=1) do about 1.5x the
 work of one two-thread process. Their minutes are lane minutes: compare curves from the same kind
@@ -62,17 +69,18 @@ def decode_labels(text: str) -> np.ndarray:
 class Curve:
     """One variant's long run, stopped at given training minutes to read a point."""
 
-    def __init__(self, args):
+    def __init__(self, args, schedule: list[str] = CURVE, label: str = ""):
         from clue_mtl.config import load_config
 
-        self.name = f"{args.variant}-s{args.seed}"
+        self.name = f"{args.variant}{label}-s{args.seed}"
         self.record_path = Path(args.results) / "cpu_budget_runs" / f"{self.name}.json"
         self.run_dir = Path(args.run_root) / self.name
-        overrides = [*CURVE, *VARIANTS[args.variant], f"train.seed={args.seed}", f"name=cpu-budget-{self.name}",
+        overrides = [*schedule, *VARIANTS[args.variant], f"train.seed={args.seed}", f"name=cpu-budget-{self.name}",
                      *([f"train.num_threads={args.threads}"] if args.threads else []), *args.set]
         self.config = load_config(args.config, overrides)
         self.record = (json.loads(self.record_path.read_text()) if self.record_path.exists()
-                       else {"variant": args.variant, "seed": args.seed, "overrides": overrides, "points": []})
+                       else {"variant": args.variant, "seed": args.seed, "overrides": overrides, "points": [],
+                             "reference": f"default{label}-s{args.seed}"})
         self.trainer = None
         self.rate: float | None = None   # seconds a training step, over the last segment
 
@@ -167,6 +175,28 @@ def cmd_curve(args) -> int:
     return 0
 
 
+def cmd_confirm(args) -> int:
+    """One variant at `--minutes` with its own schedule: trained to the end, then read as a point."""
+    if args.smoke:
+        smoke_inputs(args)
+    minutes = args.minutes[0]
+    own = [f"train.max_minutes={minutes:g}", "train.eval_every=100000000", "data.max_dev_rows=null"]
+    curve = Curve(args, schedule=own, label=f"-own{minutes:g}")
+    if curve.record["points"]:
+        print(f"{curve.name}: already read ({curve.record_path})")
+        return 0
+    from clue_mtl.predict.baseline import fitted_baseline
+
+    curve.start(fitted_baseline(curve.config.data, Path(args.run_root) / "baseline"))
+    curve.trainer.train()
+    point = {"target_minutes": minutes, **curve.point()}
+    curve.record["points"].append(point)
+    curve.save()
+    print(f"{curve.name}: {point['training_minutes']:.1f} training minutes, step {point['step']} of its own schedule: "
+          f"alone {point['alone']['mean']:.4f}, biased blend {point['biased_blend_cross_fitted']['mean']:.4f}", flush=True)
+    return 0
+
+
 def smoke_inputs(args) -> None:
     """A tiny encoder and generated competition files under the run root (the suite's smoke run)."""
     from clue_mtl.testing import build_tiny_encoder, write_tiny_competition_files
@@ -222,8 +252,8 @@ def cmd_report(args) -> int:
     comparisons = compare_with_default(runs)
     figures["against_default"] = comparisons
     if comparisons:
-        lines += ["", "Each curve minus `default` of its seed at the same target minute, paired bootstrap over the "
-                  "same dev rows (95% interval; one seed):", "",
+        lines += ["", "Each curve minus `default` of its seed (and of its schedule: `-ownM` runs against `default-ownM`) "
+                  "at the same target minute, paired bootstrap over the same dev rows (95% interval):", "",
                   "| curve | minute | alone | biased blend |", "|---|---|---|---|"]
         for name, at in comparisons.items():
             for minute, pair in at.items():
@@ -267,7 +297,7 @@ def compare_with_default(runs: dict[str, dict]) -> dict:
 
     comparisons = {}
     for name, run in runs.items():
-        reference = runs.get(f"default-s{run['seed']}")
+        reference = runs.get(run.get("reference", f"default-s{run['seed']}"))
         if run["variant"] == "default" or reference is None:
             continue
         gold = dev_gold(reference)
@@ -312,20 +342,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     curve = commands.add_parser("curve", help="train one variant's curve (or go on with it)")
-    curve.add_argument("--variant", choices=sorted(VARIANTS), required=True)
-    curve.add_argument("--minutes", type=lambda text: [float(m) for m in text.split(",")], required=True,
-                       help="training minutes at which to read a point, e.g. 10,20,30")
-    curve.add_argument("--seed", type=int, default=42)
-    curve.add_argument("--threads", type=int, help="torch threads (1 in a lane)")
-    curve.add_argument("--config", default=str(CONFIG))
-    curve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    curve.add_argument("--run-root", default=str(ROOT / "runs" / "cpu-budget"))
-    curve.add_argument("--smoke", action="store_true", help="tiny encoder and generated data (the suite)")
+    confirm = commands.add_parser("confirm", help="one variant at one budget with its own schedule")
+    for sub in (curve, confirm):
+        sub.add_argument("--variant", choices=sorted(VARIANTS), required=True)
+        sub.add_argument("--minutes", type=lambda text: [float(m) for m in text.split(",")], required=True,
+                         help="training minutes: the points of a curve (e.g. 10,20,30), or a confirmation's budget")
+        sub.add_argument("--seed", type=int, default=42)
+        sub.add_argument("--threads", type=int, help="torch threads (1 in a lane)")
+        sub.add_argument("--config", default=str(CONFIG))
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        sub.add_argument("--run-root", default=str(ROOT / "runs" / "cpu-budget"))
+        sub.add_argument("--smoke", action="store_true", help="tiny encoder and generated data (the suite)")
     report = commands.add_parser("report", help="the table, the figure and the crossing minutes")
-    for sub in (curve, report):
+    for sub in (curve, confirm, report):
         sub.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
-    return cmd_curve(args) if args.command == "curve" else cmd_report(args)
+    return {"curve": cmd_curve, "confirm": cmd_confirm, "report": cmd_report}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,21 @@ def test_a_curve_is_compared_with_the_default_of_its_seed_at_each_shared_minute(
     assert list(comparisons) == ["frozen8-s1"] and list(comparisons["frozen8-s1"]) == [10]
     at_ten = comparisons["frozen8-s1"][10]
     assert at_ten["alone"]["difference"] > 0.5 and at_ten["biased"]["difference"] == 0.0
+
+
+def test_a_confirmation_trains_its_own_schedule_and_is_compared_with_the_default_of_that_budget(tmp_path):
+    common = ["--smoke", "--run-root", str(tmp_path / "runs"), "--results", str(tmp_path), "--minutes", "0.03"]
+    for variant in ("default", "frozen8"):
+        extra = ["--set", "model.frozen_layers=1"] if variant == "frozen8" else []
+        result = run_script("confirm", "--variant", variant, *extra, *common)
+        assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "cpu_budget_runs" / "frozen8-own0.03-s42.json").read_text())
+    assert record["reference"] == "default-own0.03-s42"
+    assert "train.max_minutes=0.03" in record["overrides"] and not any("constant" in o for o in record["overrides"])
+    budget = json.loads((tmp_path / "runs" / "frozen8-own0.03-s42" / "budget.json").read_text())
+    (point,) = record["points"]
+    assert point["step"] == budget["total_steps"]   # trained to the end of the total its clock fixed
+    report = run_script("report", "--results", str(tmp_path))
+    assert report.returncode == 0, report.stderr[-3000:]
+    figures = json.loads((tmp_path / "cpu_budget.json").read_text())["figures"]
+    assert set(figures["against_default"]["frozen8-own0.03-s42"]) == {"0.03"}
