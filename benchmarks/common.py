@@ -168,12 +168,12 @@ def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to
             prepare(trainer)
         started = time.perf_counter()
         for _ in range(warmup):
-            trainer.run_step()
+            trainer.train_step()
         warmup_seconds = time.perf_counter() - started
         tokens = 0
         started = time.perf_counter()
         for _ in range(steps):
-            trainer.run_step()
+            trainer.train_step()
             tokens += trainer.step_tokens
         seconds = time.perf_counter() - started
         result = {
@@ -186,12 +186,12 @@ def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to
         if count_flops:  # one more step, counted: FLOPs per padded token, times the timed steps' tokens
             from clue_mtl.hardware import count_flops as counted
 
-            _, flops = counted(trainer.run_step)
+            _, flops = counted(trainer.train_step)
             result["model_flops_per_step"] = flops / trainer.step_tokens * tokens / steps
             result["model_flops_per_second"] = result["model_flops_per_step"] / result["step_seconds"]
         if quality_steps:
             while trainer.state.step < quality_steps:
-                trainer.run_step()
+                trainer.train_step()
             scores = trainer.evaluate()
             result["quality_steps"] = quality_steps
             result["dev_mean_macro_f1"] = scores["mean_macro_f1"]

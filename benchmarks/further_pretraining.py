@@ -350,8 +350,6 @@ def time_pretraining(config_path: str, encoder: Path, overrides: list[str], step
     """Seconds a pre-training step (encoder frozen or not) and a held-out evaluation take here."""
     import tempfile
 
-    from tqdm.auto import tqdm
-
     from clue_mtl.config import load_pretrain_config
     from clue_mtl.recipes.pretrain import Pretrainer
 
@@ -360,14 +358,13 @@ def time_pretraining(config_path: str, encoder: Path, overrides: list[str], step
         "train.log_every=1000000", *overrides])
     with tempfile.TemporaryDirectory() as run_dir:
         pretrainer = Pretrainer(config, run_dir, show_progress=False, cache_dir=ROOT / "artifacts" / "cache")
-        pretrainer._progress = tqdm(disable=True)
-        pretrainer._start_or_resume()
+        pretrainer._start_or_resume(pretrainer._write_run_files)
         pretrainer.state.encoder_frozen = frozen
         for _ in range(warmup):
-            pretrainer._optimizer_step()
+            pretrainer.train_step()
         started = time.perf_counter()
         for _ in range(steps):
-            pretrainer._optimizer_step()
+            pretrainer.train_step()
         step_seconds = (time.perf_counter() - started) / steps
         started = time.perf_counter()
         pretrainer.evaluate()

@@ -46,12 +46,12 @@ VARIANTS = {  # name: (overrides on BASE, patch)
 
 
 def outer_autocast(trainer) -> None:
-    step = trainer.run_step
+    step = trainer.train_step
 
-    def run_step():
+    def train_step():
         with trainer.accelerator.autocast():
             return step()
-    trainer.run_step = run_step
+    trainer.train_step = train_step
 
 
 def single_pass(trainer) -> None:
@@ -99,15 +99,15 @@ def bf16_weights(trainer) -> None:
         for p in parameters:
             p.data = p.data.to(torch.bfloat16)
     masters = [p.detach().float() for p in trained]
-    step = trainer.run_step
+    step = trainer.train_step
 
-    def run_step():
+    def train_step():
         result = step()
         with torch.no_grad():
             torch._foreach_copy_(masters, [p.data for p in trained])
             torch._foreach_copy_([p.data for p in trained], masters)
         return result
-    trainer.run_step = run_step
+    trainer.train_step = train_step
 
 
 PATCHES = {"outer_autocast": outer_autocast, "single_pass": single_pass, "compile": compile_encoder,

@@ -122,7 +122,7 @@ def profile(steps: int, warmup: int, overrides: list[str] | None = None) -> dict
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, run_dir, show_progress=False)
         for _ in range(warmup):
-            trainer.run_step()
+            trainer.train_step()
         started = time.perf_counter()
         for step in range(trainer.state.step, trainer.state.step + steps):
             trainer.batches[step]
@@ -130,7 +130,7 @@ def profile(steps: int, warmup: int, overrides: list[str] | None = None) -> dict
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             started = time.perf_counter()
             for _ in range(steps):
-                trainer.run_step()
+                trainer.train_step()
             wall = (time.perf_counter() - started) / steps
     seconds = {name: 0.0 for name in CATEGORIES}
     seconds["other operators"] = 0.0

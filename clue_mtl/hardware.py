@@ -101,13 +101,40 @@ def count_flops(work: Callable[[], T]) -> tuple[T, int]:
 class ThroughputMeter:
     """Training rows/s and model FLOP/s over the steps since the last report, and the fraction of
     the matrix-product peak measured for the run's precision (`matmul_peak`: a 2048 square on a
-    CPU); FLOPs counted on one step, per padded token."""
+    CPU); FLOPs counted on one step, per padded token.
+
+    An observer of the training loop, outside the step: the loop runs each step inside
+    `watching()` and then calls `step_done(tokens)`; the log line calls `report()`.
+    """
 
     def __init__(self, rows_per_step: int, peak: float | None):
         self.rows_per_step, self.peak = rows_per_step, peak
         self.flops_per_token: float | None = None
         self.steps = self.tokens = 0
         self.seconds = 0.0
+        self._watched: tuple[str, float] | None = None  # the step just watched: ("flops", n) or ("seconds", s)
+
+    @contextlib.contextmanager
+    def watching(self):
+        """Around one training step: its seconds; or, while FLOPs per token are still to count and
+        there is a peak to compare against, its FLOPs (the counter slows its step: counted, not timed)."""
+        if self.peak and self.flops_per_token is None:
+            counter = FlopCounterMode(display=False)
+            with counter:
+                yield
+            self._watched = ("flops", int(counter.get_total_flops()))
+        else:
+            started = time.perf_counter()
+            yield
+            self._watched = ("seconds", time.perf_counter() - started)
+
+    def step_done(self, tokens: int) -> None:
+        """The step just watched ran `tokens` padded tokens: its FLOPs per token or its seconds recorded."""
+        (kind, value), self._watched = self._watched, None
+        if kind == "flops":
+            self.count(int(value), tokens)
+        else:
+            self.add(value, tokens)
 
     def count(self, flops: int, tokens: int) -> None:
         """A step's counted FLOPs and padded tokens (that step is not timed: counting slows it)."""

@@ -91,7 +91,7 @@ def _with_minutes(config: RunConfig, minutes: float | None) -> RunConfig:
 def _checked_run_folder(config: RunConfig, run_dir: str | Path | None, *, resume: bool,
                         overwrite: bool) -> RunFolder:
     """The run folder, refused before any work when the run may not start there; training then
-    takes it under its lock (`RunRecipe._claim_run_dir`)."""
+    takes it under its lock (`RunParts._claim_run_dir`)."""
     folder = RunFolder(run_dir or Path(config.output_dir) / config.name)
     folder.check_claim(config_to_dict(config), resume=resume, overwrite=overwrite, added=added_keys(config))
     return folder

@@ -283,13 +283,13 @@ def test_a_run_holds_its_folder_from_claim_to_end_and_lets_go_after(small_config
         holder.communicate()
 
     held_at_evaluations = []
-    evaluate = Trainer._evaluate_and_checkpoint
+    evaluate = Trainer._evaluate_and_keep_best
 
     def evaluate_and_try_the_lock(self, progress):
         held_at_evaluations.append(not locks_elsewhere(run))
         return evaluate(self, progress)
 
-    monkeypatch.setattr(Trainer, "_evaluate_and_checkpoint", evaluate_and_try_the_lock)
+    monkeypatch.setattr(Trainer, "_evaluate_and_keep_best", evaluate_and_try_the_lock)
     trainer = Trainer(small_config(), run, show_progress=False)
     assert not locks_elsewhere(run)  # from the claim on, before the first step
     trainer.train()
@@ -297,10 +297,10 @@ def test_a_run_holds_its_folder_from_claim_to_end_and_lets_go_after(small_config
     assert not (run / ".lock").exists() and locks_elsewhere(run)
     assert [m["step"] for m in read_metrics(run) if m["kind"] == "train"] == [1, 2, 3, 4]
 
-    def fail(self, progress):
+    def fail(self):
         raise RuntimeError("a fault mid-run")
 
-    monkeypatch.setattr(Trainer, "_before_training", fail)
+    monkeypatch.setattr(Trainer, "train_step", fail)
     with pytest.raises(RuntimeError):
         Trainer(small_config(), run, overwrite=True, show_progress=False).train()
     assert not (run / ".lock").exists() and locks_elsewhere(run)

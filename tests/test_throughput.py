@@ -51,7 +51,7 @@ def test_the_fused_optimizer_trains_as_the_loop_does(tiny_config):
         trainer = Trainer(tiny_config(f"train.fused_optimizer={str(fused).lower()}", "model.dropout=0.0",
                                       f"name=fused-{fused}"), show_progress=False)
         assert trainer.optimizer.optimizer.defaults["fused"] is (True if fused else None)
-        losses = [sum(trainer.run_step()[0].values()).item() for _ in range(4)]
+        losses = [sum(trainer.train_step()[0].values()).item() for _ in range(4)]
         results[fused] = losses, {k: v.detach().clone() for k, v in trainer.unwrapped.state_dict().items()}
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-4)
     for key, value in results[False][1].items():
@@ -101,7 +101,7 @@ def test_the_math_attention_kernel_trains_as_the_fused_one_does(tiny_config):
     for kernel in ("torch", "math"):
         trainer = Trainer(tiny_config(f"train.attention_kernel={kernel}", "model.dropout=0.0",
                                       "model.attention_dropout=0.0", f"name=kernel-{kernel}"), show_progress=False)
-        losses[kernel] = [sum(trainer.run_step()[0].values()).item() for _ in range(3)]
+        losses[kernel] = [sum(trainer.train_step()[0].values()).item() for _ in range(3)]
     assert losses["math"] == pytest.approx(losses["torch"], rel=1e-4)
 
 
@@ -118,7 +118,10 @@ def test_the_progress_bar_shows_rows_per_second_and_the_fraction_of_peak(tiny_co
     assert all(r["samples_per_second"] > 0 for r in records[1:])
     assert trainer.meter.flops_per_token > 0
     assert all(0 < r["fraction_of_peak"] <= 1 for r in records[1:])
-    postfix = trainer._log_step(trainer.run_step(), 1.0)
+    with trainer.meter.watching():   # one more step, watched as the loop watches it
+        losses, total = trainer.train_step()
+    trainer.meter.step_done(trainer.step_tokens)
+    postfix = trainer._log_step(losses, total, 1.0)
     assert set(postfix) == {"ocnli", "ocemotion", "tnews", "rows/s", "peak"}
     assert float(postfix["rows/s"]) > 0 and postfix["peak"].endswith("%")
     quiet = Trainer(tiny_config("train.steps=2", "train.eval_every=100", "name=quiet"), show_progress=False)
@@ -156,7 +159,7 @@ def attention_backward_nodes(trainer) -> set[str]:
         graphs.extend(loss.grad_fn for loss in losses.values())
         return losses, features, accuracies
     trainer._forward_losses = recording
-    trainer.run_step()
+    trainer.train_step()
     names, seen, stack = set(), set(), list(graphs)
     while stack:
         node = stack.pop()

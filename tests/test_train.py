@@ -210,7 +210,7 @@ def test_bert_segment_ids_reach_the_encoder_in_training_fgm_and_evaluation(tiny_
                 segments[row, seps[0] + 1:seps[1] + 1] = 1
         return segments
 
-    trainer.run_step()
+    trainer.train_step()
     assert len(calls) == 4   # one pass over the three tasks' rows, then FGM's pass per task
     trainer.evaluate()
     for call in calls:
@@ -232,7 +232,7 @@ def test_auto_runs_one_encoder_pass_per_step_unless_a_task_needs_its_own(tiny_co
     trainer = Trainer(tiny_config(*overrides), show_progress=False)
     calls = []
     trainer.unwrapped.encoder.register_forward_hook(lambda module, args, output: calls.append(1))
-    trainer.run_step()
+    trainer.train_step()
     assert trainer.joint_pass is joint
     assert len(calls) == (1 if joint else 3)
     assert trainer.state.step == 1
@@ -255,6 +255,6 @@ def test_one_encoder_pass_counts_the_padded_tokens_it_ran(tiny_config):
     """The throughput meter's tokens are the joint batch's: every row padded to the step's widest."""
     trainer = Trainer(tiny_config(), show_progress=False)
     batches = trainer.batches[0]
-    trainer.run_step()
+    trainer.train_step()
     width = max(batch["input_ids"].shape[1] for batch in batches.values())
     assert trainer.step_tokens == width * sum(len(batch["input_ids"]) for batch in batches.values())

@@ -37,7 +37,7 @@ from clue_mtl.data.batching import (
 )
 from clue_mtl.data.folder import save_split, task_frames
 from clue_mtl.errors import ConfigError
-from clue_mtl.hardware import PRECISION_DTYPES, ThroughputMeter, attention_kernel, count_flops, matmul_peak
+from clue_mtl.hardware import PRECISION_DTYPES, ThroughputMeter, attention_kernel, matmul_peak
 from clue_mtl.mlm.masking import WholeWordMaskCollator
 from clue_mtl.mlm.objective import (
     MaskedBatches,
@@ -68,7 +68,7 @@ from clue_mtl.training.accelerator import fresh_accelerator
 from clue_mtl.training.adversarial import FGM
 from clue_mtl.training.distill import read_soft_labels
 from clue_mtl.training.ema import ExponentialMovingAverage
-from clue_mtl.training.loop import RunRecipe
+from clue_mtl.training.loop import RunParts
 from clue_mtl.training.losses import class_weights, task_loss
 from clue_mtl.training.optim import BY_RATE, PAIRS, adamw, multitask_rates, parameter_groups
 from clue_mtl.training.tracking import accelerator_kwargs
@@ -93,10 +93,9 @@ def _trainable(parameters: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]
     return [parameter for parameter in parameters if parameter.requires_grad]
 
 
-class Trainer(RunRecipe):
-    """Build with a config and a run folder, then call `train()`."""
-
-    state_class = TrainerState
+class Trainer(RunParts):
+    """Build with a config and a run folder, then call `train()`: the run's loop, written out;
+    `train_step()` is one optimiser step."""
 
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False,
                  overwrite: bool = False, accelerator: Accelerator | None = None, show_progress: bool = True):
@@ -231,7 +230,9 @@ class Trainer(RunRecipe):
             for task, data in self.train_data.items()
         }
 
-    def _checkpoint_components(self) -> dict:
+    @property
+    def checkpointed(self) -> dict:
+        """What the checkpoint holds besides the model (`RunParts`)."""
         components = {"optimizer": self.optimizer, "scheduler": self.scheduler, "weighting": self.weighting}
         if self.weighting_optimizer is not None:
             components["weighting_optimizer"] = self.weighting_optimizer
@@ -256,38 +257,62 @@ class Trainer(RunRecipe):
         return ThroughputMeter(rows, peak)
 
     # ----------------------------------------------------------------------------- training
-    def train_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One optimiser step over a batch of every task; returns the per-task and combined losses.
-        Timed for the throughput meter; the first step with a peak to compare against is counted."""
-        if self.meter.peak and self.meter.flops_per_token is None:  # the counter slows its step: counted, not timed
-            output, flops = count_flops(self._optimizer_step)
-            self.meter.count(flops, self.step_tokens)
-            return output
-        started = time.perf_counter()
-        output = self._optimizer_step()
-        self.meter.add(time.perf_counter() - started, self.step_tokens)
-        return output
+    def train(self, until_step: int | None = None) -> TrainerState:
+        """Train to `total_steps`, or stop at `until_step` with a checkpoint to resume from. The run
+        folder's lock, taken by the claim (or again by a second call), is let go at the end.
 
-    def _optimizer_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The life of one step: for each micro-batch, the tasks' forward passes and losses, the
-        weighting's backward (and FGM's), then the optimisers once the gradients are complete."""
+        Each step: one optimiser step (`train_step`), timed into the budget and watched by the
+        throughput meter; every `log_every` steps a line in the metrics log; every `eval_every`
+        steps (and at the last) the dev evaluation, `best/` when it gains, the checkpoint, and early
+        stopping once `early_stopping_patience` evaluations in a row gained nothing.
+        """
         train = self.config.train
+        with self._holding_run_folder():
+            self._start_or_resume(self._write_run_files)
+            progress = self._progress_bar("train")
+            started, first_step = time.perf_counter(), self.state.step
+            while self.state.step < self._last_step(until_step):
+                with self._spending("training"), self.meter.watching():
+                    losses, total = self.train_step()
+                self.meter.step_done(self.step_tokens)
+                self._count_budget_step(progress)
+                progress.update(1)
+                finished = self.state.step == self.total_steps
+                if self.state.step % train.log_every == 0 or finished:
+                    speed = self._steps_per_second(self.state.step - first_step, started)
+                    progress.set_postfix(self._log_step(losses, total, speed))
+                if self.state.step % train.eval_every == 0 or finished:
+                    with self._spending("evaluation"):
+                        self._evaluate_and_keep_best(progress)
+                        self.save_checkpoint()
+                    if self._patience_spent():
+                        break  # early stopping
+            progress.close()
+            self._checkpoint_if_stopped_short()  # interrupted by `until_step`: resumable from here
+            self._report_budget()
+            self._close_run()
+        return self.state
+
+    def train_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimiser step over a batch of every task, then the step counted: for each
+        micro-batch, the tasks' forward passes and losses, the weighting's backward (and FGM's),
+        and the optimisers, which step once the gradients are complete. Returns the last
+        micro-batch's per-task losses and combined loss."""
+        train, accelerator = self.config.train, self.accelerator
         self.model.train()
         hold_eval(self.frozen_modules)
         self.step_tokens = 0
-        with attention_kernel(train.attention_kernel, self.accelerator.device.type, self.accelerator.mixed_precision):
-            return self._micro_steps(train.grad_accumulation)
-
-    def _micro_steps(self, accumulation: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        for micro in range(accumulation):
-            batches = self._micro_batches(micro)
-            with self.accelerator.accumulate(self.model), self._gradient_sync_context():
-                losses, features, accuracies = self._forward_losses(batches)
-                self._stop_if_not_finite(losses)
-                total = self.weighting.backward(losses, self._step_context(features, accuracies, micro))
-                if self.fgm is not None:
-                    self._adversarial_backward(batches)
-                self._apply_gradients()
+        with attention_kernel(train.attention_kernel, accelerator.device.type, accelerator.mixed_precision):
+            for micro in range(train.grad_accumulation):
+                batches = self._micro_batches(micro)
+                with accelerator.accumulate(self.model), self._gradient_sync_context():
+                    losses, features, accuracies = self._forward_losses(batches)
+                    self._stop_if_not_finite(losses)
+                    total = self.weighting.backward(losses, self._step_context(features, accuracies, micro))
+                    if self.fgm is not None:
+                        self._adversarial_backward(batches)
+                    self._apply_gradients()
+        self.state.step += 1
         return {task: loss.detach() for task, loss in losses.items()}, total
 
     def _micro_batches(self, micro: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -434,9 +459,10 @@ class Trainer(RunRecipe):
             return self.accelerator.no_sync(self.model)
         return contextlib.nullcontext()
 
-    def _log_step(self, step_output, steps_per_second: float) -> dict[str, str]:
-        """Append the step's losses, weights and rate to the metrics log; return the progress postfix."""
-        losses, total = step_output
+    def _log_step(self, losses: dict[str, torch.Tensor], total: torch.Tensor,
+                  steps_per_second: float) -> dict[str, str]:
+        """Append the step's losses, weights and rate (and the meter's figures) to the metrics log;
+        return the progress bar's postfix."""
         losses = {task: self.accelerator.reduce(loss, "mean").item() for task, loss in losses.items()}
         record = {
             "kind": "train", "step": self.state.step, "loss": losses, "total_loss": float(total),
@@ -470,9 +496,10 @@ class Trainer(RunRecipe):
             reports[task] = task_report(get_task(task), gold, predicted)
         return {"reports": reports, "mean_macro_f1": leaderboard_score(reports)}
 
-    def _evaluate_and_checkpoint(self, progress) -> bool:
-        """Evaluate, keep the best model, save the resumable state; True when early stopping fires."""
-        cfg, accelerator = self.config, self.accelerator
+    def _evaluate_and_keep_best(self, progress) -> None:
+        """Evaluate (with the EMA weights, when on), log the result, and save `best/` when the mean
+        macro-F1 gains; count the evaluations without a gain."""
+        accelerator = self.accelerator
         self._stop_if_weights_not_finite()  # never evaluate, let alone keep as best, a diverged model
         with self._evaluation_weights():
             result = self.evaluate()
@@ -494,8 +521,10 @@ class Trainer(RunRecipe):
         if improved and accelerator.is_main_process:
             with self._evaluation_weights():
                 self.unwrapped.save(self.folder.best_dir)
-        self.save_checkpoint()
-        patience = cfg.train.early_stopping_patience
+
+    def _patience_spent(self) -> bool:
+        """Early stopping: `train.early_stopping_patience` evaluations in a row without a gain."""
+        patience = self.config.train.early_stopping_patience
         return patience > 0 and self.state.evaluations_without_gain >= patience
 
     def _evaluation_weights(self):

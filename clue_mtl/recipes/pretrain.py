@@ -40,6 +40,7 @@ import contextlib
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +67,7 @@ from clue_mtl.model.encoders import encoder_layers
 from clue_mtl.model.vocab import corpus_pairs, corpus_texts, trim_vocabulary
 from clue_mtl.runs.folder import RunFolder
 from clue_mtl.training.accelerator import fresh_accelerator
-from clue_mtl.training.loop import RunRecipe
+from clue_mtl.training.loop import RunParts
 from clue_mtl.training.optim import PAIRS, adamw, layer_rate_scales, parameter_groups
 from clue_mtl.training.tracking import accelerator_kwargs
 
@@ -100,11 +101,9 @@ class PretrainState:
         return self.__dict__.copy()
 
 
-class Pretrainer(RunRecipe):
-    """Build with a config and a run folder, then call `train()`; the result is `run_dir/encoder`."""
-
-    state_class = PretrainState
-    progress_name = "pretrain"
+class Pretrainer(RunParts):
+    """Build with a config and a run folder, then call `train()`: the run's loop, written out; the
+    result is `run_dir/encoder`. `train_step()` is one optimiser step."""
 
     def __init__(self, config: PretrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
                  overwrite: bool = False, accelerator: Accelerator | None = None, show_progress: bool = True,
@@ -233,7 +232,9 @@ class Pretrainer(RunRecipe):
             return max(0.0, (total - done) / max(1, total - warmup))
         return factor
 
-    def _checkpoint_components(self) -> dict:
+    @property
+    def checkpointed(self) -> dict:
+        """What the checkpoint holds besides the model (`RunParts`)."""
         return {"optimizer": self.optimizer, "scheduler": self.scheduler}
 
     @property
@@ -242,21 +243,51 @@ class Pretrainer(RunRecipe):
         return self.accelerator.unwrap_model(self.model).model
 
     # ----------------------------------------------------------------------------- training
-    def _before_training(self, progress) -> None:
-        self._progress = progress
-        if not self.state.history:  # the starting point, for comparison
-            self._evaluate(progress)
+    def train(self, until_step: int | None = None) -> PretrainState:
+        """Train to `total_steps`, or stop at `until_step` with a checkpoint to resume from; at the
+        run's end, write `encoder/`. The run folder's lock, taken by the claim (or again by a second
+        call), is let go at the end.
 
-    def _after_training(self) -> None:
-        if self.state.step == self.total_steps:
-            self.save_encoder()
+        First the held-out loss of the starting point (a fresh run). Each step: one optimiser step
+        (`train_step`), timed into the budget; in the head warm-up, the look that decides whether
+        the head is warm; every `log_every` steps a line in the metrics log; every `eval_every`
+        steps (and at the last) the held-out evaluation and the checkpoint. No early stopping.
+        """
+        train = self.config.train
+        with self._holding_run_folder():
+            self._start_or_resume(self._write_run_files)
+            progress = self._progress_bar("pretrain")
+            if not self.state.history:  # the starting point, for comparison
+                self._evaluate(progress)
+            started, first_step = time.perf_counter(), self.state.step
+            while self.state.step < self._last_step(until_step):
+                with self._spending("training"):
+                    self.train_step()
+                    if self._head_warmup_look_due():
+                        self._unfreeze_encoder_if_head_warm(progress)
+                self._count_budget_step(progress)
+                progress.update(1)
+                finished = self.state.step == self.total_steps
+                if self.state.step % train.log_every == 0 or finished:
+                    speed = self._steps_per_second(self.state.step - first_step, started)
+                    progress.set_postfix(self._log_step(speed))
+                if self.state.step % train.eval_every == 0 or finished:
+                    with self._spending("evaluation"):
+                        if self.state.history[-1]["step"] != self.state.step:  # not looked at by the warm-up
+                            self._evaluate(progress)
+                        self.save_checkpoint()
+            progress.close()
+            self._checkpoint_if_stopped_short()  # interrupted by `until_step`: resumable from here
+            self._report_budget()
+            if self.state.step == self.total_steps:
+                self.save_encoder()
+            self._close_run()
+        return self.state
 
     def train_step(self) -> None:
-        """One optimiser step of masked-LM training; sums for the log accumulate in the state."""
-        loss, correct, tokens = self._optimizer_step()
-        self.state.window = [w + float(v) for w, v in zip(self.state.window, (loss, correct, tokens))]
-
-    def _optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimiser step of masked-LM training, then the step counted: the batch's forward and
+        backward (in the head warm-up, the encoder frozen), clipping, AdamW and the schedule; the
+        loss, correct and token sums for the next log line kept in the state."""
         cfg, accelerator = self.config, self.accelerator
         self.model.train()
         batch = {key: value.to(accelerator.device) for key, value in self.batches[self.state.step].items()}
@@ -274,7 +305,8 @@ class Pretrainer(RunRecipe):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum.detach(), correct, tokens
+        self.state.window = [w + float(v) for w, v in zip(self.state.window, (loss_sum.detach(), correct, tokens))]
+        self.state.step += 1
 
     def _keep_encoder_frozen(self) -> None:
         """No encoder gradient (the tied word embedding gets one through the decoder), so AdamW
@@ -287,28 +319,31 @@ class Pretrainer(RunRecipe):
                 if parameter.grad is not None:
                     parameter.grad = self.accelerator.reduce(parameter.grad, "mean")
 
-    def run_step(self):
-        """A step; in the head warm-up, every `head_warmup_eval_every` steps, the held-out loss
-        decides whether the head is warm (it gained less than `head_warmup_min_gain` nats since
-        the last look, or `head_warmup_steps` are spent): then the encoder is unfrozen."""
-        output = super().run_step()
+    def _head_warmup_look_due(self) -> bool:
+        """In the head warm-up, every `head_warmup_eval_every` steps and at `head_warmup_steps`."""
         train, step = self.config.train, self.state.step
-        if self.state.encoder_frozen and (step % train.head_warmup_eval_every == 0 or step >= train.head_warmup_steps):
-            previous = self.state.history[-1]["loss"]
-            entry = self._evaluate(self._progress, phase="head warm-up")
-            if previous - entry["loss"] < train.head_warmup_min_gain or step >= train.head_warmup_steps:
-                self._unfreeze_encoder()
-        return output
+        return self.state.encoder_frozen and (step % train.head_warmup_eval_every == 0
+                                              or step >= train.head_warmup_steps)
 
-    def _unfreeze_encoder(self) -> None:
+    def _unfreeze_encoder_if_head_warm(self, progress) -> None:
+        """The held-out loss decides whether the head is warm (it gained less than
+        `head_warmup_min_gain` nats since the last look, or `head_warmup_steps` are spent): then the
+        encoder is unfrozen."""
+        train = self.config.train
+        previous = self.state.history[-1]["loss"]
+        entry = self._evaluate(progress, phase="head warm-up")
+        if previous - entry["loss"] < train.head_warmup_min_gain or self.state.step >= train.head_warmup_steps:
+            self._unfreeze_encoder(progress)
+
+    def _unfreeze_encoder(self, progress) -> None:
         self.state.encoder_frozen, self.state.encoder_unfrozen_at = False, self.state.step
         scheduler = self.scheduler.scheduler  # the LambdaLR inside Accelerate's wrapper
         for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
             group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)
         if self.accelerator.is_main_process:
-            self._progress.write(f"step {self.state.step}: the head is warm; the encoder trains from here")
+            progress.write(f"step {self.state.step}: the head is warm; the encoder trains from here")
 
-    def _log_step(self, step_output, steps_per_second: float) -> dict[str, str]:
+    def _log_step(self, steps_per_second: float) -> dict[str, str]:
         """Append the loss and accuracy since the last log to the metrics log; return the postfix."""
         loss, correct, tokens = self.accelerator.reduce(
             torch.tensor(self.state.window, dtype=torch.float64, device=self.accelerator.device), "sum").tolist()
@@ -337,7 +372,7 @@ class Pretrainer(RunRecipe):
                 "tokens": int(tokens)}
 
     def _evaluate(self, progress, phase: str = "training") -> dict:
-        with self._spending("evaluation"):  # the head warm-up's looks happen inside a training step
+        with self._spending("evaluation"):  # the head warm-up's looks are timed inside the training block
             entry = {"kind": "eval", "step": self.state.step, "phase": phase, **self.evaluate()}
         self.state.history.append(entry)
         self._append_metrics(entry)
@@ -345,12 +380,6 @@ class Pretrainer(RunRecipe):
             progress.write(f"step {self.state.step}: held-out masked-LM loss {entry['loss']:.4f}, "
                            f"accuracy {entry['accuracy']:.4f}")
         return entry
-
-    def _evaluate_and_checkpoint(self, progress) -> bool:
-        if self.state.history[-1]["step"] != self.state.step:  # not evaluated by the head warm-up just now
-            self._evaluate(progress)
-        self.save_checkpoint()
-        return False  # no early stopping for pre-training
 
     # ----------------------------------------------------------------------------- run files
     def _write_run_files(self) -> None:

@@ -1,4 +1,10 @@
-"""What the training recipes share: the step loop, the metrics log and the resumable checkpoint."""
+"""What the training recipes share, as parts their own `train()` calls: the run folder's lock,
+the clock of `train.max_minutes`, the metrics log and the resumable checkpoint.
+
+There is no loop here and no hook to fill in: each recipe (`recipes.multitask.Trainer`,
+`recipes.pretrain.Pretrainer`) writes its step loop out in its `train()`, and calls these parts
+by name.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,8 @@ import contextlib
 import json
 import math
 import time
-from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -23,23 +29,22 @@ from clue_mtl.training.budget import StepBudget, budget_schedule, refresh_learni
 from clue_mtl.training.tracking import flat_record, hyperparameters
 
 
-class RunRecipe(ABC):
-    """A base for recipes (`train.Trainer`, `pretrain.Pretrainer`): the step loop, the metrics
-    log, the resumable checkpoint and training by the clock.
+class RunParts:
+    """A mixin of the parts a recipe's loop calls: the run folder's claim and lock, the budget's
+    clock, the metrics log and the resumable checkpoint.
 
-    Subclasses set `config` (with `train.steps`, `max_minutes`, `scheduler`, `warmup_ratio`,
-    `log_every`, `eval_every`), `folder` (a `RunFolder`), `accelerator`, `resume`,
-    `show_progress`, `budget` (`_step_budget()`) and `state` (an instance of `state_class`, a
-    dataclass with `step` and `to_dict()`), and implement the abstract methods. `run_step`
-    advances `state.step` after each `train_step`. A non-finite loss or weight stops training
-    (`TrainingDiverged`) before anything is saved. Whatever follows the run's length (the
-    learning rate: `_learning_rate_schedule`; annealing: `_schedule_point`) reads `total_steps`.
+    A recipe sets `config` (with `train.steps`, `max_minutes`, `scheduler`, `warmup_ratio`,
+    `report_to`), `folder` (a `RunFolder`), `accelerator`, `resume`, `show_progress`, `budget`
+    (`_step_budget()`), `state` (a dataclass with `step` and `to_dict()`), `model` and
+    `checkpointed` (name -> object with `state_dict`/`load_state_dict` that the checkpoint holds
+    besides the model). Whatever follows the run's length (the learning rate:
+    `_learning_rate_schedule`; annealing: `_schedule_point`) reads `total_steps`. A non-finite
+    loss or weight stops training (`TrainingDiverged`) before anything is saved.
     """
 
     folder: RunFolder
     accelerator: Accelerator
-    state_class: type
-    progress_name: str = "train"
+    checkpointed: dict
     _checkpoint_step: int = -1
     _run_lock: FolderLock | None = None   # the main process's hold on the run folder
     _holding_run_dir: bool = False        # on every process: the main one holds it
@@ -49,81 +54,14 @@ class RunRecipe(ABC):
     def run_dir(self) -> Path:
         return self.folder.path
 
-    # ------------------------------------------------------------------------- what a recipe does
-    @abstractmethod
-    def train_step(self):
-        """One optimiser step at `state.step` (not yet advanced); returns what `_log_step` reads."""
-
-    @abstractmethod
-    def _log_step(self, step_output, steps_per_second: float) -> dict[str, str]:
-        """Append a train record to the metrics log; return the progress bar's postfix."""
-
-    @abstractmethod
-    def _evaluate_and_checkpoint(self, progress) -> bool:
-        """Evaluate, keep what is best, save the checkpoint; True to stop early."""
-
-    @abstractmethod
-    def _write_run_files(self) -> None:
-        """The run folder's files of a fresh run (config, split, tokenizer, an empty metrics log)."""
-
-    @abstractmethod
-    def _checkpoint_components(self) -> dict:
-        """Name -> object with `state_dict`/`load_state_dict` that the checkpoint holds besides the model."""
-
-    def _before_training(self, progress) -> None:
-        """A hook before the first step of this call (e.g. a baseline evaluation)."""
-
-    def _after_training(self) -> None:
-        """A hook after the loop (e.g. exporting the trained model)."""
-
-    # ------------------------------------------------------------------------- the loop
-    def train(self, until_step: int | None = None):
-        """Train to `total_steps`, or stop at `until_step` with a checkpoint to resume from.
-        The run folder's lock, taken by the claim (or again by a second call), is let go at the end."""
-        self._lock_run_dir()
-        try:
-            return self._train(until_step)
-        finally:
-            self._release_run_dir()
-
-    def _train(self, until_step: int | None):
-        cfg = self.config.train
-        self._start_or_resume()
-        if self.budget is not None:
-            self.budget.begin_call()
-        progress = tqdm(total=self.total_steps, initial=self.state.step, desc=self.progress_name, dynamic_ncols=True,
-                        disable=not (self.show_progress and self.accelerator.is_main_process))
-        with self._spending("evaluation"):
-            self._before_training(progress)
-        started, steps_at_start = time.perf_counter(), self.state.step
-        while self.state.step < self._last_step(until_step):
-            output = self._timed_step(progress)
-            progress.update(1)
-            finished = self.state.step == self.total_steps
-            if self.state.step % cfg.log_every == 0 or finished:
-                speed = (self.state.step - steps_at_start) / max(time.perf_counter() - started, 1e-9)
-                progress.set_postfix(self._log_step(output, speed))
-            if self.state.step % cfg.eval_every == 0 or finished:
-                with self._spending("evaluation"):
-                    stop = self._evaluate_and_checkpoint(progress)
-                if stop:
-                    break  # early stopping
-        progress.close()
-        short = self.total_steps is None or self.state.step < self.total_steps
-        if short and self._checkpoint_step != self.state.step:
-            self.save_checkpoint()  # interrupted by `until_step`: resumable from here
-        self._report_budget()
-        self._after_training()
-        self.accelerator.wait_for_everyone()
-        self._finish_tracking()
-        return self.state
-
+    # ------------------------------------------------------------------------- the run's length
     @property
     def total_steps(self) -> int | None:
         """The run's steps: `train.steps`, or the budget's total (None until it is fixed)."""
         return self.config.train.steps if self.budget is None else self.budget.total
 
     def _last_step(self, until_step: int | None) -> int | float:
+        """Where this call of `train()` stops: `until_step` or the run's end, whichever comes first."""
         total = self.total_steps
         if total is None:  # still measuring: on until the budget fixes the total
             return until_step or math.inf
@@ -138,33 +76,50 @@ class RunRecipe(ABC):
         total = self.budget.total_at(step)
         return (step, total) if total is not None else (0, 1)
 
-    def run_step(self):
-        """`train_step`, then the step counter advanced; returns the step's output."""
-        output = self.train_step()
-        self.state.step += 1
-        return output
-
-    def _start_or_resume(self) -> None:
+    # ------------------------------------------------------------------------- a call of train()
+    def _start_or_resume(self, write_run_files: Callable[[], None]) -> None:
+        """Load the checkpoint (`resume`), or write a fresh run's files; start the trackers and,
+        with a budget, this call's measurement."""
         if self.resume:
             self.load_checkpoint()
             if self.budget is not None and self.budget.total is None:  # saved before the total was fixed
                 self.budget.adopt(self.folder.budget_file)
         elif self.accelerator.is_main_process:
-            self._write_run_files()
+            write_run_files()
         self.accelerator.wait_for_everyone()
         if self._tracking and not self.accelerator.trackers:  # a caller's accelerator may track already
             self.accelerator.init_trackers(self.config.name, config=hyperparameters(config_to_dict(self.config)))
+        if self.budget is not None:
+            self.budget.begin_call()
+
+    def _progress_bar(self, name: str) -> tqdm:
+        """The bar over the run's steps (shown on the main process with `show_progress`)."""
+        return tqdm(total=self.total_steps, initial=self.state.step, desc=name, dynamic_ncols=True,
+                    disable=not (self.show_progress and self.accelerator.is_main_process))
+
+    def _checkpoint_if_stopped_short(self) -> None:
+        """A checkpoint to resume from, when this call stopped before the run's end (`until_step`)
+        and the last step has none yet."""
+        short = self.total_steps is None or self.state.step < self.total_steps
+        if short and self._checkpoint_step != self.state.step:
+            self.save_checkpoint()
+
+    def _close_run(self) -> None:
+        """Every process done; the trackers' writers closed. Not `Accelerator.end_training`, which
+        also ends the process group that a caller's next barrier still needs."""
+        self.accelerator.wait_for_everyone()
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers = []
 
     @property
     def _tracking(self) -> bool:
         return self.config.train.report_to != "none"
 
-    def _finish_tracking(self) -> None:
-        """Close the trackers' writers. Not `Accelerator.end_training`, which also ends the
-        process group that a caller's next barrier still needs."""
-        for tracker in self.accelerator.trackers:
-            tracker.finish()
-        self.accelerator.trackers = []
+    @staticmethod
+    def _steps_per_second(steps: int, started: float) -> float:
+        """`steps` over the seconds since `started` (`time.perf_counter`)."""
+        return steps / max(time.perf_counter() - started, 1e-9)
 
     # ------------------------------------------------------------------------- training by the clock
     def _step_budget(self) -> StepBudget | None:
@@ -194,22 +149,19 @@ class RunRecipe(ABC):
         """Time a block into the budget's `account` (nothing without a budget)."""
         return self.budget.spending(account) if self.budget is not None else contextlib.nullcontext()
 
-    def _timed_step(self, progress):
-        """`run_step`, on the budget's clock; once the timed steps fix the total, the learning rate
-        of the next step is read again from the schedule and the total recorded in `budget.json`."""
-        if self.budget is None:
-            return self.run_step()
-        with self.budget.spending("training"):
-            output = self.run_step()
-        if self.budget.step_taken(self.state.step):
-            refresh_learning_rates(self.scheduler)
-            self._write_budget_record()
-            progress.total = self.total_steps
-            progress.refresh()
-            if self.show_progress and self.accelerator.is_main_process:
-                progress.write(f"budget {self.budget.minutes:g} min: {self.budget.seconds_per_step:.3g} s a step over "
-                               f"{self.budget.timed_steps} timed steps; {self.total_steps:,} steps in all")
-        return output
+    def _count_budget_step(self, progress: tqdm) -> None:
+        """Count the step just timed into the budget; once the timed steps fix the total, the
+        learning rate of the next step is read again from the schedule and the total recorded in
+        `budget.json` and on the bar."""
+        if self.budget is None or not self.budget.step_taken(self.state.step):
+            return
+        refresh_learning_rates(self.scheduler)
+        self._write_budget_record()
+        progress.total = self.total_steps
+        progress.refresh()
+        if self.show_progress and self.accelerator.is_main_process:
+            progress.write(f"budget {self.budget.minutes:g} min: {self.budget.seconds_per_step:.3g} s a step over "
+                           f"{self.budget.timed_steps} timed steps; {self.total_steps:,} steps in all")
 
     def _write_budget_record(self) -> None:
         if self.accelerator.is_main_process:
@@ -223,7 +175,7 @@ class RunRecipe(ABC):
         if self.show_progress:
             self.accelerator.print(self.budget.summary(self.state.step))
 
-    # ------------------------------------------------------------------------- the run folder
+    # ------------------------------------------------------------------------- the run folder and the checkpoint
     def _claim_run_dir(self, overwrite: bool) -> None:
         """Lock the folder for this run (until `train` ends); then refuse a folder holding another run
         (or this run under another config), and clear it for `overwrite`. Checked under the lock, so
@@ -265,8 +217,20 @@ class RunRecipe(ABC):
             self._run_lock.release()
         self._run_lock, self._holding_run_dir = None, False
 
+    @contextlib.contextmanager
+    def _holding_run_folder(self):
+        """The run folder's lock for a call of `train()`: the claim's (or taken again by a second
+        call), let go at the end, whatever ends it."""
+        self._lock_run_dir()
+        try:
+            yield
+        finally:
+            self._release_run_dir()
+
     def _all_checkpoint_components(self) -> dict:
-        components = dict(self._checkpoint_components())
+        """What the checkpoint holds besides the model: the recipe's `checkpointed`, the fp16 loss
+        scaler and the budget."""
+        components = dict(self.checkpointed)
         if self.accelerator.scaler is not None:  # fp16
             components["scaler"] = self.accelerator.scaler
         if self.budget is not None:
@@ -298,7 +262,7 @@ class RunRecipe(ABC):
             self.run_dir, model=self.model, components=self._all_checkpoint_components(),
             fingerprint=self._fingerprint(), accelerator=self.accelerator)
         try:
-            self.state = self.state_class(**values)
+            self.state = type(self.state)(**values)
         except TypeError as error:
             raise checkpoint.CheckpointError(f"{self.run_dir}: the checkpoint's recipe state does not fit "
                                              f"({error})") from None
