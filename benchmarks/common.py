@@ -1,4 +1,11 @@
-"""Helpers shared by the benchmark scripts: machine description and result files."""
+"""Helpers shared by the benchmark scripts: machine description, result files, timing children,
+and the smoke runs of the suite.
+
+Each script runs from the repository root as `python -m benchmarks.NAME ...`. Two environment
+variables reach every child a script starts: `BENCHMARK_RESULTS`, the folder the results go to
+(default `benchmarks/results`), and `BENCHMARK_SMOKE`, set by `--smoke`: a folder holding a tiny
+random encoder and generated competition files that replace e5-small and the data in every
+timed step (`tests/test_benchmarks.py`)."""
 
 from __future__ import annotations
 
@@ -12,7 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("BENCHMARK_RESULTS") or ROOT / "benchmarks" / "results")
+SMOKE = "BENCHMARK_SMOKE"
 
 # torch.compile's on-disk graph caches store pickles: off in every benchmark and in the children they
 # start (the environment is inherited), before torch is imported. Compiled kernels are still cached.
@@ -39,14 +47,22 @@ def machine() -> dict:
 
 
 def write_results(name: str, figures: dict, markdown: str, results: Path = RESULTS) -> None:
+    """`NAME.json` (the figures with the command, date and machine) and `NAME.md` in `results`."""
     results.mkdir(parents=True, exist_ok=True)
     record = {
-        "name": name, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "name": name, "command": command_line(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "figures": figures,
     }
     write_whole(results / f"{name}.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     write_whole(results / f"{name}.md", markdown.rstrip() + "\n")
     print(markdown)
+
+
+def command_line() -> str:
+    """This process's command as it was typed: `python -m benchmarks.NAME ARGS` for a module."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = ["-m", spec.name] if spec is not None else sys.argv[:1]
+    return " ".join([Path(sys.executable).name, *program, *sys.argv[1:]])
 
 
 def write_whole(path: Path, text: str) -> None:
@@ -56,23 +72,89 @@ def write_whole(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser`'s arguments with `--smoke` added: a tiny encoder and generated data in place of
+    e5-small and the competition files, for the suite. A smoke run writes only where
+    `BENCHMARK_RESULTS` names."""
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny encoder and generated data (the suite); needs BENCHMARK_RESULTS")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        if not os.environ.get("BENCHMARK_RESULTS"):
+            parser.error("--smoke writes its results where BENCHMARK_RESULTS names; set it")
+        os.environ[SMOKE] = str(RESULTS / "smoke-inputs")
+    return args
+
+
+def smoke_inputs() -> dict[str, Path] | None:
+    """In a smoke run, the tiny encoder (12 layers of 32) and the generated data folder (built once,
+    shared by the children); otherwise None."""
+    if not os.environ.get(SMOKE):
+        return None
+    from clue_mtl.testing import build_tiny_encoder, write_tiny_competition_files
+
+    work = Path(os.environ[SMOKE])
+    data, encoder = work / "data", work / "encoder"
+    if not (data / "TNEWS_train1128.csv").exists():
+        write_tiny_competition_files(data, rows=150)   # enough dev rows for a cross-fitted blend
+    if not (encoder / "config.json").exists():
+        build_tiny_encoder(encoder, kind="bert", layers=12, seed=0)   # e5-small's depth, for settings that name layers
+    return {"data": data, "encoder": encoder}
+
+
+def smoke_overrides(*, encoder: bool = True) -> list[str]:
+    """Config overrides that put the smoke inputs in place of the real ones (none outside a smoke
+    run); without `encoder`, the encoder is left to the caller (one it built for the smoke run)."""
+    inputs = smoke_inputs()
+    if inputs is None:
+        return []
+    return [f"data.data_dir={inputs['data']}", *([f"model.encoder={inputs['encoder']}"] if encoder else []),
+            "data.max_length=32", "train.batch_size=9", "data.max_train_rows=60"]
+
+
+def smoke_job_overrides() -> list[str]:
+    """`smoke_overrides` for a whole job (`clue-mtl run`, `train`, `pretrain`): two steps, its runs
+    under `work_root()` (none outside a smoke run)."""
+    inputs = smoke_overrides()
+    if not inputs:
+        return []
+    return [*inputs, "train.steps=2", "train.eval_every=2", "train.warmup_steps=1", f"output_dir={work_root() / 'runs'}"]
+
+
+def work_root() -> Path:
+    """Where a script's runs, blends and zips go: the repository root, or in a smoke run a folder
+    beside the smoke inputs."""
+    return Path(os.environ[SMOKE]).parent / "smoke-work" if os.environ.get(SMOKE) else ROOT
+
+
 def run_child(args: list[str]) -> dict:
-    """Run this interpreter on `args` in a fresh process; it prints one JSON line last."""
+    """Run this interpreter on `args` (`-m benchmarks.NAME ...`) in a fresh process, from the
+    repository root; it prints one JSON line last. In a smoke run a benchmark module's child runs
+    in this process instead (`main(argv)`): the tiny steps take less than starting torch again."""
+    if os.environ.get(SMOKE) and args[:1] == ["-m"] and args[1].startswith("benchmarks."):
+        import contextlib
+        import importlib
+        import io
+
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            importlib.import_module(args[1]).main(args[2:])
+        return json.loads(printed.getvalue().strip().splitlines()[-1])
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"{args} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def alternate_children(script: str, flag: str, names, extra: list[str], repeats: int,
+def alternate_children(module: str, flag: str, names, extra: list[str], repeats: int,
                        describe) -> dict[str, list[dict]]:
-    """Run `script flag NAME *extra` in a fresh process per name, `repeats` times, names taking
+    """Run `python -m module flag NAME *extra` in a fresh process per name, `repeats` times, names taking
     turns so every one sees the same machine load; each child's JSON result, by name.
     `describe(result)` is the progress line's figure."""
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for repeat in range(repeats):
         for name in names:
-            runs[name].append(run_child([script, flag, name, *extra]))
+            runs[name].append(run_child(["-m", module, flag, name, *extra]))
             print(f"repeat {repeat + 1}: {name}: {describe(runs[name][-1])}", flush=True)
     return runs
 
@@ -88,10 +170,10 @@ def timing_arguments(parser: argparse.ArgumentParser, *, steps: int, warmup: int
     return parser
 
 
-def time_variants(script: str, variants, args: argparse.Namespace) -> dict[str, list[dict]]:
-    """Every variant timed by `script --variant NAME` in a fresh process, taking turns
+def time_variants(module: str, variants, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Every variant timed by `python -m module --variant NAME` in a fresh process, taking turns
     (`alternate_children`), with `timing_arguments`' steps, warm-up and repeats."""
-    return alternate_children(script, "--variant", variants, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
+    return alternate_children(module, "--variant", variants, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
                               args.repeats, lambda result: f"{result['samples_per_second']:.1f} samples/s")
 
 
@@ -141,11 +223,12 @@ def peak_rss_mb() -> float:
 
 def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to_max: bool = False,
                         quality_steps: int = 0, count_flops: bool = False, prepare=None,
-                        config_path: str | Path | None = None) -> dict:
+                        config_path: str | Path | None = None, smoke_encoder: bool = True) -> dict:
     """Build a Trainer, run `warmup` steps, then time `steps` optimiser steps (in this process).
 
     The config is `config_path` (a YAML file, e.g. a shipped config) or the defaults, with
-    `overrides` on top.
+    `overrides` on top (and in a smoke run the tiny encoder and generated data on top of those;
+    the overrides' own encoder with `smoke_encoder=False`).
 
     With `count_flops`, one more step runs under torch's FLOP counter (model FLOPs per step and
     per second). `prepare(trainer)` runs before the warm-up (e.g. to compile the encoder). With
@@ -158,7 +241,7 @@ def time_training_steps(overrides: list[str], steps: int, warmup: int, *, pad_to
     from clue_mtl.config import load_config
     from clue_mtl.recipes.multitask import Trainer
 
-    config = load_config(config_path, [*overrides, f"train.steps={max(warmup + steps, quality_steps)}"])
+    config = load_config(config_path, [*overrides, *smoke_overrides(encoder=smoke_encoder), f"train.steps={max(warmup + steps, quality_steps)}"])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, run_dir, show_progress=False)
         if pad_to_max:

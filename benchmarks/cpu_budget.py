@@ -1,10 +1,10 @@
 """Quality per CPU minute: whole-dev mean macro-F1 against training minutes, per variant of the
 quickstart recipe, the member alone and blended with the TF-IDF baseline (biased, cross-fitted).
 
-    python benchmarks/cpu_budget.py curve --variant default --minutes 10,20,30,45,60,90,120
-    python benchmarks/cpu_budget.py curve --variant frozen8 --minutes ... --threads 1   # a lane
-    python benchmarks/cpu_budget.py confirm --variant frozen8 --minutes 45 --threads 1   # its own schedule
-    python benchmarks/cpu_budget.py report        # cpu_budget.{json,md,png} from every curve so far
+    python -m benchmarks.cpu_budget curve --variant default --minutes 10,20,30,45,60,90,120
+    python -m benchmarks.cpu_budget curve --variant frozen8 --minutes ... --threads 1   # a lane
+    python -m benchmarks.cpu_budget confirm --variant frozen8 --minutes 45 --threads 1   # its own schedule
+    python -m benchmarks.cpu_budget report        # cpu_budget.{json,md,png} from every curve so far
 
 A curve is one long run whose schedule does not depend on its length (`constant_with_warmup`
 over the quickstart's 27 warm-up steps; the quickstart's other settings and its variant's).
@@ -38,8 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, write_results, write_whole  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, machine, write_results, write_whole
 
 RUNS = RESULTS / "cpu_budget_runs"
 CONFIG = ROOT / "configs" / "quickstart.yaml"

@@ -12,8 +12,9 @@ the same 2,000 dev rows per task. A finished run is reused, not retrained, so st
 (the `equal` runs are the multi-task baseline of all three) and a study can be run in parts.
 Results accumulate in benchmarks/results/compare_<study>.json and .md.
 
-    python benchmarks/dev_comparison.py weighting --seeds 1 2
-    python benchmarks/dev_comparison.py toolbox --seeds 1 2 --variants equal ema
+    python -m benchmarks.dev_comparison weighting --seeds 1 2
+    python -m benchmarks.dev_comparison toolbox --seeds 1 2 --variants equal ema
+    python -m benchmarks.dev_comparison --smoke weighting --seeds 1 --variants equal   # the suite: 2 steps, tiny encoder
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, ensure_trimmed_encoder, write_results  # noqa: E402
-from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
-from clue_mtl.runs.folder import RunFolder  # noqa: E402
+from benchmarks.common import (RESULTS, ROOT, command_line, ensure_trimmed_encoder, parse_arguments, smoke_inputs,
+                               smoke_job_overrides, smoke_overrides, work_root, write_results)
+from clue_mtl.tasks import TASK_NAMES as TASKS
+from clue_mtl.runs.folder import RunFolder
 
 CONFIG = "configs/compare.yaml"
 RUNS = ROOT / "runs" / "compare"
@@ -64,7 +65,12 @@ STUDIES = {
 
 
 def run_dir(variant: str, seed: int) -> Path:
-    return RUNS / f"{variant}-s{seed}"
+    return runs_folder() / f"{variant}-s{seed}"
+
+
+def runs_folder() -> Path:
+    """The comparison's run folders: runs/compare, or in a smoke run the same beside its inputs."""
+    return work_root() / "runs" / "compare"
 
 
 def final_eval(directory: Path) -> dict | None:
@@ -77,7 +83,8 @@ def train_variant(variant: str, seed: int, threads: int) -> dict:
     directory = run_dir(variant, seed)
     timing = directory / "wall_seconds.json"
     if not (timing.exists() and final_eval(directory)):
-        overrides = [*VARIANTS[variant], f"train.seed={seed}", f"train.num_threads={threads}"]
+        overrides = [*VARIANTS[variant], f"train.seed={seed}", f"train.num_threads={threads}",
+                     *smoke_job_overrides(), *(["train.log_every=1"] if smoke_inputs() else [])]
         command = [sys.executable, "-m", "clue_mtl", "train", "--config", CONFIG, "--run-dir", str(directory),
                    "--overwrite"]  # an unfinished run starts again
         for override in overrides:
@@ -85,11 +92,11 @@ def train_variant(variant: str, seed: int, threads: int) -> dict:
         started = time.perf_counter()
         subprocess.run(command, cwd=ROOT, check=True)
         timing.write_text(json.dumps({"seconds": time.perf_counter() - started, "threads": threads,
-                                      "how": " ".join(["python", *sys.argv])}))
+                                      "how": command_line()}))
     scores = final_eval(directory)
     return {"mean": scores["mean_macro_f1"], "macro_f1": scores["macro_f1"], "step": scores["step"],
-            "how": " ".join(["python", *sys.argv]), **json.loads(timing.read_text()),  # the trained run's own
-            "weights": weight_trajectory(directory)}
+            "how": command_line(), **json.loads(timing.read_text()),  # the trained run's own
+            "weights": weight_trajectory(directory, every=1 if smoke_inputs() else 20)}
 
 
 def weight_trajectory(directory: Path, every: int = 20) -> dict:
@@ -106,7 +113,7 @@ def dev_frames(config_path: str) -> dict:
     from clue_mtl.config import load_config
     from clue_mtl.data.folder import task_frames
 
-    config = load_config(ROOT / config_path, [f"data.data_dir={ROOT / 'data'}"])
+    config = load_config(ROOT / config_path, [f"data.data_dir={ROOT / 'data'}", *smoke_overrides()])
     return {task: task_frames(config.data, task).dev for task in TASKS}
 
 
@@ -128,15 +135,16 @@ def derived_variant(variant: str, seeds: list[int]) -> dict:
         return score_ensemble(members)
     from clue_mtl.predict.averaging import average_weights
 
-    averaged = RUNS / variant
+    averaged = runs_folder() / variant
     if not RunFolder(averaged).has_model():
         average_weights(members, averaged)
     return score_ensemble([averaged])
 
 
 def ensure_inputs(variants: list[str], seeds: list[int], threads: int, results: dict) -> None:
-    """The trimmed encoder, and the teachers' soft labels before any student."""
-    ensure_trimmed_encoder()
+    """The trimmed encoder (not in a smoke run), and the teachers' soft labels before any student."""
+    if smoke_inputs() is None:
+        ensure_trimmed_encoder()
     if any(v.startswith("student") for v in variants) and not SOFT_LABELS.exists():
         for teacher in TEACHERS:
             results.setdefault(teacher, {})[str(seeds[0])] = train_variant(teacher, seeds[0], threads)
@@ -181,14 +189,14 @@ def summarise(study: str, results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", choices=sorted(STUDIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--variants", nargs="+", help="a subset of the study's variants, in this order")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json; train nothing")
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv)
     if args.report_only:
         figures = json.loads((RESULTS / f"compare_{args.study}.json").read_text())["figures"]
         (RESULTS / f"compare_{args.study}.md").write_text(summarise(args.study, figures) + "\n")

@@ -5,10 +5,11 @@ configs/quickstart-m3e.yaml differ only in the encoder and its embedding freeze)
 main job runs it (`benchmarks/main_job.py run`: baseline, training, blend with the baseline, both
 zips; scored on the whole dev split).
 
-    python benchmarks/encoder_choice.py speed                  # alone: each quickstart's step time
-    python benchmarks/encoder_choice.py train --lane 0/2 &     # two single-thread lanes ...
-    python benchmarks/encoder_choice.py train --lane 1/2 &     # ... each its share of the runs
-    python benchmarks/encoder_choice.py report                 # table, ensembles, paired bootstraps
+    python -m benchmarks.encoder_choice speed                  # alone: each quickstart's step time
+    python -m benchmarks.encoder_choice train --lane 0/2 &     # two single-thread lanes ...
+    python -m benchmarks.encoder_choice train --lane 1/2 &     # ... each its share of the runs
+    python -m benchmarks.encoder_choice report                 # table, ensembles, paired bootstraps
+    python -m benchmarks.encoder_choice --smoke --steps 2 --warmup 0 speed --repeats 1   # the suite: tiny encoder
 
 Equal training time: e5-small trains the quickstart's 450 steps (two seeds) and 1,500 steps (one
 seed); m3e-small trains the steps its measured speed buys in the same training time. Training
@@ -24,14 +25,12 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, ROOT, alternate_children, equal_time_steps, machine, time_training_steps,  # noqa: E402
-                    write_results, write_whole)
-from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
+from benchmarks.common import (RESULTS, ROOT, alternate_children, command_line, equal_time_steps, machine,
+                               parse_arguments, time_training_steps, write_results, write_whole)
+from clue_mtl.tasks import TASK_NAMES as TASKS
 
 CONFIGS = {"e5-small": "configs/quickstart.yaml", "m3e-small": "configs/quickstart-m3e.yaml"}
 SHORT_NAMES = {"e5-small": "e5", "m3e-small": "m3e"}  # in main_job.json's entry names
@@ -49,7 +48,7 @@ def cmd_child(args) -> None:
 
 
 def cmd_speed(args) -> None:
-    runs = alternate_children(__file__, "--child", list(CONFIGS), ["--steps", str(args.steps), "--warmup", str(args.warmup)],
+    runs = alternate_children("benchmarks.encoder_choice", "--child", list(CONFIGS), ["--steps", str(args.steps), "--warmup", str(args.warmup)],
                               args.repeats, lambda r: f"{r['step_seconds']:.3f} s/step, {r['samples_per_second']:.1f} samples/s")
     figures = {name: {"step_seconds": statistics.median(r["step_seconds"] for r in results),
                       "step_seconds_runs": [r["step_seconds"] for r in results],
@@ -57,7 +56,7 @@ def cmd_speed(args) -> None:
                       "padded_tokens_per_step": statistics.median(r["padded_tokens_per_step"] for r in results),
                       "precision": results[0]["precision"], "threads": results[0]["torch_threads"]}
                for name, results in runs.items()}
-    record = {"command": " ".join(["python", *sys.argv]), "machine": machine(), "figures": figures}
+    record = {"command": command_line(), "machine": machine(), "figures": figures}
     write_whole(SPEED_FILE, json.dumps(record, indent=2) + "\n")
     for name, steps in planned_steps().items():
         print(name, steps)
@@ -82,7 +81,7 @@ def jobs() -> list[tuple[str, str, int]]:
 
 
 def cmd_train(args) -> None:
-    from main_job import load_entries
+    from benchmarks.main_job import load_entries
 
     index, count = (int(part) for part in args.lane.split("/"))
     steps = planned_steps()
@@ -91,7 +90,7 @@ def cmd_train(args) -> None:
         if name in load_entries():
             print(f"{name}: done before", flush=True)
             continue
-        command = [sys.executable, str(ROOT / "benchmarks" / "main_job.py"), "run", "--config", CONFIGS[encoder],
+        command = [sys.executable, "-m", "benchmarks.main_job", "run", "--config", CONFIGS[encoder],
                    "--seed", str(seed), "--name", name, "--lane",
                    "--set", f"train.steps={steps[encoder, budget]}", "--set", "train.num_threads=1"]
         print(" ".join(command), flush=True)
@@ -129,13 +128,13 @@ def macro_f1s(decided: dict) -> dict[str, float]:
 
 def ensure_ensemble(budget: str, seed: int) -> str:
     """The blend of both encoders' runs with the baseline (main_job.py ensemble), made once."""
-    from main_job import load_entries
+    from benchmarks.main_job import load_entries
 
     name = f"e5+m3e-{budget}-s{seed}"
     entries = load_entries()
     if f"ensemble-{name}" not in entries:
         runs = [entries[entry_name(encoder, budget, seed)]["run_dir"] for encoder in CONFIGS]
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "main_job.py"), "ensemble", "--name", name,
+        subprocess.run([sys.executable, "-m", "benchmarks.main_job", "ensemble", "--name", name,
                         *[arg for run in runs for arg in ("--run", run)]], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
     return f"ensemble-{name}"
@@ -145,7 +144,7 @@ def finished_runs(step_seconds: dict) -> tuple[dict, list[dict]]:
     """(decisions, rows): per (variant, budget, seed) the dev decisions of each encoder alone, of
     their probability ensemble, and of each blended with the baseline; and the table's rows. A
     run trained with other steps than the speed file gives now is an error, not a silent row."""
-    from main_job import decisions, load_entries
+    from benchmarks.main_job import decisions, load_entries
 
     planned = planned_steps()
     decided, rows = {}, []
@@ -183,7 +182,7 @@ PAIRS = (("e5-small", "m3e-small"), ("e5-small", "ensemble"), ("m3e-small", "ens
 
 def comparisons(decided: dict) -> dict[str, dict]:
     """Paired bootstraps of each of PAIRS per budget, the budget's seeds averaged."""
-    from main_job import bootstrap_decisions
+    from benchmarks.main_job import bootstrap_decisions
 
     out = {}
     for budget, (_, seeds) in BUDGETS.items():
@@ -195,7 +194,7 @@ def comparisons(decided: dict) -> dict[str, dict]:
 
 
 def cmd_report(args) -> None:
-    from main_job import mean
+    from benchmarks.main_job import mean
 
     speed = json.loads(SPEED_FILE.read_text())
     step_seconds = {encoder: figures["step_seconds"] for encoder, figures in speed["figures"].items()}
@@ -227,12 +226,12 @@ def cmd_report(args) -> None:
         verdict = "no difference" if result["low"] <= 0 <= result["high"] else "a difference"
         lines.append(f"| {label} | {100 * result['difference']:+.2f} | "
                      f"[{100 * result['low']:+.2f}, {100 * result['high']:+.2f}] | {verdict} |")
-    lines += ["", "Commands: `python benchmarks/encoder_choice.py speed`, two lanes of `train --lane i/2` "
+    lines += ["", "Commands: `python -m benchmarks.encoder_choice speed`, two lanes of `train --lane i/2` "
               "(`OMP_NUM_THREADS=1`), then `report`; each run's command is in main_job.json."]
     write_results("encoder_choice", {"speed": speed["figures"], "runs": rows, "comparisons": compared}, "\n".join(lines))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=30)
@@ -241,7 +240,7 @@ def main() -> None:
     commands.add_parser("speed").add_argument("--repeats", type=int, default=2)
     commands.add_parser("train").add_argument("--lane", default="0/1", help="INDEX/COUNT: this lane's share of the runs")
     commands.add_parser("report")
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv)
     if args.child:
         cmd_child(args)
     elif args.command is None:

@@ -6,12 +6,13 @@ multi-task training), each fine-tuned with configs/quickstart.yaml at two budget
 against no pre-training at the same steps and against no pre-training given the variant's
 pre-training minutes as extra fine-tuning steps.
 
-    python benchmarks/further_pretraining.py speed            # alone: step times, 2 threads
+    python -m benchmarks.further_pretraining speed            # alone: step times, 2 threads
     benchmarks/further_pretraining.sh &                        # two single-thread lanes side by side,
     benchmarks/further_pretraining.sh &                        # each claiming the next job (resumable;
                                                                # `--only m3e|diagnosis|auxiliary|variants`: a share)
     #   (the lanes also run the diagnosis: CKA per layer at snapshot steps, frozen OCNLI probes)
-    python benchmarks/further_pretraining.py report           # the table, bootstrap, figure
+    python -m benchmarks.further_pretraining report           # the table, bootstrap, figure
+    python -m benchmarks.further_pretraining --smoke speed --steps 2 --warmup 0   # the suite: tiny encoder
 
 Every job is one process; a job's folder holds its result (`result.json`), so a killed lane loses
 only its current job, and lanes never take the same job (an exclusive claim file). Lane wall times
@@ -35,10 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, ROOT, ensure_trimmed_encoder, equal_time_steps, train_and_predict,  # noqa: E402
-                    write_results, write_whole)
-from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
+from benchmarks.common import (RESULTS, ROOT, command_line, ensure_trimmed_encoder, equal_time_steps,
+                               parse_arguments, smoke_inputs, train_and_predict, write_results, write_whole)
+from clue_mtl.tasks import TASK_NAMES as TASKS
 
 FINETUNE_CONFIG = "configs/quickstart.yaml"
 PRETRAIN_CONFIG = "configs/pretrain-e5-small.yaml"
@@ -307,7 +307,7 @@ def run_finetune(job: dict, encoder: Path) -> None:
 def cmd_next(args) -> None:
     """Claim and run one job; exit 3 once none is left. A job waiting on a pre-training that
     another lane runs is taken once that is done. One job a process, so that a lane started as
-    `while python benchmarks/further_pretraining.py next; do :; done` picks up new jobs."""
+    `while python -m benchmarks.further_pretraining next; do :; done` picks up new jobs."""
     while True:
         pending = [job for job in jobs() if not (job["dir"] / "result.json").exists()
                    and (args.only is None or ONLY[args.only](job))]
@@ -336,13 +336,22 @@ def finetune_overrides(name: str, extra: list[str]) -> list[str]:
     from clue_mtl.config import load_config
 
     quickstart = load_config(ROOT / finetune_config(name))
-    encoder = m3e_encoder() if is_m3e(name) else ensure_trimmed_encoder()
+    encoder = speed_encoder(name)
     return [f"data.data_dir={ROOT / 'data'}", f"model.encoder={encoder}",
             f"data.max_length={quickstart.data.max_length}", f"train.batch_size={quickstart.train.batch_size}",
             f"model.freeze_word_embeddings={str(quickstart.model.freeze_word_embeddings).lower()}",
             f"train.mixed_precision={quickstart.train.mixed_precision}",
             "model.heads={ocnli: {type: attention}, ocemotion: {type: attention}, tnews: {type: attention}}",
             "train.eval_every=1000000", "data.max_train_rows=4000", *AS_THE_STUDY_RAN, *extra]
+
+
+def speed_encoder(name: str) -> Path:
+    """The encoder `speed` times for variant `name`: m3e-small or e5-small-trimmed, or in a smoke
+    run the tiny one."""
+    inputs = smoke_inputs()
+    if inputs is not None:
+        return inputs["encoder"]
+    return m3e_encoder() if is_m3e(name) else ensure_trimmed_encoder()
 
 
 def time_pretraining(config_path: str, encoder: Path, overrides: list[str], steps: int, warmup: int,
@@ -353,12 +362,14 @@ def time_pretraining(config_path: str, encoder: Path, overrides: list[str], step
     from clue_mtl.config import load_pretrain_config
     from clue_mtl.recipes.pretrain import Pretrainer
 
+    inputs = smoke_inputs()
+    smoke = [] if inputs is None else [f"data.data_dir={inputs['data']}", "data.max_length=32", "data.max_texts=300",
+                                       "train.batch_size=9", "train.eval_batch_size=32"]
     config = load_pretrain_config(ROOT / config_path, [
         f"data.data_dir={ROOT / 'data'}", f"model.encoder={encoder}", "model.trim_vocab=false",
-        "train.log_every=1000000", *overrides])
+        "train.log_every=1000000", *overrides, *smoke])
     with tempfile.TemporaryDirectory() as run_dir:
         pretrainer = Pretrainer(config, run_dir, show_progress=False, cache_dir=ROOT / "artifacts" / "cache")
-        pretrainer._start_or_resume(pretrainer._write_run_files)
         pretrainer.state.encoder_frozen = frozen
         for _ in range(warmup):
             pretrainer.train_step()
@@ -376,7 +387,7 @@ def cmd_speed(args) -> None:
     fine-tuning variant; seconds a pre-training step takes (plain, encoder frozen, pairs; m3e-small
     plain and frozen) and a held-out evaluation. `--only m3e` retimes m3e-small alone and keeps
     the rest of the file."""
-    from common import machine, time_training_steps
+    from benchmarks.common import machine, time_training_steps
 
     figures, commands = {"finetune": {}, "pretrain": {}}, []
     if args.only == "m3e":
@@ -388,15 +399,15 @@ def cmd_speed(args) -> None:
         figures["finetune"][name] = {"samples_per_second": result["samples_per_second"],
                                      "step_seconds": result["step_seconds"], "precision": result["precision"]}
         print(name, figures["finetune"][name], flush=True)
-    e5 = (PRETRAIN_CONFIG, ensure_trimmed_encoder())
-    m3e = (M3E_PRETRAIN_CONFIG, m3e_encoder())
+    e5 = (PRETRAIN_CONFIG, speed_encoder("plain"))
+    m3e = (M3E_PRETRAIN_CONFIG, speed_encoder(f"{M3E}plain"))
     pretrainings = {} if args.only == "m3e" else {"plain": (*e5, [], False), "encoder frozen": (*e5, [], True),
                                                    "pairs": (*e5, ["data.pairs=true"], False)}
     pretrainings |= {f"{M3E}plain": (*m3e, [], False), f"{M3E}encoder frozen": (*m3e, [], True)}
     for name, (config_path, encoder, overrides, frozen) in pretrainings.items():
         figures["pretrain"][name] = time_pretraining(config_path, encoder, overrides, args.steps, args.warmup, frozen)
         print(name, figures["pretrain"][name], flush=True)
-    command = " && ".join([*commands, " ".join(["python", *sys.argv])])
+    command = " && ".join([*commands, command_line()])
     record = {"command": command, "machine": machine(), "figures": figures}
     write_whole(SPEED_FILE, json.dumps(record, indent=2) + "\n")  # jobs() reads it: never half-written
 
@@ -426,7 +437,7 @@ def pretraining_minutes(name: str, record: dict, speed: dict) -> float:
 
 def cmd_report(args) -> None:
     from clue_mtl.predict.metrics import paired_bootstrap
-    from structures import task_f1
+    from benchmarks.structures import task_f1
 
     from clue_mtl.tasks import get_task
 
@@ -606,7 +617,7 @@ def plot(figures: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     next_job = commands.add_parser("next")
@@ -624,7 +635,7 @@ def main() -> None:
     speed.add_argument("--warmup", type=int, default=3)
     speed.add_argument("--only", choices=["m3e"], help="retime m3e-small only, keeping the other figures")
     speed.set_defaults(run=cmd_speed)
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv)
     args.run(args)
 
 

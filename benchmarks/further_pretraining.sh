@@ -4,4 +4,4 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
-while python benchmarks/further_pretraining.py next "$@"; do :; done
+while python -m benchmarks.further_pretraining next "$@"; do :; done

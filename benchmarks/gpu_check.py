@@ -3,12 +3,12 @@ the minutes left allow, recorded in benchmarks/results/gpu_check.{json,md}.
 
 Prepared here, before any device minute is spent:
 
-    python benchmarks/gpu_check.py pack --encoder artifacts/e5-small-trimmed   # .gpu/: data + bf16 encoder; prints the sizes
-    python benchmarks/gpu_check.py run --smoke            # every stage on the CPU: tiny encoder, generated data (in the suite)
+    python -m benchmarks.gpu_check pack --encoder artifacts/e5-small-trimmed   # .gpu/: data + bf16 encoder; prints the sizes
+    python -m benchmarks.gpu_check run --smoke            # every stage on the CPU: tiny encoder, generated data (in the suite)
 
 On the GPU, through the device tool with `carry: [".gpu"]` and `timeout_s: 540`:
 
-    bash benchmarks/gpu_check.sh                          # = python3 benchmarks/gpu_check.py run --carry .gpu --out $OUT
+    bash benchmarks/gpu_check.sh                          # = python3 -m benchmarks.gpu_check run --carry .gpu --out $OUT
 
 then copy what comes back ($OUT/gpu_check.json, .md) into benchmarks/results/. The machine there
 has torch, transformers, accelerate, pandas, scikit-learn and pytest, but not the kit (it runs
@@ -38,8 +38,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, machine, write_whole  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, command_line, machine, write_whole
 
 CARRY_LIMIT = 64 * 2**20          # what the device tool sends: the tree and the carried paths
 SMOKE = ["data.max_length=32", "train.batch_size=9", "train.eval_every=4", "train.log_every=2",
@@ -352,7 +351,7 @@ def cmd_run(args) -> int:
 # ----------------------------------------------------------------------------------- results
 def write_record(record: dict, results: Path, out: Path | None, work: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
-    full = {"name": "gpu_check", "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    full = {"name": "gpu_check", "command": command_line(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": record["environment"], "figures": record}
     write_whole(results / "gpu_check.json", json.dumps(full, indent=2, ensure_ascii=False, default=float) + "\n")
     write_whole(results / "gpu_check.md", markdown(record) + "\n")

@@ -7,11 +7,12 @@ then blends the finished runs of several variants with the baseline. `--compare 
 paired-bootstrap intervals of B minus A over the same dev rows (the decisions of each variant's
 final zip, the biased blend, cross-fitted).
 
-    python benchmarks/main_job.py run --config configs/quickstart.yaml --seed 1 [--set KEY=VALUE ...]
-    python benchmarks/main_job.py ensemble --name e5+m3e --run runs/main-quickstart-s1 --run runs/main-quickstart-m3e-s1
-    python benchmarks/main_job.py report --compare quickstart-s1 quickstart-m3e-s1
-    python benchmarks/main_job.py report --compare a-s1+a-s2 b-s1+b-s2     # seeds paired in order, averaged
-    python benchmarks/main_job.py existing --name make-run --blend blends/quickstart --seconds 1234 --how "time make run"
+    python -m benchmarks.main_job run --config configs/quickstart.yaml --seed 1 [--set KEY=VALUE ...]
+    python -m benchmarks.main_job ensemble --name e5+m3e --run runs/main-quickstart-s1 --run runs/main-quickstart-m3e-s1
+    python -m benchmarks.main_job report --compare quickstart-s1 quickstart-m3e-s1
+    python -m benchmarks.main_job report --compare a-s1+a-s2 b-s1+b-s2     # seeds paired in order, averaged
+    python -m benchmarks.main_job existing --name make-run --blend blends/quickstart --seconds 1234 --how "time make run"
+    python -m benchmarks.main_job --smoke run --config configs/quickstart.yaml   # the suite: tiny encoder, 2 steps
 
 Results accumulate in benchmarks/results/main_job.json, so variants can run in separate calls
 (or side by side in single-thread lanes, whose wall times are then marked as not comparable).
@@ -23,16 +24,15 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, write_results  # noqa: E402
-from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
-from clue_mtl.runs.folder import RunFolder  # noqa: E402
+from benchmarks.common import (RESULTS, ROOT, command_line, parse_arguments, smoke_job_overrides, work_root,
+                               write_results)
+from clue_mtl.tasks import TASK_NAMES as TASKS
+from clue_mtl.runs.folder import RunFolder
 
 RECORD = RESULTS / "main_job.json"
 
@@ -51,7 +51,7 @@ def blend_entry(blend_dir: Path) -> dict:
     blend = json.loads((blend_dir / "blend.json").read_text())
     tasks = blend["tasks"]
     members = {m["name"]: m["kind"] for m in blend["members"]}
-    entry = {"blend_dir": str(blend_dir.relative_to(ROOT)), "members": {}}
+    entry = {"blend_dir": str(blend_dir.relative_to(work_root())), "members": {}}
     for name in members:
         entry["members"][name] = {t: tasks[t]["dev"]["members"][name] for t in TASKS}
     for which in ("blend", "biased"):
@@ -67,21 +67,21 @@ def cmd_run(args) -> None:
     from clue_mtl.pipeline import main_job
 
     name = recorded_name(args)
-    overrides = [f"name=main-{name}", f"train.seed={args.seed}", *(args.set or [])]
+    overrides = [f"name=main-{name}", f"train.seed={args.seed}", *(args.set or []), *smoke_job_overrides()]
     os.chdir(ROOT)  # the config's relative paths (data/, runs/, artifacts/) as the command line reads them
     config = load_config(ROOT / args.config, overrides)
     started = time.perf_counter()
-    job = main_job(config, blend_dir=ROOT / "blends" / config.name, out_dir=ROOT / "submissions" / "benchmarks",
-                   overwrite=True)
+    job = main_job(config, blend_dir=work_root() / "blends" / config.name,
+                   out_dir=work_root() / "submissions" / "benchmarks", overwrite=True)
     seconds = time.perf_counter() - started
     run_dir = ROOT / job.run_dir
     entry = blend_entry(job.blend_dir)
     entry.update({
-        "config": args.config, "overrides": overrides, "run_dir": str(run_dir.relative_to(ROOT)),
+        "config": args.config, "overrides": overrides, "run_dir": str(run_dir.relative_to(work_root())),
         "seconds": seconds, "steps": config.train.steps, "batch_size": config.train.batch_size,
         "samples_per_second": training_speed(run_dir),
         "threads": os.environ.get("OMP_NUM_THREADS", "default"),
-        "lane": args.lane, "command": " ".join(["python", "benchmarks/main_job.py", *sys.argv[1:]]),
+        "lane": args.lane, "command": command_line(),
     })
     record_entry(name, entry, args.compare or [])
 
@@ -108,8 +108,8 @@ def entries_locked():
     lanes finishing together take turns, so neither loses the other's entry."""
     import fcntl
 
-    (ROOT / "runs").mkdir(exist_ok=True)
-    with open(ROOT / "runs" / ".main_job.lock", "w") as lock:
+    (work_root() / "runs").mkdir(parents=True, exist_ok=True)
+    with open(work_root() / "runs" / ".main_job.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield load_entries()
 
@@ -117,21 +117,21 @@ def entries_locked():
 def cmd_ensemble(args) -> None:
     from clue_mtl.predict.blend import build_blend
 
-    members = [ROOT / r for r in args.run] + [ROOT / args.baseline]
-    blend_dir = ROOT / "blends" / f"ensemble-{args.name}"
+    members = [work_root() / r for r in args.run] + [work_root() / args.baseline]
+    blend_dir = work_root() / "blends" / f"ensemble-{args.name}"
     build_blend(members, blend_dir, progress=False)
     entry = blend_entry(blend_dir)
-    entry.update({"runs": args.run, "command": " ".join(["python", "benchmarks/main_job.py", *sys.argv[1:]]),
+    entry.update({"runs": args.run, "command": command_line(),
                   "seconds": None})
     record_entry(f"ensemble-{args.name}", entry, args.compare or [])
 
 
 def cmd_existing(args) -> None:
     """Record a main job that ran elsewhere (e.g. `time make run`), with its measured wall time."""
-    entry = blend_entry(ROOT / args.blend)
+    entry = blend_entry(work_root() / args.blend)
     entry.update({"seconds": args.seconds, "how": args.how, "command": args.how})
     if args.run:
-        entry["samples_per_second"] = training_speed(ROOT / args.run)
+        entry["samples_per_second"] = training_speed(work_root() / args.run)
     record_entry(args.name, entry, args.compare or [])
 
 
@@ -140,7 +140,7 @@ def decisions(entry: dict, member: str | None = None) -> dict[str, tuple[np.ndar
     member's own argmax (`VARIANT@MEMBER` on the command line, e.g. make-run@baseline)."""
     from safetensors.numpy import load_file
 
-    arrays = load_file(str(ROOT / entry["blend_dir"] / "dev.safetensors"))
+    arrays = load_file(str(work_root() / entry["blend_dir"] / "dev.safetensors"))
     key = "cross_fitted/biased" if member is None else f"member/{member}"
     return {t: (arrays[f"{t}/gold"], arrays[f"{t}/{key}"] if member is None else arrays[f"{t}/{key}"].argmax(1))
             for t in TASKS}
@@ -237,16 +237,16 @@ def compare_problem(compare: list[str], adding: str | None) -> str | None:
             if base == adding:
                 continue
             if base not in entries:
-                return f"--compare: no entry {base!r} in {RECORD.relative_to(ROOT)}"
+                return f"--compare: no entry {base!r} in {RECORD.name}"
             if member and member not in entries[base]["members"]:
                 return f"--compare: {base!r} has no member {member!r} (it has {', '.join(entries[base]['members'])})"
-            if not (ROOT / entries[base]["blend_dir"] / "dev.safetensors").exists():
+            if not (work_root() / entries[base]["blend_dir"] / "dev.safetensors").exists():
                 return (f"--compare: {base!r} has no {entries[base]['blend_dir']}/dev.safetensors here "
                         "(blend folders are not committed; compare runs made on this machine)")
     return None
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run")
@@ -270,7 +270,7 @@ def main() -> None:
     existing.add_argument("--compare", nargs="*")
     rep = commands.add_parser("report")
     rep.add_argument("--compare", nargs="*")
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv)
     problem = compare_problem(args.compare or [], recorded_name(args))
     if problem:
         parser.error(problem)

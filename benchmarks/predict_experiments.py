@@ -7,7 +7,7 @@ to a zip is `predict_throughput.py`); each variant twice, alternating, median. A
 building only if the argmax agrees on at least 99.5% of test rows and dev macro-F1 moves less than
 0.2 points (the bar issue 13 sets for int8 and ONNX paths).
 
-    python benchmarks/predict_experiments.py RUN_DIR [--split a] [--repeats 2] [--try-compile]   # alone
+    python -m benchmarks.predict_experiments RUN_DIR [--split a] [--repeats 2] [--try-compile]   # alone
 
 --try-compile adds the bf16 model under torch.compile (inductor, dynamic shapes, weights frozen
 into the graph); its first pass, which compiles, is timed apart from the rows/s.
@@ -21,10 +21,8 @@ import copy
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from benchmarks.common import parse_arguments, write_results
 
 BASE = "kit before: float32 weights, bf16 autocast, 64 rows a batch"
 COMPILED = "bf16 weights, torch.compile with frozen weights, no autocast"
@@ -67,13 +65,13 @@ def logits_of(model, autocast: bool, batch_size: int, math_kernel: bool, datas: 
                 for task, data in datas.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--split", default="a")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--try-compile", action="store_true", help="add the compiled bf16 model")
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv)
 
     import numpy as np
     import torch

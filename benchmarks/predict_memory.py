@@ -12,7 +12,8 @@ on these CPUs). Each case runs `clue-mtl predict --run RUN --test tnews=FILE` in
 its peak RSS is that process's (`getrusage(RUSAGE_CHILDREN)` in a wrapper of its own). Every zip
 is checked for one line per row, with the file's ids in order.
 
-    python benchmarks/predict_memory.py [--rows 4450000] [--short-rows 1000000]
+    python -m benchmarks.predict_memory [--rows 4450000] [--short-rows 1000000]
+    python -m benchmarks.predict_memory --smoke --rows 300 --short-rows 300   # the suite: generated files
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ import time
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_results  # noqa: E402
+from benchmarks.common import ROOT, parse_arguments, smoke_inputs, write_results
 
 SHARED_DATA = ROOT.parent / "shared" / "data" / "tianchi"
 # Runs `argv` and prints its peak RSS in KiB: RUSAGE_CHILDREN of a process with one child.
@@ -58,7 +58,7 @@ def make_run(run_dir: Path, data_dir: Path) -> None:
 
 def write_test_file(path: Path, rows: int, *, short: bool, data_dir: Path) -> int:
     """`rows` TNEWS test rows with ids 0..rows-1: test A's titles over and over, or one character."""
-    titles = [line.split(b"\t")[1] for line in (data_dir / "TNEWS_a.csv").read_bytes().split(b"\r\n") if line]
+    titles = [line.split(b"\t")[1] for line in (data_dir / "TNEWS_a.csv").read_bytes().splitlines() if line]
     with open(path, "wb") as out:
         for start in range(0, rows, 10_000):
             out.write(b"".join(b"%d\t%s\r\n" % (i, "短".encode() if short else titles[i % len(titles)])
@@ -87,19 +87,20 @@ def zip_rows(path: Path) -> int:
     return number + 1
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4_450_000, help="rows of the large file (default: %(default)s)")
     parser.add_argument("--short-rows", type=int, default=1_000_000, help="rows of the short-row file")
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv)
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         run_dir = tmp / "run"
-        make_run(run_dir, SHARED_DATA)
+        data_dir = smoke_inputs()["data"] if args.smoke else SHARED_DATA
+        make_run(run_dir, data_dir)
         for name, rows, short in (("large file", args.rows, False), ("short rows", args.short_rows, True)):
             test_file = tmp / f"{name.replace(' ', '-')}.csv"
-            size = write_test_file(test_file, rows, short=short, data_dir=SHARED_DATA)
+            size = write_test_file(test_file, rows, short=short, data_dir=data_dir)
             measured = predict(run_dir, test_file, tmp / "out.zip")
             if zip_rows(tmp / "out.zip") != rows:
                 raise RuntimeError(f"{name}: the zip does not hold {rows} rows")

@@ -7,21 +7,20 @@ turns: the kit's (the weights cast to bf16 once where prediction runs in bf16) a
 cast by autocast in every forward pass (the kit before issue 13); then the parts of one
 prediction, timed apart.
 
-    python benchmarks/predict_throughput.py [--split a] [--repeats 3]
+    python -m benchmarks.predict_throughput [--split a] [--repeats 3]
+    python -m benchmarks.predict_throughput --smoke --repeats 1   # the suite: tiny encoder, generated files
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, peak_rss_mb, write_results  # noqa: E402
-from clue_mtl.runs.folder import MODEL_META_FILE, RunFolder  # noqa: E402
+from benchmarks.common import ROOT, parse_arguments, peak_rss_mb, smoke_overrides, write_results
+from clue_mtl.runs.folder import MODEL_META_FILE, RunFolder
 
 
 # name -> predict_submission's float32_weights
@@ -35,7 +34,7 @@ def make_run(run_dir: Path) -> None:
     from clue_mtl.model.multitask import build_model
     from clue_mtl.tasks import TASKS
 
-    config = load_config(ROOT / "configs/quickstart.yaml")
+    config = load_config(ROOT / "configs/quickstart.yaml", smoke_overrides())
     encoder_dir = ensure_encoder(ROOT / config.model.encoder)
     encoder, tokenizer = load_encoder(encoder_dir)
     run_dir.mkdir(parents=True)
@@ -73,7 +72,7 @@ def phases(run_dir: Path, split: str) -> dict:
     seconds["(the random draw of the encoder's weights, skipped)"] = time.perf_counter() - started
     run = LoadedRun(run_dir, show_progress=False)
     started = time.perf_counter()
-    tests = {task: encode_frame(run.tokenizer, load_split(ROOT / "data", task, split), task,
+    tests = {task: encode_frame(run.tokenizer, load_split(run.config.data.data_dir, task, split), task,
                                 max_length=run.config.data.max_length) for task in run.tasks}
     seconds["reading and tokenising"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -141,12 +140,12 @@ def int8_lines(check: dict) -> list[str]:
                         "than 0.2 points."]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", default="a", choices=["a", "b"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--int8-check", metavar="RUN", help="a trained run folder to try int8 quantisation on")
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv)
 
     import torch
 
@@ -157,21 +156,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         run_dir = Path(scratch) / "run"
         make_run(run_dir)
-        precision = "bf16" if LoadedRun(run_dir).bf16 else "float32"
+        loaded = LoadedRun(run_dir)
+        precision, data_dir = "bf16" if loaded.bf16 else "float32", Path(loaded.config.data.data_dir)
         seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for repeat in range(args.repeats):
             for name, float32_weights in VARIANTS.items():  # taking turns, so drift hits both
                 out = Path(scratch) / f"sub-{repeat}-{int(float32_weights)}.zip"
                 started = time.perf_counter()
-                predict_submission([run_dir], out, split=args.split, data_dir=ROOT / "data",
+                predict_submission([run_dir], out, split=args.split, data_dir=data_dir,
                                    float32_weights=float32_weights)
                 seconds[name].append(time.perf_counter() - started)
                 rows = sum(len(frame) for frame in read_submission(out).values())
         _, flops = count_flops(lambda: predict_submission([run_dir], Path(scratch) / "counted.zip", split=args.split,
-                                                       data_dir=ROOT / "data"))
+                                                       data_dir=data_dir))
         parts = phases(run_dir, args.split)
     peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32,
-                       size=4096 if precision == "float32" else None, seconds=1.0)
+                       size=256 if args.smoke else 4096 if precision == "float32" else None,
+                       seconds=0.05 if args.smoke else 1.0)
     figures = {"rows": rows, "precision": precision, "peak_rss_mb": peak_rss_mb(), "model_flops": flops,
                "matmul_peak_flops_per_second": peak, "variants": {}, "phases": parts}
     for name, runs in seconds.items():

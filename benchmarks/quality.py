@@ -4,9 +4,10 @@ Each config runs as the main job does (`clue-mtl run`: train, evaluate on the wh
 write both zips), timed from the outside. Results accumulate in benchmarks/results/quality.json,
 one entry per config, so configs can be measured in separate invocations.
 
-    python benchmarks/quality.py --config configs/quickstart.yaml
-    python benchmarks/quality.py --config configs/cpu-long.yaml
-    python benchmarks/quality.py --existing runs/quickstart --seconds 777 --how "time make run"
+    python -m benchmarks.quality --config configs/quickstart.yaml
+    python -m benchmarks.quality --config configs/cpu-long.yaml
+    python -m benchmarks.quality --existing runs/quickstart --seconds 777 --how "time make run"
+    python -m benchmarks.quality --smoke --config configs/quickstart.yaml   # the suite: tiny encoder, 2 steps
 """
 
 from __future__ import annotations
@@ -18,19 +19,25 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, write_results  # noqa: E402
-from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
-from clue_mtl.runs.folder import RunFolder  # noqa: E402
+from benchmarks.common import (RESULTS, ROOT, parse_arguments, smoke_inputs, smoke_job_overrides, work_root,
+                               write_results)
+from clue_mtl.tasks import TASK_NAMES as TASKS
+from clue_mtl.runs.folder import RunFolder
 
 
 def run_config(config: str) -> tuple[Path, float]:
     from clue_mtl.config import load_config
 
-    loaded = load_config(ROOT / config)
+    overrides = smoke_job_overrides()
+    loaded = load_config(ROOT / config, overrides)
+    command = [sys.executable, "-m", "clue_mtl", "run", "--config", config, "--overwrite"]
+    if overrides:   # a smoke run: its blend and zips beside its runs
+        command += ["--blend-dir", str(work_root() / "blends" / loaded.name), "--out-dir", str(work_root() / "submissions")]
+    for override in overrides:
+        command += ["--set", override]
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "clue_mtl", "run", "--config", config, "--overwrite"], cwd=ROOT, check=True)
-    return ROOT / loaded.output_dir / loaded.name, time.perf_counter() - started
+    subprocess.run(command, cwd=ROOT, check=True)
+    return work_root() / loaded.output_dir / loaded.name, time.perf_counter() - started
 
 
 def baseline_entry() -> dict:
@@ -39,7 +46,8 @@ def baseline_entry() -> dict:
     from clue_mtl.predict.baseline import run_baseline
 
     with tempfile.TemporaryDirectory() as out_dir:
-        result = run_baseline(ROOT / "data", out_dir=out_dir, progress=False)
+        inputs = smoke_inputs()
+        result = run_baseline(inputs["data"] if inputs else ROOT / "data", out_dir=out_dir, progress=False)
     return {"macro_f1": {t: result["reports"][t]["macro_f1"] for t in TASKS}, "mean": result["mean"],
             "seconds": result["seconds"], "how": "clue-mtl baseline (run_baseline)"}
 
@@ -49,25 +57,25 @@ def run_entry(run_dir: Path, seconds: float, how: str) -> dict:
     report = json.loads((folder.evaluation_dir / "report.json").read_text())
     config = folder.config_file.read_text()
     return {"macro_f1": {t: report["reports"][t]["macro_f1"] for t in TASKS}, "mean": report["mean_macro_f1"],
-            "seconds": seconds, "how": how, "run_dir": str(run_dir.relative_to(ROOT)), "config": config}
+            "seconds": seconds, "how": how, "run_dir": str(run_dir.relative_to(work_root())), "config": config}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="a config to run with `clue-mtl run`")
     parser.add_argument("--existing", help="record a finished run folder instead")
     parser.add_argument("--seconds", type=float, help="its measured wall time (with --existing)")
     parser.add_argument("--how", default="", help="how that time was measured (with --existing)")
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv)
 
     path = RESULTS / "quality.json"
     entries = json.loads(path.read_text())["figures"] if path.exists() else {}
     entries["baseline"] = baseline_entry()
     if args.config:
         run_dir, seconds = run_config(args.config)
-        entries[run_dir.name] = run_entry(run_dir, seconds, f"python benchmarks/quality.py --config {args.config}")
+        entries[run_dir.name] = run_entry(run_dir, seconds, f"python -m benchmarks.quality --config {args.config}")
     elif args.existing:
-        entries[Path(args.existing).name] = run_entry(ROOT / args.existing, args.seconds, args.how)
+        entries[Path(args.existing).name] = run_entry(work_root() / args.existing, args.seconds, args.how)
 
     lines = ["# Dev macro-F1 (whole dev split: 10% of each training file, seed 42), CPU, 2 cores", "",
              "| run | OCNLI | OCEMOTION | TNEWS | mean | wall time |", "|---|---|---|---|---|---|"]

@@ -7,8 +7,9 @@ Speed: both variants timed in fresh processes, taking turns (the quickstart's se
 baseline); their entries are read from benchmarks/results/main_job.json, with the paired
 bootstrap between them.
 
-    python benchmarks/shallow_encoder.py --full ensemble-q13-after-s1@q13-after-s1 \\
+    python -m benchmarks.shallow_encoder --full ensemble-q13-after-s1@q13-after-s1 \\
         --shallow ensemble-q13-6l-s1@q13-6l-s1 ensemble-q13-6l-s2@q13-6l-s2
+    python -m benchmarks.shallow_encoder --smoke --full ENTRY@MEMBER --shallow ENTRY@MEMBER --steps 2   # the suite
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, alternate_children, time_training_steps, write_results  # noqa: E402
-from clue_mtl.runs.folder import RunFolder  # noqa: E402
+from benchmarks.common import (RESULTS, ROOT, alternate_children, parse_arguments, time_training_steps, work_root,
+                               write_results)
+from clue_mtl.runs.folder import RunFolder
 
 BASE = [f"data.data_dir={ROOT / 'data'}", f"model.encoder={ROOT / 'artifacts/e5-small'}", "data.max_train_rows=4000",
         "train.eval_every=1000000", "model.attention_dropout=0.0"]
@@ -49,11 +48,11 @@ def member_row(record: dict, name: str) -> tuple:
 
     entry, _, member = name.partition("@")
     f1 = record[entry]["members"][member]
-    config = load_config(RunFolder(ROOT / record[entry]["runs"][0]).config_file)
+    config = load_config(RunFolder(work_root() / record[entry]["runs"][0]).config_file)
     return member, f1, config.train.steps, config.train.seed, record[entry]["biased_cross_fitted"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", nargs="+", required=True, help="main_job.json ENTRY@MEMBER of 12-layer runs")
     parser.add_argument("--shallow", nargs="+", required=True, help="main_job.json ENTRY@MEMBER of 6-layer runs")
@@ -61,15 +60,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv)
     if args.variant:
         print(json.dumps(measure(args.variant, args.steps, args.warmup)))
         return
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from main_job import paired_bootstrap, variant
+    from benchmarks.main_job import paired_bootstrap, variant
 
-    runs = alternate_children(__file__, "--variant", VARIANTS,
+    runs = alternate_children("benchmarks.shallow_encoder", "--variant", VARIANTS,
                               ["--full", "x", "--shallow", "x", "--steps", str(args.steps), "--warmup", str(args.warmup)],
                               args.repeats, lambda result: f"{result['samples_per_second']:.1f} samples/s")
     speed = {name: {"samples_per_second": statistics.median(r["samples_per_second"] for r in results),

@@ -8,7 +8,8 @@ timed apart from the steps that count. Inductor keeps compiled kernels on disk b
 (its pickled graph caches are off: common.py): point TORCHINDUCTOR_CACHE_DIR at an empty folder to
 time a first compilation.
 
-    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/static_compile.py [--steps 30] [--warmup 15] [--repeats 1]
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m benchmarks.static_compile [--steps 30] [--warmup 15] [--repeats 1]
+    python -m benchmarks.static_compile --smoke --steps 2 --warmup 0   # the suite: the padding only, nothing compiled
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ import json
 import os
 import statistics
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import time_training_steps, time_variants, timing_arguments, write_results  # noqa: E402
-from train_throughput import AFTER  # noqa: E402
+from benchmarks.common import parse_arguments, time_training_steps, time_variants, timing_arguments, write_results
+from benchmarks.train_throughput import AFTER
 
 KIT = "kit after"
 VARIANTS = {  # name: (pad widths to a multiple of, compile)
@@ -48,14 +47,15 @@ def measure(name: str, steps: int, warmup: int) -> dict:
         return {"variant": name, **time_training_steps(AFTER, steps, warmup, prepare=prepare)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     timing_arguments(parser, steps=30, warmup=15, repeats=1)
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv)
     if args.variant:
         print(json.dumps(measure(args.variant, args.steps, args.warmup)))
         return
-    runs = time_variants(__file__, VARIANTS, args)
+    variants = [name for name, (_, compiled) in VARIANTS.items() if not (args.smoke and compiled)]
+    runs = time_variants("benchmarks.static_compile", variants, args)  # a smoke run compiles nothing
     figures = {name: {"samples_per_second": statistics.median(r["samples_per_second"] for r in results),
                       "samples_per_second_runs": [r["samples_per_second"] for r in results],
                       "warmup_seconds": [r["warmup_seconds"] for r in results],

@@ -2,9 +2,11 @@
 (train_throughput.py's math-kernel settings, the kit after until the joint pass was built): each
 variant patches a fresh Trainer, then is timed in its own process, variants taking turns over
 repeats. A variant that pays here is a lever to build (benchmarks/README.md, "Speed against this machine's own
-peak"), not a setting; the joint pass it measured (`single_pass`) is now `train.encoder_pass`.
+peak"), not a setting. The joint pass it first measured as a patch is now built
+(`train.encoder_pass=joint`), and its variant is that setting.
 
-    python benchmarks/step_experiments.py            # about 20 minutes on 2 cores, alone
+    python -m benchmarks.step_experiments            # about 20 minutes on 2 cores, alone
+    python -m benchmarks.step_experiments --smoke --steps 2 --warmup 0 --repeats 1   # the suite's, without compiling
 
 Variants: attention dropout 0 on torch's kernel (profiled too: why the kit pins the math kernel);
 attention dropout 0.1 under either attention kernel; one autocast region around the
@@ -23,11 +25,10 @@ import contextlib
 import json
 import statistics
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_child, time_training_steps, time_variants, timing_arguments, write_results  # noqa: E402
-from train_throughput import BASE, FUSED, MATH_KERNEL, NO_ATTENTION_DROPOUT, profile  # noqa: E402
+from benchmarks.common import (parse_arguments, run_child, time_training_steps, time_variants, timing_arguments,
+                               write_results)
+from benchmarks.train_throughput import BASE, FUSED, MATH_KERNEL, NO_ATTENTION_DROPOUT, profile
 
 KIT_AFTER = "kit after (no attention dropout, math kernel)"
 FLOAT32_MATH = [*MATH_KERNEL, "train.mixed_precision=no", "train.attention_kernel=math"]  # auto would leave float32 to torch
@@ -37,7 +38,7 @@ VARIANTS = {  # name: (overrides on BASE, patch)
     "attention dropout 0.1, torch's kernel": (FUSED, None),
     "attention dropout 0.1, math kernel": ([*FUSED, "train.attention_kernel=math"], None),
     "one autocast region around the three task passes": (MATH_KERNEL, "outer_autocast"),
-    "one encoder pass over all tasks' rows": (MATH_KERNEL, "single_pass"),
+    "one encoder pass over all tasks' rows": ([*MATH_KERNEL, "train.encoder_pass=joint"], None),
     "torch.compile of the encoder (dynamic shapes)": (MATH_KERNEL, "compile"),
     "float32, torch's kernel": ([*NO_ATTENTION_DROPOUT, "train.mixed_precision=no"], None),
     "float32, math kernel": (FLOAT32_MATH, None),
@@ -52,36 +53,6 @@ def outer_autocast(trainer) -> None:
         with trainer.accelerator.autocast():
             return step()
     trainer.train_step = train_step
-
-
-def single_pass(trainer) -> None:
-    """All tasks' rows padded to one width and encoded together; each head takes its slice (no
-    token_type_ids: e5-small has none)."""
-    import torch
-    import torch.nn.functional as F
-
-    pad_id = trainer.tokenizer.pad_token_id
-
-    def forward_losses(batches):
-        with trainer.accelerator.autocast():  # calling the encoder directly skips the model's own autocast
-            return padded_together(trainer.model, batches)
-
-    def padded_together(model, batches):
-        width = max(b["input_ids"].shape[1] for b in batches.values())
-        ids = torch.cat([F.pad(b["input_ids"], (0, width - b["input_ids"].shape[1]), value=pad_id)
-                         for b in batches.values()])
-        mask = torch.cat([F.pad(b["attention_mask"], (0, width - b["attention_mask"].shape[1]))
-                          for b in batches.values()])
-        states = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        losses, features, accuracies, start = {}, {}, {}, 0
-        for task, batch in batches.items():
-            rows = slice(start, start + batch["input_ids"].shape[0])
-            start = rows.stop
-            logits, features[task] = model.heads[task]([states[rows]], mask[rows], None)
-            losses[task] = trainer._task_loss(task, logits, batch)
-            accuracies[task] = (logits.detach().argmax(-1) == batch["labels"]).float().mean()
-        return losses, features, accuracies
-    trainer._forward_losses = forward_losses
 
 
 def compile_encoder(trainer) -> None:
@@ -110,7 +81,7 @@ def bf16_weights(trainer) -> None:
     trainer.train_step = train_step
 
 
-PATCHES = {"outer_autocast": outer_autocast, "single_pass": single_pass, "compile": compile_encoder,
+PATCHES = {"outer_autocast": outer_autocast, "compile": compile_encoder,
            "bf16_weights": bf16_weights}
 
 
@@ -122,11 +93,11 @@ def measure(name: str, steps: int, warmup: int) -> dict:
     return {"variant": name, **result}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     timing_arguments(parser, steps=30)
     parser.add_argument("--profile-flash", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv)
     if args.variant:
         print(json.dumps(measure(args.variant, args.steps, args.warmup)))
         return
@@ -135,12 +106,13 @@ def main() -> None:
             profiled = profile(5, args.warmup, NO_ATTENTION_DROPOUT)
         print(json.dumps(profiled))
         return
-    runs = time_variants(__file__, VARIANTS, args)
+    variants = [name for name, (_, patch) in VARIANTS.items() if not (args.smoke and patch == "compile")]
+    runs = time_variants("benchmarks.step_experiments", variants, args)  # a smoke run compiles nothing
     figures = {name: {"samples_per_second": statistics.median(r["samples_per_second"] for r in results),
                       "samples_per_second_runs": [r["samples_per_second"] for r in results],
                       "padded_tokens_per_step": results[0]["padded_tokens_per_step"]}
                for name, results in runs.items()}
-    flash = run_child([__file__, "--profile-flash", "--warmup", str(args.warmup)])
+    flash = run_child(["-m", "benchmarks.step_experiments", "--profile-flash", "--warmup", str(args.warmup)])
     reference = figures[KIT_AFTER]["samples_per_second"]
     lines = ["# Training-step changes tried against the kit after (e5-small, 24 rows per step, max length 128, CPU)",
              "", "| variant | samples/s (median) | each run | x kit after |", "|---|---|---|---|"]

@@ -4,10 +4,11 @@ self-attention head per task.
 
 Three stages, each resumable (finished runs are reused):
 
-    python benchmarks/structures.py speed              # alone: each variant's training speed, 2 threads
-    python benchmarks/structures.py train --lane 0/2   # two single-thread lanes side by side ...
-    python benchmarks/structures.py train --lane 1/2   # ... each training its share of (variant, seed)
-    python benchmarks/structures.py report             # dev scores, paired bootstrap, figure
+    python -m benchmarks.structures speed              # alone: each variant's training speed, 2 threads
+    python -m benchmarks.structures train --lane 0/2   # two single-thread lanes side by side ...
+    python -m benchmarks.structures train --lane 1/2   # ... each training its share of (variant, seed)
+    python -m benchmarks.structures report             # dev scores, paired bootstrap, figure
+    python -m benchmarks.structures --smoke speed --steps 2 --warmup 0   # the suite: the speed stage, tiny encoder
 
 Equal wall time: the default trains the quickstart's 450 steps; every other variant trains the
 steps its measured speed buys in the default's time (`speed`, timed alone in fresh processes,
@@ -21,16 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, ROOT, alternate_children, equal_time_steps, time_training_steps,  # noqa: E402
-                    train_and_predict, write_results)
-from clue_mtl.predict.metrics import macro_f1, paired_bootstrap  # noqa: E402
-from clue_mtl.tasks import TASK_NAMES as TASKS  # noqa: E402
+from benchmarks.common import (RESULTS, ROOT, alternate_children, command_line, equal_time_steps, parse_arguments,
+                               smoke_inputs, time_training_steps, train_and_predict, write_results)
+from clue_mtl.predict.metrics import macro_f1, paired_bootstrap
+from clue_mtl.tasks import TASK_NAMES as TASKS
 
 CONFIG = "configs/quickstart.yaml"
 RUNS = ROOT / "runs" / "structures"
@@ -73,7 +72,9 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
     from clue_mtl.model.multitask import build_model  # parameter counts of the structure on the real encoder
     from clue_mtl.model.encoders import load_encoder
 
-    config = load_config(overrides=[f"model.encoder={ROOT / quickstart.model.encoder}", *VARIANTS[variant]])
+    inputs = smoke_inputs()
+    encoder = inputs["encoder"] if inputs else ROOT / quickstart.model.encoder
+    config = load_config(overrides=[f"model.encoder={encoder}", *VARIANTS[variant]])
     encoder, tokenizer = load_encoder(config.model.encoder)
     model = build_model(encoder, list(TASKS), config.model, sep_token_id=tokenizer.sep_token_id)
     result["parameters"] = sum(p.numel() for p in model.parameters())
@@ -82,14 +83,14 @@ def measure(variant: str, steps: int, warmup: int) -> dict:
 
 
 def cmd_speed(args) -> None:
-    runs = alternate_children(__file__, "--variant", VARIANTS, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
+    runs = alternate_children("benchmarks.structures", "--variant", VARIANTS, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
                               args.repeats, lambda r: f"{r['samples_per_second']:.2f} samples/s")
     speed = {name: {"samples_per_second": statistics.median(r["samples_per_second"] for r in results),
                     "samples_per_second_runs": [r["samples_per_second"] for r in results],
                     "parameters": results[0]["parameters"], "task_parameters": results[0]["task_parameters"],
                     "threads": results[0]["torch_threads"], "precision": results[0]["precision"]}
              for name, results in runs.items()}
-    SPEED_FILE.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "figures": speed}, indent=2) + "\n")
+    SPEED_FILE.write_text(json.dumps({"command": command_line(), "figures": speed}, indent=2) + "\n")
     cmd_steps(args)
 
 
@@ -203,7 +204,7 @@ def summarise(figures: dict) -> str:
     lines += ["", "`*`: the interval excludes 0 (a difference); otherwise no difference at this budget.",
               f"samples/s: training, timed alone, {speed['default']['threads']} threads, "
               f"{speed['default']['precision']} (`{figures['speed_command']}`). Runs trained in two single-thread "
-              "lanes (`python benchmarks/structures.py train --lane i/2`); their wall times are not timings.",
+              "lanes (`python -m benchmarks.structures train --lane i/2`); their wall times are not timings.",
               "Parameters include the 250k-row word embedding (frozen in these runs)."]
     return "\n".join(lines)
 
@@ -232,7 +233,7 @@ def plot(figures: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", nargs="?", choices=["speed", "steps", "train", "report"])
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -241,7 +242,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--lane", default="0/1", help="i/n: train every n-th job from the i-th")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv)
     if args.variant:
         print(json.dumps(measure(args.variant, args.steps, args.warmup)))
         return

@@ -12,9 +12,9 @@ is the kit as it was (dynamic padding, length grouping, `auto` precision, fixed 
 AdamW's per-tensor loop, attention dropout 0.1, one encoder pass per task); then one change at
 a time, the last one encoder pass over every task's rows (`train.encoder_pass`).
 
-    python benchmarks/train_throughput.py                        # about 10 minutes on 2 cores
-    python benchmarks/train_throughput.py --try-compile          # also torch.compile (minutes to compile)
-    python benchmarks/train_throughput.py --render --quality A B # add main_job.json's equal-steps dev check
+    python -m benchmarks.train_throughput                        # about 10 minutes on 2 cores
+    python -m benchmarks.train_throughput --try-compile          # also torch.compile (minutes to compile)
+    python -m benchmarks.train_throughput --render --quality A B # add main_job.json's equal-steps dev check
                                                                  # (A, B: ENTRY@MEMBER, seeds joined by +)
 """
 
@@ -23,14 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, ROOT, run_child, time_training_steps, time_variants, timing_arguments,  # noqa: E402
-                    write_results, write_whole)
-from clue_mtl.runs.folder import RunFolder  # noqa: E402
+from benchmarks.common import (RESULTS, ROOT, parse_arguments, run_child, smoke_overrides, time_training_steps,
+                               time_variants, timing_arguments, write_results, write_whole)
+from clue_mtl.runs.folder import RunFolder
 
 BASE = [
     f"data.data_dir={ROOT / 'data'}", f"model.encoder={ROOT / 'artifacts/e5-small'}", "data.max_length=128", "train.batch_size=24",
@@ -75,20 +72,24 @@ CATEGORIES = {
 }
 
 
-def peaks(tokens_per_pass: int, tokens_per_step: int) -> dict:
-    """Matmul FLOP/s of this machine: large square, and the model's shapes (rows x 384 x 1536...)."""
+def peaks(tokens_per_pass: int, tokens_per_step: int, seconds: float = 1.0, square: int | None = None) -> dict:
+    """Matmul FLOP/s of this machine: large square, and the model's shapes (rows x 384 x 1536...),
+    each timed for about `seconds` (the shapes half that); `square` sets the square's size (a
+    smoke run's small one)."""
     import torch
 
     from clue_mtl.hardware import matmul_flops_per_second, matmul_peak
 
     figures = {}
     for name, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16)):
-        figures[name] = {"square": matmul_peak(dtype, size=4096 if name == "float32" else None, seconds=1.0)}
+        figures[name] = {"square": matmul_peak(dtype, size=square or (4096 if name == "float32" else None),
+                                                seconds=seconds)}
         if figures[name]["square"] < 10e9:  # emulated: the model's shapes would take minutes
             continue
         for tokens in (tokens_per_pass, tokens_per_step):
             for k, n in ((HIDDEN, INTERMEDIATE), (INTERMEDIATE, HIDDEN), (HIDDEN, HIDDEN)):
-                figures[name][f"{tokens}x{k}x{n}"] = matmul_flops_per_second(tokens, k, n, dtype=dtype, seconds=0.5)
+                figures[name][f"{tokens}x{k}x{n}"] = matmul_flops_per_second(tokens, k, n, dtype=dtype,
+                                                                               seconds=seconds / 2)
     return figures
 
 
@@ -118,7 +119,7 @@ def profile(steps: int, warmup: int, overrides: list[str] | None = None) -> dict
     from clue_mtl.recipes.multitask import Trainer
 
     variant = AFTER if overrides is None else overrides
-    config = load_config(overrides=[*BASE, *variant, f"train.steps={warmup + steps + 1}"])
+    config = load_config(overrides=[*BASE, *variant, *smoke_overrides(), f"train.steps={warmup + steps + 1}"])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, run_dir, show_progress=False)
         for _ in range(warmup):
@@ -189,7 +190,7 @@ def speed_table(figures: dict, names: list[str], peak_of: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     timing_arguments(parser, steps=20)
     parser.add_argument("--try-compile", action="store_true", help="also time torch.compile of the encoder (once)")
@@ -198,7 +199,7 @@ def main() -> None:
     parser.add_argument("--render", action="store_true",
                         help="rewrite the .md from the measured .json (e.g. with --quality), measuring nothing")
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv)
     if args.variant:
         print(json.dumps(measure(args.variant, args.steps, args.warmup)))
         return
@@ -212,8 +213,9 @@ def main() -> None:
 
     from clue_mtl.model.encoders import ensure_encoder
 
-    ensure_encoder(ROOT / "artifacts/e5-small")
-    runs = time_variants(__file__, VARIANTS, args)
+    if not args.smoke:
+        ensure_encoder(ROOT / "artifacts/e5-small")
+    runs = time_variants("benchmarks.train_throughput", VARIANTS, args)
     figures = {"variants": {}}
     for name, results in runs.items():
         figures["variants"][name] = {
@@ -225,14 +227,14 @@ def main() -> None:
         }
     names = list(VARIANTS)
     if args.try_compile:
-        compiled = run_child([__file__, "--variant", COMPILED, "--steps", str(args.steps), "--warmup", str(args.warmup)])
+        compiled = run_child(["-m", "benchmarks.train_throughput", "--variant", COMPILED, "--steps", str(args.steps), "--warmup", str(args.warmup)])
         figures["variants"][COMPILED] = compiled
         names.append(COMPILED)
         print(f"{COMPILED}: {compiled['samples_per_second']:.1f} samples/s", flush=True)
-    figures["profile"] = run_child([__file__, "--profile", "--steps", "5", "--warmup", str(args.warmup)])
+    figures["profile"] = run_child(["-m", "benchmarks.train_throughput", "--profile", "--steps", "5", "--warmup", str(args.warmup)])
     variants = figures["variants"]
     tokens_per_step = round(variants[AFTER_NAME]["padded_tokens_per_step"])
-    figures["peak"] = peaks(tokens_per_step // 3, tokens_per_step)
+    figures["peak"] = peaks(tokens_per_step // 3, tokens_per_step, *((0.05, 256) if args.smoke else ()))
     peak_of = {"no": figures["peak"]["float32"]["square"], "bf16": figures["peak"]["bf16"]["square"]}
     figures["speedup_after_over_before"] = (variants[AFTER_NAME]["samples_per_second"]
                                             / variants[BEFORE_NAME]["samples_per_second"])

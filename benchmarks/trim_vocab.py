@@ -4,53 +4,71 @@
 uses. Each variant trains in a fresh process (peak memory is per process) with the quickstart's
 step (24 rows, max length 96, bf16); variants alternate over repeats so all see the same load.
 
-    python benchmarks/trim_vocab.py [--steps 20] [--repeats 2]
+    python -m benchmarks.trim_vocab [--steps 20] [--repeats 2]
+    python -m benchmarks.trim_vocab --smoke --steps 2 --warmup 0 --repeats 1   # the suite: a tiny XLM-R
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, TRIMMED_ENCODER, ensure_trimmed_encoder, time_training_steps, time_variants,  # noqa: E402
-                    timing_arguments, write_results)
+from benchmarks.common import (ROOT, ensure_trimmed_encoder, parse_arguments, smoke_inputs, time_training_steps,
+                               time_variants, timing_arguments, write_results)
+from clue_mtl.model.encoders import ensure_encoder
 
-FULL, TRIMMED = ROOT / "artifacts/e5-small", TRIMMED_ENCODER
 VARIANTS = {
-    "full vocabulary, embeddings trained": (FULL, False),
-    "full vocabulary, embeddings fixed (quickstart)": (FULL, True),
-    "trimmed vocabulary, embeddings trained": (TRIMMED, False),
+    "full vocabulary, embeddings trained": ("full", False),
+    "full vocabulary, embeddings fixed (quickstart)": ("full", True),
+    "trimmed vocabulary, embeddings trained": ("trimmed", False),
 }
+
+
+def encoders() -> dict[str, Path]:
+    """The full and the trimmed encoder: e5-small's (the trimmed one built once), or in a smoke run
+    a tiny XLM-R with e5's tokenizer and its trim to the generated text."""
+    inputs = smoke_inputs()
+    if inputs is None:
+        return {"full": Path(ensure_encoder(ROOT / "artifacts/e5-small")), "trimmed": ensure_trimmed_encoder()}
+    from clue_mtl.model.vocab import corpus_texts, trim_vocabulary
+    from clue_mtl.testing import build_tiny_encoder
+
+    full, trimmed = inputs["encoder"].parent / "xlmr", inputs["encoder"].parent / "xlmr-trimmed"
+    if not (full / "config.json").exists():
+        build_tiny_encoder(full, kind="xlmr")
+    if not (trimmed / "config.json").exists():
+        trim_vocabulary(full, trimmed, corpus_texts(inputs["data"]))
+    return {"full": full, "trimmed": trimmed}
 
 
 def measure(variant: str, steps: int, warmup: int) -> dict:
     from clue_mtl.model.encoders import load_encoder
 
-    encoder_dir, frozen = VARIANTS[variant]
+    which, frozen = VARIANTS[variant]
+    encoder_dir = encoders()[which]
     overrides = [f"data.data_dir={ROOT / 'data'}", f"model.encoder={encoder_dir}", "data.max_train_rows=3000",
                  "data.max_dev_rows=100", "train.eval_every=1000000", "train.batch_size=24", "data.max_length=96",
                  "train.mixed_precision=bf16", f"model.freeze_word_embeddings={str(frozen).lower()}"]
     encoder, tokenizer = load_encoder(str(encoder_dir))
     parameters = sum(p.numel() for p in encoder.parameters())
     del encoder
-    return {"parameters": parameters, "vocabulary": len(tokenizer), **time_training_steps(overrides, steps, warmup)}
+    return {"parameters": parameters, "vocabulary": len(tokenizer),
+            **time_training_steps(overrides, steps, warmup, smoke_encoder=False)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     timing_arguments(parser, steps=20)
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv)
     if args.variant:
         import json
 
         print(json.dumps(measure(args.variant, args.steps, args.warmup)))
         return
 
-    ensure_trimmed_encoder()
-    runs = time_variants(__file__, VARIANTS, args)
+    encoders()
+    runs = time_variants("benchmarks.trim_vocab", VARIANTS, args)
     figures = {}
     for variant, results in runs.items():
         figures[variant] = {

@@ -3,18 +3,15 @@
 Same encoder (e5-small as in configs/quickstart.yaml), same seed, so the same batches; each method
 runs in a fresh process, methods alternate over repeats so all see the same machine load.
 
-    python benchmarks/weighting_overhead.py [--steps 15] [--repeats 2]
+    python -m benchmarks.weighting_overhead [--steps 15] [--repeats 2] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, alternate_children, time_training_steps, write_results  # noqa: E402
+from benchmarks.common import ROOT, alternate_children, parse_arguments, time_training_steps, write_results
 
 METHODS = ["equal", "uncertainty", "dwa", "dtp", "gradnorm", "pcgrad", "mgda", "famo"]
 GOALS = {"uncertainty": 0.05, "dwa": 0.05, "dtp": 0.05, "gradnorm": 0.30}
@@ -27,13 +24,13 @@ def overrides(method: str) -> list[str]:
             "model.freeze_word_embeddings=true", f"weighting.method={method}"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--method", help=argparse.SUPPRESS)  # child mode
-    args = parser.parse_args()
+    args = parse_arguments(parser, argv)
     if args.method:
         import json
 
@@ -42,8 +39,9 @@ def main() -> None:
 
     from clue_mtl.model.encoders import ensure_encoder
 
-    ensure_encoder(ROOT / "artifacts/e5-small")
-    children = alternate_children(__file__, "--method", METHODS, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
+    if not args.smoke:
+        ensure_encoder(ROOT / "artifacts/e5-small")
+    children = alternate_children("benchmarks.weighting_overhead", "--method", METHODS, ["--steps", str(args.steps), "--warmup", str(args.warmup)],
                                   args.repeats, lambda result: f"{result['step_seconds']:.3f} s/step")
     runs = {m: [result["step_seconds"] for result in results] for m, results in children.items()}
     step = {m: statistics.median(v) for m, v in runs.items()}

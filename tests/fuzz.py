@@ -29,11 +29,10 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from clue_mtl.cli import main
+from clue_mtl.tasks import TASKS
 
-from clue_mtl.cli import main  # noqa: E402
-from clue_mtl.tasks import TASKS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHARED_DATA = ROOT.parent / "shared" / "data" / "tianchi"
 

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import cpu_budget
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "cpu_budget.py"
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import cpu_budget  # noqa: E402
 
 
 def run_script(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *arguments], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "benchmarks.cpu_budget", *arguments], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
 
 

@@ -15,11 +15,10 @@ from safetensors import safe_open
 from clue_mtl.model.encoders import load_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
 def run_script(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *arguments], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", *arguments], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
 
 

@@ -90,7 +90,7 @@ def _comparison_record(methods: list[str]) -> dict:
                                     "loss": {t: [1.0, 0.9, 0.8] for t in ("ocnli", "tnews")}}}
             for seed in (1, 2)
         }
-    return {"command": "python benchmarks/dev_comparison.py weighting", "machine": {"cpu": "test"}, "figures": figures}
+    return {"command": "python -m benchmarks.dev_comparison weighting", "machine": {"cpu": "test"}, "figures": figures}
 
 
 def test_weighting_notebook_is_committed_without_outputs():
