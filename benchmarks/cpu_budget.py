@@ -20,7 +20,7 @@ A curve's constant learning rate never decays, so its points understate what a r
 gives. `confirm` trains a variant at one budget with the recipe's own schedule (`train.max_minutes`
 fixes the steps, the quickstart's linear decay ends on the last one) and reads one point the same
 way, to `VARIANT-ownMINUTES-sSEED.json`; the report compares it with `default` at the same budget
-and schedule.
+and schedule. A confirmation saves no checkpoint before its end: a killed one starts again.
 
 Lanes: two curves side by side with `--threads 1` each (and OMP_NUM_THREADS=1) do about 1.5x the
 work of one two-thread process. Their minutes are lane minutes: compare curves from the same kind
@@ -176,6 +176,9 @@ def cmd_curve(args) -> int:
 
 def cmd_confirm(args) -> int:
     """One variant at `--minutes` with its own schedule: trained to the end, then read as a point."""
+    if len(args.minutes) != 1:
+        raise SystemExit(f"error: confirm trains at one budget; --minutes {','.join(f'{m:g}' for m in args.minutes)} names "
+                         f"{len(args.minutes)}")
     if args.smoke:
         smoke_inputs(args)
     minutes = args.minutes[0]

@@ -122,6 +122,13 @@ def recover_folder(folder: str | Path, *, locked_by: str | Path | None = None) -
         pass  # a writer's own rename, or another reader's, came first: `folder` is there now
 
 
+def swap_pending(folder: str | Path) -> bool:
+    """True while `folder` is missing and its old self waits at `.NAME.previous`: a live
+    `replace_folder` between its two renames, or one a kill stopped there."""
+    folder = Path(os.path.realpath(folder))
+    return not os.path.lexists(folder) and _previous(folder).is_dir()
+
+
 def remove_swap_leftovers(folder: str | Path) -> None:
     """Remove what a killed `replace_folder` of `folder` left beside it: its staging folder, and
     the old folder set aside (recover it first to keep it)."""

@@ -14,8 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_benchmark(results: Path, name: str, *arguments: str) -> dict:
-    """`python -m benchmarks.NAME --smoke ARGUMENTS` with its results in `results`; the record's figures."""
+def run_benchmark(results: Path, name: str, *arguments: str) -> subprocess.CompletedProcess:
+    """`python -m benchmarks.NAME --smoke ARGUMENTS` with its results in `results`; the finished process."""
     environment = {**os.environ, "BENCHMARK_RESULTS": str(results), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--smoke", *arguments], cwd=ROOT,
                             env=environment, capture_output=True, text=True, timeout=600)

@@ -305,6 +305,11 @@ def test_a_run_holds_its_folder_from_claim_to_end_and_lets_go_after(small_config
         Trainer(small_config(), run, overwrite=True, show_progress=False).train()
     assert not (run / ".lock").exists() and locks_elsewhere(run)
 
+    monkeypatch.setattr(Trainer, "_setup_model", fail)   # a setup that fails after the claim
+    with pytest.raises(RuntimeError):
+        Trainer(small_config(), run, overwrite=True, show_progress=False)
+    assert not (run / ".lock").exists() and locks_elsewhere(run)
+
 
 def test_a_kill_while_best_is_saved_again_keeps_the_previous_best(small_config, tmp_path, monkeypatch):
     """`best/` is written beside and swapped in whole: a kill in the middle of writing the new
@@ -408,12 +413,13 @@ def test_a_kill_anywhere_in_a_save_of_best_leaves_a_whole_best(kill, tiny_bert, 
     assert all(torch.equal(v, new[k]) for k, v in load_file(folder.best_model_file).items())
 
 
-def test_a_reader_leaves_best_alone_while_another_command_holds_the_run(tmp_path):
+def test_a_reader_leaves_best_alone_while_another_command_holds_the_run(tmp_path, monkeypatch):
     """Between the two renames of a live save `best/` is missing: a reader must not put the old
     one back under the writer, which holds the run folder's lock (not a lock inside `best/`)."""
     import subprocess
     import sys
 
+    monkeypatch.setattr(RunFolder, "SWAP_WAIT_SECONDS", 0.2)
     folder = RunFolder(tmp_path / "run")
     previous = folder.path / ".best.previous"
     previous.mkdir(parents=True)
@@ -430,6 +436,32 @@ def test_a_reader_leaves_best_alone_while_another_command_holds_the_run(tmp_path
         holder.wait(timeout=30)
         holder.stdout.close()
     assert folder.has_model() and not previous.exists()  # the writer is gone: the old best/ comes back
+
+
+def test_a_reader_waits_for_a_live_save_to_swap_best_in(tmp_path):
+    """A reader that comes between the two renames of a live save waits for the second: it sees
+    the new model, not "no trained model"."""
+    import subprocess
+    import sys
+
+    folder = RunFolder(tmp_path / "run")
+    previous, staged = folder.path / ".best.previous", folder.path / ".best.partial"
+    for path, weights in ((previous, b"old"), (staged, b"new")):
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(weights)
+    finish = ("import os, sys, time; from clue_mtl.atomic import FolderLock; lock = FolderLock(sys.argv[1]).acquire(); "
+              "print('held', flush=True); time.sleep(0.5); "
+              "os.rename(os.path.join(sys.argv[1], '.best.partial'), os.path.join(sys.argv[1], 'best')); sys.stdin.read()")
+    writer = subprocess.Popen([sys.executable, "-c", finish, str(folder.path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "held"
+        assert folder.has_model()
+        assert folder.best_model_file.read_bytes() == b"new" and previous.is_dir()   # the writer removes it
+    finally:
+        writer.stdin.close()
+        writer.wait(timeout=30)
+        writer.stdout.close()
 
 
 def test_under_two_processes_a_refused_lock_stops_both_ranks(tiny_config, tmp_path):

@@ -1,5 +1,5 @@
-"""Masked-LM pieces that both recipes use: pre-training (`pretrain.py`) and masked LM as an
-auxiliary fourth task of multi-task training (`train.py`, `auxiliary_mlm:` in a run config).
+"""Masked-LM pieces that both recipes use: pre-training (`recipes/pretrain.py`) and masked LM as an
+auxiliary fourth task of multi-task training (`recipes/multitask.py`, `auxiliary_mlm:` in a run config).
 
 - `encode_texts`: corpus texts (or OCNLI pairs) to token ids and jieba word units, file-cached;
 - `MaskedBatches`: the masked batch of every step, a pure function of (seed, step, process);

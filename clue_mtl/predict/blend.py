@@ -452,7 +452,7 @@ def predict_blend_submission(blend_dir: str | Path, out: str | Path, *, split: s
     """Predict every task's test file with a fitted blend and write the submission zip: every file
     checked before the first model pass, then predicted in chunks (`write_streamed_submission`).
 
-    checked: test files the caller has checked already (`data.checked_test_files`, as the main job
+    checked: test files the caller has checked already (`data.folder.checked_test_files`, as the main job
     does before its training), read as they are; the blend's other tasks' files are checked here.
     """
     from clue_mtl.data.folder import checked_test_files

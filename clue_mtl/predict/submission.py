@@ -134,7 +134,7 @@ def write_streamed_submission(test_files: Mapping[str, CheckedFile],
                               rows_per_chunk: int = CHUNK_ROWS, progress: bool = True) -> Path:
     """Predict test files chunk by chunk into a submission zip, in memory bounded by the chunk.
 
-    test_files: task -> a checked test file (`data.checked_test_files`: every structural fault
+    test_files: task -> a checked test file (`data.folder.checked_test_files`: every structural fault
     already refused, so the zip gets one line per row, in file order). decide(task, frame): the
     labels of a chunk's rows. The zip is written beside `path` and moved into place whole, as
     `write_submission` does.

@@ -12,7 +12,7 @@ larger matrix products) unless per-task passes are needed (private layers, per-t
 at the price of padding every row to the step's widest; the batch stream is indexed by step, so
 resuming needs no data-loader state.
 
-The run folder's layout is `run_folder.py`'s.
+The run folder's layout is `runs/folder.py`'s.
 """
 
 from __future__ import annotations
@@ -62,16 +62,13 @@ from clue_mtl.model.multitask import MultiTaskModel, build_model
 from clue_mtl.model.vocab import corpus_pairs, corpus_texts
 from clue_mtl.predict.inference import predict_logits
 from clue_mtl.predict.metrics import leaderboard_score, task_report
-from clue_mtl.runs.folder import RunFolder
 from clue_mtl.tasks import MLM_TASK, get_task
-from clue_mtl.training.accelerator import fresh_accelerator
 from clue_mtl.training.adversarial import FGM
 from clue_mtl.training.distill import read_soft_labels
 from clue_mtl.training.ema import ExponentialMovingAverage
 from clue_mtl.training.loop import RunParts
 from clue_mtl.training.losses import class_weights, task_loss
 from clue_mtl.training.optim import BY_RATE, PAIRS, adamw, multitask_rates, parameter_groups
-from clue_mtl.training.tracking import accelerator_kwargs
 from clue_mtl.weighting import StepContext, build_weighting
 
 CACHE_DIR = Path("artifacts/cache")
@@ -100,27 +97,20 @@ class Trainer(RunParts):
     def __init__(self, config: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False,
                  overwrite: bool = False, accelerator: Accelerator | None = None, show_progress: bool = True):
         validate(config)  # a config built in code gets the checks a loaded one had
-        self.config = config
-        self.folder = RunFolder(run_dir or Path(config.output_dir) / config.name)
-        self.resume = resume
-        self.show_progress = show_progress
         train = config.train
-        if train.num_threads > 0:
-            torch.set_num_threads(train.num_threads)
-        self.accelerator = accelerator or fresh_accelerator(
-            mixed_precision=train.mixed_precision, gradient_accumulation_steps=train.grad_accumulation,
-            step_scheduler_with_optimizer=False, **accelerator_kwargs(train.report_to, self.folder),
-        )
+        self._open_run(config, run_dir, resume=resume, show_progress=show_progress, accelerator=accelerator,
+                       gradient_accumulation_steps=train.grad_accumulation)
         self._claim_run_dir(overwrite)
-        if train.mixed_precision == "auto" and show_progress:
-            self.accelerator.print(f"mixed precision auto: {self.accelerator.mixed_precision} on this "
-                                   f"{self.accelerator.device.type}")
-        set_seed(train.seed)
-        self.state = TrainerState()
-        self.budget = self._step_budget()
-        self._setup_data()
-        self._setup_model()
-        self.meter = self._throughput_meter()
+        with self._released_if_setup_fails():
+            if train.mixed_precision == "auto" and show_progress:
+                self.accelerator.print(f"mixed precision auto: {self.accelerator.mixed_precision} on this "
+                                       f"{self.accelerator.device.type}")
+            set_seed(train.seed)
+            self.state = TrainerState()
+            self.budget = self._step_budget()
+            self._setup_data()
+            self._setup_model()
+            self.meter = self._throughput_meter()
         self.step_tokens = 0  # padded tokens of the last step's task passes, all micro-batches (not FGM's)
 
     # ----------------------------------------------------------------------------- setup

@@ -65,11 +65,8 @@ from clue_mtl.mlm.objective import (
 )
 from clue_mtl.model.encoders import encoder_layers
 from clue_mtl.model.vocab import corpus_pairs, corpus_texts, trim_vocabulary
-from clue_mtl.runs.folder import RunFolder
-from clue_mtl.training.accelerator import fresh_accelerator
 from clue_mtl.training.loop import RunParts
 from clue_mtl.training.optim import PAIRS, adamw, layer_rate_scales, parameter_groups
-from clue_mtl.training.tracking import accelerator_kwargs
 
 CACHE_DIR = Path("artifacts/cache")
 HELD_OUT_MASK_SEED = 20240601  # one masking of the held-out texts for every run and evaluation
@@ -108,23 +105,16 @@ class Pretrainer(RunParts):
     def __init__(self, config: PretrainConfig, run_dir: str | Path | None = None, *, resume: bool = False,
                  overwrite: bool = False, accelerator: Accelerator | None = None, show_progress: bool = True,
                  cache_dir: str | Path | None = CACHE_DIR):
-        self.config = config
-        self.folder = RunFolder(run_dir or Path(config.output_dir) / config.name)
-        self.resume = resume
-        self.show_progress = show_progress
+        self._open_run(config, run_dir, resume=resume, show_progress=show_progress, accelerator=accelerator)
         self.cache_dir = cache_dir
         train = config.train
-        if train.num_threads > 0:
-            torch.set_num_threads(train.num_threads)
-        self.accelerator = accelerator or fresh_accelerator(
-            mixed_precision=train.mixed_precision, step_scheduler_with_optimizer=False,
-            **accelerator_kwargs(train.report_to, self.folder))
         self._claim_run_dir(overwrite)
-        set_seed(train.seed)
-        self.state = PretrainState(encoder_frozen=train.head_warmup_steps > 0)
-        self.budget = self._step_budget()
-        self._setup_data()
-        self._setup_model()
+        with self._released_if_setup_fails():
+            set_seed(train.seed)
+            self.state = PretrainState(encoder_frozen=train.head_warmup_steps > 0)
+            self.budget = self._step_budget()
+            self._setup_data()
+            self._setup_model()
 
     # ----------------------------------------------------------------------------- setup
     def _setup_data(self) -> None:

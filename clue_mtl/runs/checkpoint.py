@@ -19,7 +19,7 @@ last, then renamed to `checkpoint-STEP/`; only then are older checkpoints rename
 files present at the sizes it gives, and sweeps whatever a killed save left. Under several
 processes each writes its own RNG file and the main process everything else; every process loads.
 
-Resuming compares the config's fingerprint with the checkpoint's; `run_folder.RunFolder` claims
+Resuming compares the config's fingerprint with the checkpoint's; `runs.folder.RunFolder` claims
 and clears the folder around the checkpoints.
 
 torch and safetensors are imported inside the functions that need them: the command line checks
@@ -347,7 +347,7 @@ def checkpoint_names(run_dir: str | Path) -> list[str]:
 
 
 def remove_entries(run_dir: str | Path, names: list[str]) -> None:
-    """Remove the named entries of `run_dir` and whatever a killed save left (`run_folder.RunFolder.clear`)."""
+    """Remove the named entries of `run_dir` and whatever a killed save left (`runs.folder.RunFolder.clear`)."""
     run_dir = Path(run_dir)
     for name in names:
         _remove_tree(run_dir / name)  # a checkpoint half removed lacks files its COMPLETE lists: not complete

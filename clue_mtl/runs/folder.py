@@ -24,9 +24,18 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
-from clue_mtl.atomic import FolderLock, in_use, lock_holder, recover_folder, remove_swap_leftovers, write_text_atomic
+from clue_mtl.atomic import (
+    FolderLock,
+    in_use,
+    lock_holder,
+    recover_folder,
+    remove_swap_leftovers,
+    swap_pending,
+    write_text_atomic,
+)
 from clue_mtl.config import ADDED_KEYS, config_differences, read_yaml
 from clue_mtl.errors import RunFolderError
 from clue_mtl.runs import checkpoint
@@ -45,6 +54,8 @@ TIMING_KEYS = frozenset({"steps_per_second", "samples_per_second", "model_flops_
 
 class RunFolder:
     """One run's folder: `RunFolder(path).metrics_file` and so on name its files."""
+
+    SWAP_WAIT_SECONDS = 5.0   # how long a reader waits for a live save to finish swapping `best/` in
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -120,9 +131,13 @@ class RunFolder:
 
     def recover_best(self) -> None:
         """Put `best/` back where a kill between the two renames of its swap (`MultiTaskModel.save`)
-        left it aside; not while another command holds the folder (its save may be in the swap).
-        Every reader of `best/` calls this (`has_model` does) before it reads."""
+        left it aside; not while another command holds the folder: its save may be in the swap, so
+        wait up to `SWAP_WAIT_SECONDS` for it to finish. Every reader of `best/` calls this
+        (`has_model` does) before it reads."""
         recover_folder(self.best_dir, locked_by=self.path)
+        deadline = time.monotonic() + self.SWAP_WAIT_SECONDS
+        while swap_pending(self.best_dir) and lock_holder(self.path) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def read_labels(self) -> dict[str, list[str]]:
         """Each task's labels in head order: a task's own labels, in any order; anything else is one line."""

@@ -25,8 +25,9 @@ from clue_mtl.config import added_keys, config_fingerprint, config_to_dict
 from clue_mtl.errors import RunFolderError, TrainingDiverged
 from clue_mtl.runs import checkpoint
 from clue_mtl.runs.folder import RunFolder
+from clue_mtl.training.accelerator import fresh_accelerator
 from clue_mtl.training.budget import StepBudget, budget_schedule, refresh_learning_rates, warmup_count
-from clue_mtl.training.tracking import flat_record, hyperparameters
+from clue_mtl.training.tracking import accelerator_kwargs, flat_record, hyperparameters
 
 
 class RunParts:
@@ -53,6 +54,21 @@ class RunParts:
     @property
     def run_dir(self) -> Path:
         return self.folder.path
+
+    def _open_run(self, config, run_dir: str | Path | None, *, resume: bool, show_progress: bool,
+                  accelerator: Accelerator | None, **accelerator_options) -> None:
+        """What every recipe starts from: its config, run folder (default OUTPUT_DIR/NAME), resume
+        and progress flags, torch's threads (`train.num_threads`), and the Accelerator: the caller's,
+        or one for `train.mixed_precision` and `train.report_to` (the schedule steps once a step)."""
+        self.config = config
+        self.folder = RunFolder(run_dir or Path(config.output_dir) / config.name)
+        self.resume, self.show_progress = resume, show_progress
+        train = config.train
+        if train.num_threads > 0:
+            torch.set_num_threads(train.num_threads)
+        self.accelerator = accelerator or fresh_accelerator(
+            mixed_precision=train.mixed_precision, step_scheduler_with_optimizer=False,
+            **accelerator_options, **accelerator_kwargs(train.report_to, self.folder))
 
     # ------------------------------------------------------------------------- the run's length
     @property
@@ -188,6 +204,16 @@ class RunParts:
             if overwrite and self.accelerator.is_main_process:
                 self.folder.clear()
             self.accelerator.wait_for_everyone()
+        except BaseException:
+            self._release_run_dir()
+            raise
+
+    @contextlib.contextmanager
+    def _released_if_setup_fails(self):
+        """Let the run folder's lock go when the setup after the claim fails (a missing encoder, a
+        bad data file), so that the next command in the same process (a notebook) can claim it."""
+        try:
+            yield
         except BaseException:
             self._release_run_dir()
             raise
