@@ -169,7 +169,6 @@ def validate_pretrain(config: PretrainConfig) -> None:
                                         "with train.max_minutes")
         need(train.warmup_steps is None, "train.head_warmup_steps schedules its own warm-up by train.warmup_ratio; "
                                          "it does not combine with train.warmup_steps")
-    need(train.head_warmup_steps >= 0, "train.head_warmup_steps must be at least 0")
 
 
 def _validate_choices(config: RunConfig) -> None:
