@@ -268,6 +268,14 @@ def cmd_report(args) -> int:
         last = curve["points"][-1]["training_minutes"]
         lines.append(f"- {name}: " + (f"at {minute:.1f} training minutes" if minute is not None
                                        else f"not within its {last:.0f} training minutes"))
+    best = Path(args.results) / "cpu_best.json"
+    if best.exists():   # the 3-hour recipe (benchmarks/cpu_best.py), beside the curves it was chosen from
+        record = json.loads(best.read_text())
+        figures["cpu_best"] = {key: record["figures"][key] for key in ("biased_blend_cross_fitted", "alone", "wall_minutes")}
+        figures["cpu_best"]["command"] = record["command"]
+        lines += ["", f"The 3-hour recipe (`{record['command']}`, [cpu_best.md](cpu_best.md)): biased blend "
+                  f"{figures['cpu_best']['biased_blend_cross_fitted']['mean']:.4f} cross-fitted, "
+                  f"{figures['cpu_best']['wall_minutes']:.1f} wall minutes for the whole job."]
     plot(figures, Path(args.results) / "cpu_budget.png")
     write_results("cpu_budget", figures, "\n".join(lines) + "\n\n![curves](cpu_budget.png)", results=Path(args.results))
     return 0

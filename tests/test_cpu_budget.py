@@ -2,6 +2,7 @@
 minutes, a killed curve going on from its last point, and the report (table, figure, crossing)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +35,12 @@ def test_a_curve_reads_points_goes_on_after_a_stop_and_reports(tmp_path):
         assert set(point["alone"]) == set(point["biased_blend_cross_fitted"]) == {"ocnli", "ocemotion", "tnews", "mean"}
         assert len(point["decisions"]["tnews"]["alone"]) == len(point["decisions"]["tnews"]["biased"]) > 0
 
+    best = {"biased_blend_cross_fitted": {"mean": 0.61}, "alone": {"e5": {"mean": 0.5}}, "wall_minutes": 99.0}
+    (tmp_path / "cpu_best.json").write_text(json.dumps({"command": "python -m benchmarks.cpu_best", "figures": best}))
     report = run_script("report", "--results", str(tmp_path))
     assert report.returncode == 0, report.stderr[-3000:]
     figures = json.loads((tmp_path / "cpu_budget.json").read_text())["figures"]
+    assert figures["cpu_best"] == {**best, "command": "python -m benchmarks.cpu_best"}   # the recipe beside its curves
     assert figures["baseline"] == points[0]["baseline"]["mean"]
     assert [p["step"] for p in figures["curves"]["default-s42"]["points"]] == [p["step"] for p in points]
     assert (tmp_path / "cpu_budget.png").stat().st_size > 0
@@ -94,7 +98,30 @@ def test_a_confirmation_trains_its_own_schedule_and_is_compared_with_the_default
     budget = json.loads((tmp_path / "runs" / "frozen8-own0.03-s42" / "budget.json").read_text())
     (point,) = record["points"]
     assert point["step"] == budget["total_steps"]   # trained to the end of the total its clock fixed
+    best = {"biased_blend_cross_fitted": {"mean": 0.61}, "alone": {"e5": {"mean": 0.5}}, "wall_minutes": 99.0}
+    (tmp_path / "cpu_best.json").write_text(json.dumps({"command": "python -m benchmarks.cpu_best", "figures": best}))
     report = run_script("report", "--results", str(tmp_path))
     assert report.returncode == 0, report.stderr[-3000:]
     figures = json.loads((tmp_path / "cpu_budget.json").read_text())["figures"]
+    assert figures["cpu_best"] == {**best, "command": "python -m benchmarks.cpu_best"}   # the recipe beside its curves
     assert set(figures["against_default"]["frozen8-own0.03-s42"]) == {"0.03"}
+
+
+def test_the_three_hour_recipe_trains_two_lanes_blends_them_with_the_baseline_and_is_reported(tmp_path):
+    environment = {**os.environ, "BENCHMARK_RESULTS": str(tmp_path)}
+    command = [sys.executable, "-m", "benchmarks.cpu_best", "--smoke"]
+    first = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    record = json.loads((tmp_path / "cpu_best.json").read_text())
+    figures = record["figures"]
+    assert set(figures["alone"]) == {"e5", "m3e", "baseline"}
+    assert set(figures["biased_blend_cross_fitted"]) == {"ocnli", "ocemotion", "tnews", "mean"}
+    assert list(figures["stage_minutes"]) == ["lanes", "baseline", "blend", "zips"]
+    assert figures["wall_minutes"] == pytest.approx(sum(figures["stage_minutes"].values()))
+    assert figures["zip_rows"]["a"] > 0 and figures["zip_rows"]["b"] > 0
+    runs = tmp_path / "smoke-work" / "runs" / "cpu-best"
+    assert (runs / "e5" / "best").is_dir() and (runs / "m3e" / "best").is_dir()
+
+    again = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "e5: trained already" in again.stdout and "m3e: trained already" in again.stdout
