@@ -46,16 +46,21 @@ def machine() -> dict:
     }
 
 
-def write_results(name: str, figures: dict, markdown: str, results: Path = RESULTS) -> None:
-    """`NAME.json` (the figures with the command, date and machine) and `NAME.md` in `results`."""
+def write_results(name: str, figures: dict, markdown: str, results: Path = RESULTS, *,
+                  described_machine: dict | None = None, echo: bool = True) -> None:
+    """`NAME.json` (the figures with the command, date and machine) and `NAME.md` in `results`;
+    described_machine: the machine the figures were measured on, where it is not this process's
+    (`machine()`); echo: print the markdown."""
     results.mkdir(parents=True, exist_ok=True)
     record = {
-        "name": name, "command": command_line(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), "figures": figures,
+        "name": name, "command": command_line(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine() if described_machine is None else described_machine, "figures": figures,
     }
-    write_whole(results / f"{name}.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    # default=float: numpy scalars among the figures are written as numbers
+    write_whole(results / f"{name}.json", json.dumps(record, indent=2, ensure_ascii=False, default=float) + "\n")
     write_whole(results / f"{name}.md", markdown.rstrip() + "\n")
-    print(markdown)
+    if echo:
+        print(markdown)
 
 
 def command_line() -> str:

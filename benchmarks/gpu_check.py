@@ -38,7 +38,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, command_line, machine, write_whole
+from benchmarks.common import RESULTS, ROOT, machine, write_results
 
 CARRY_LIMIT = 64 * 2**20          # what the device tool sends: the tree and the carried paths
 SMOKE = ["data.max_length=32", "train.batch_size=9", "train.eval_every=4", "train.log_every=2",
@@ -350,11 +350,7 @@ def cmd_run(args) -> int:
 
 # ----------------------------------------------------------------------------------- results
 def write_record(record: dict, results: Path, out: Path | None, work: Path) -> None:
-    results.mkdir(parents=True, exist_ok=True)
-    full = {"name": "gpu_check", "command": command_line(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": record["environment"], "figures": record}
-    write_whole(results / "gpu_check.json", json.dumps(full, indent=2, ensure_ascii=False, default=float) + "\n")
-    write_whole(results / "gpu_check.md", markdown(record) + "\n")
+    write_results("gpu_check", record, markdown(record), results, described_machine=record["environment"], echo=False)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for name in ("gpu_check.json", "gpu_check.md"):

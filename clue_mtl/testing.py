@@ -101,8 +101,8 @@ def write_tiny_competition_files(out_dir: str | Path, *, rows: int = 90, test_ro
                                  seed: int = 0) -> Path:
     """The nine competition files in their real format, with `rows` labelled rows a task and
     `test_rows` test rows a split: texts of common characters in which a label's own marker
-    character appears, so a few steps can learn something. For tests and smoke runs that must
-    not depend on the real files."""
+    character appears, so a few steps can learn something. Lines end in CRLF, as the real files'
+    do. For tests and smoke runs that must not depend on the real files."""
     from clue_mtl.tasks import TASKS
 
     out_dir = Path(out_dir)
@@ -124,10 +124,14 @@ def write_tiny_competition_files(out_dir: str | Path, *, rows: int = 90, test_ro
             label = row % len(task.labels)
             texts = [text(markers[label]) for _ in range(task.text_columns)]
             lines.append("\t".join([str(row), *texts, task.labels[label]]))
-        (out_dir / task.train_file).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        _write_crlf(out_dir / task.train_file, lines)
         for split, first_id in (("a", 0), ("b", 1000)):
             lines = ["\t".join([str(first_id + row), *(text(markers[row % len(markers)])
                                                       for _ in range(task.text_columns))])
                      for row in range(test_rows)]
-            (out_dir / task.test_file(split)).write_text("\n".join(lines) + "\n", encoding="utf-8")
+            _write_crlf(out_dir / task.test_file(split), lines)
     return out_dir
+
+
+def _write_crlf(path: Path, lines: list[str]) -> None:
+    path.write_bytes("".join(f"{line}\r\n" for line in lines).encode("utf-8"))

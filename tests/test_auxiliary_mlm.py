@@ -1,7 +1,5 @@
 """Masked LM as an auxiliary fourth task of multi-task training (`auxiliary_mlm:`)."""
 
-import math
-
 import pytest
 import torch
 
@@ -13,19 +11,23 @@ from clue_mtl.weighting import METHODS
 
 AUXILIARY = ("auxiliary_mlm.batch_size=4", "auxiliary_mlm.max_texts=300")
 PARAMS = {"dwa": "weighting.params={window: 1}", "fixed": "weighting.params={weights: {mlm: 0.5}}"}
+LEARNED = {"uncertainty", "gradnorm", "dwa", "dtp", "famo", "mgda"}  # weights that move during training
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_the_masked_lm_enters_every_weighting_method(tiny_config, method):
-    """A fourth loss and weight in every record, finite, for every method."""
+    """A fourth loss and weight in every record, for every method; weights that are not learned stay put."""
     trainer = Trainer(tiny_config(f"weighting.method={method}", "train.steps=2", "train.eval_every=2", *AUXILIARY,
                                   *([PARAMS[method]] if method in PARAMS else [])), show_progress=False)
     assert trainer.weighting.tasks == ["ocnli", "ocemotion", "tnews", "mlm"]
     trainer.train()
     records = [m for m in RunFolder(trainer.run_dir).metrics() if m["kind"] == "train"]
     assert all(set(m["loss"]) == set(m["weights"]) == {"ocnli", "ocemotion", "tnews", "mlm"} for m in records)
-    assert all(math.isfinite(v) for m in records for v in [*m["loss"].values(), *m["weights"].values()])
-    assert all(m["loss"]["mlm"] > 1.0 for m in records)  # a vocabulary-wide guess, not a 3-way one
+    # a vocabulary-wide guess (633 pieces, ln 633 = 6.45) by an untrained head, not a 3-way one
+    assert all(5.5 < m["loss"]["mlm"] < 7.5 for m in records)
+    assert all(w >= 0 for m in records for w in m["weights"].values())  # MGDA's may be 0
+    if method not in LEARNED:
+        assert all(m["weights"] == records[0]["weights"] for m in records)
 
 
 @pytest.mark.parametrize("method", ["gradnorm", "pcgrad"])  # loss-level and gradient-level

@@ -1,4 +1,5 @@
-"""The `clue-mtl` commands, run in-process on the real files and a tiny encoder."""
+"""The `clue-mtl` commands, run in-process on the generated files (the real ones where a test says
+so) and a tiny encoder."""
 
 import json
 import zipfile
@@ -9,10 +10,18 @@ from clue_mtl.cli import main
 from clue_mtl.config import save_config
 
 
-def test_check_data_passes_on_the_real_files(data_dir, capsys):
-    assert main(["check-data", "--data-dir", str(data_dir)]) == 0
+def test_check_data_passes_on_the_real_files(real_data_dir, capsys):
+    assert main(["check-data", "--data-dir", str(real_data_dir)]) == 0
     out = capsys.readouterr().out
     assert "OCNLI_train1128.csv" in out and "tnews_test_B.csv" in out
+
+
+def test_check_data_passes_on_the_generated_files(data_dir, capsys):
+    """The files the suite trains on are in the real format: nothing to report or note."""
+    assert main(["check-data", "--data-dir", str(data_dir)]) == 0
+    captured = capsys.readouterr()
+    assert "OCNLI_train1128.csv: 400 rows" in captured.out and "tnews_test_B.csv: 60 rows" in captured.out
+    assert captured.err == ""
 
 
 def test_check_data_reports_problems_with_exit_2(tmp_path, capsys):
@@ -46,14 +55,14 @@ def test_main_job_trains_evaluates_and_writes_valid_zips(tiny_config, tmp_path, 
     run_dir = tmp_path / "runs" / "run"
     evaluation = json.loads((run_dir / "evaluation" / "report.json").read_text())
     assert set(evaluation["reports"]) == {"ocnli", "ocemotion", "tnews"}
-    assert evaluation["reports"]["tnews"]["n"] == 5336  # the whole saved dev split
+    assert evaluation["reports"]["tnews"]["n"] == 40  # the whole saved dev split (10% of 400 rows)
     for name in ("confusion_ocnli.png", "confusion_tnews.png", "training.png"):
         assert (run_dir / "evaluation" / name).stat().st_size > 1000
     for split in ("a", "b"):
         with zipfile.ZipFile(out_dir / f"run-test-{split}.zip") as archive:
             assert sorted(archive.namelist()) == ["ocemotion_predict.json", "ocnli_predict.json", "tnews_predict.json"]
             first = json.loads(archive.read("ocnli_predict.json").decode().splitlines()[0])
-            assert first["id"] == ("0" if split == "a" else "1500")
+            assert first["id"] == ("0" if split == "a" else "1000")  # the generated test B ids
 
     # an ensemble of the run with itself, through `predict`, with an explicit test file and row ids
     ensemble = tmp_path / "ensemble.zip"
@@ -76,15 +85,15 @@ def test_main_job_trains_evaluates_and_writes_valid_zips(tiny_config, tmp_path, 
     assert main(["predict", "--blend", str(blend_dir), "--run", str(run_dir), "--out", str(again)]) == 2
 
 
-def test_score_the_example_submission_against_its_own_labels(data_dir, tmp_path, capsys):
+def test_score_the_example_submission_against_its_own_labels(real_data_dir, tmp_path, capsys):
     """Scoring a zip against gold files made of its own predictions: every row right."""
     from clue_mtl.predict.submission import read_submission
     from clue_mtl.tasks import get_task
 
-    example = next((data_dir / "examples").glob("*.zip"))
+    example = next((real_data_dir / "examples").glob("*.zip"))
     submission = read_submission(example)
     for task, frame in submission.items():
-        test = (data_dir / get_task(task).test_a_file).read_text(encoding="utf-8").splitlines()
+        test = (real_data_dir / get_task(task).test_a_file).read_text(encoding="utf-8").splitlines()
         rows = [line.rstrip("\r").split("\t") + [label] for line, label in zip(test, frame["label"])]
         (tmp_path / get_task(task).train_file).write_text("\n".join("\t".join(r) for r in rows) + "\n",
                                                             encoding="utf-8")

@@ -20,14 +20,6 @@ EXPECTED_ROWS = {
 }
 
 
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    folder = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tianchi"
-    if not folder.is_dir():
-        pytest.skip(f"competition data not found at {folder}")
-    return folder
-
-
 def write(folder: Path, name: str, content: str | bytes) -> Path:
     path = folder / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
@@ -45,9 +37,9 @@ def problems_of(call) -> list[str]:
 
 @pytest.mark.parametrize("task", TASKS.values(), ids=list(TASKS))
 @pytest.mark.parametrize("split", ["train", "a", "b"])
-def test_real_files_read_with_expected_rows(data_dir, task, split):
-    frame = load_split(data_dir, task, split)
-    assert len(frame) == EXPECTED_ROWS[resolve_data_file(data_dir, task, split).name]
+def test_real_files_read_with_expected_rows(real_data_dir, task, split):
+    frame = load_split(real_data_dir, task, split)
+    assert len(frame) == EXPECTED_ROWS[resolve_data_file(real_data_dir, task, split).name]
     columns = ["id", "text_a", "text_b"] + (["label"] if split == "train" else [])
     assert list(frame.columns) == columns
     assert frame["id"].is_unique
@@ -59,9 +51,9 @@ def test_real_files_read_with_expected_rows(data_dir, task, split):
         assert set(frame["label"]) == set(task.labels)
 
 
-def test_reading_tnews_is_fast(data_dir):
+def test_reading_tnews_is_fast(real_data_dir):
     start = time.perf_counter()
-    load_split(data_dir, TNEWS, "train")
+    load_split(real_data_dir, TNEWS, "train")
     assert time.perf_counter() - start < 3  # about 0.3 s alone; generous for a shared machine
 
 
@@ -70,28 +62,28 @@ def test_reading_tnews_is_fast(data_dir):
     (TNEWS, "2229", "text_a", '"老公不见面,一个月给10万",这种豪门生活'),
     (OCNLI, "45242", "text_b", '"你“是偷渡客'),
 ])
-def test_text_starting_with_a_quote_is_read_intact(data_dir, task, row_id, column, start):
-    frame = load_split(data_dir, task, "train")
+def test_text_starting_with_a_quote_is_read_intact(real_data_dir, task, row_id, column, start):
+    frame = load_split(real_data_dir, task, "train")
     row = frame.set_index("id").loc[row_id]
     assert row[column].startswith(start)
     assert row["label"] in task.labels
 
 
-def test_ocnli_test_b_ids_start_at_1500(data_dir):
-    frame = load_split(data_dir, OCNLI, "b")
+def test_ocnli_test_b_ids_start_at_1500(real_data_dir):
+    frame = load_split(real_data_dir, OCNLI, "b")
     assert frame["id"].iloc[0] == "1500" and frame["id"].iloc[-1] == "2999"
 
 
-def test_raw_test_text_is_normalised(data_dir):
-    raw = load_split(data_dir, OCEMOTION, "a", normalize=False)["text_a"].str.cat()
-    clean = load_split(data_dir, OCEMOTION, "a")["text_a"].str.cat()
+def test_raw_test_text_is_normalised(real_data_dir):
+    raw = load_split(real_data_dir, OCEMOTION, "a", normalize=False)["text_a"].str.cat()
+    clean = load_split(real_data_dir, OCEMOTION, "a")["text_a"].str.cat()
     raw_marks = re.compile(r"[A-Z\uff01-\uff5e\u3000]")
     assert raw_marks.search(raw), "the raw file should need normalising"
     assert not raw_marks.search(clean)
 
 
-def test_check_data_on_the_real_folder(data_dir):
-    report, problems, notes = check_data(data_dir)
+def test_check_data_on_the_real_folder(real_data_dir):
+    report, problems, notes = check_data(real_data_dir)
     assert problems == [] and notes == []
     for name, rows in EXPECTED_ROWS.items():
         assert any(line.startswith(f"{name}: {rows:,} rows") for line in report), name

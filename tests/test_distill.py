@@ -91,7 +91,7 @@ def test_soft_cross_entropy_with_the_annealed_mix_is_bam():
 
 # ----------------------------------------------------------------------------------- runs
 
-SOFT_ROWS = 150  # soft labels for the first rows of each training file only: all 106k take a minute
+SOFT_ROWS = 150  # soft labels for the first rows of each training file only (of 400; the real files' 106k take a minute)
 
 
 @pytest.fixture(scope="module")

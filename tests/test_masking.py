@@ -7,8 +7,6 @@ import torch
 
 from clue_mtl.mlm.masking import WholeWordMaskCollator, jieba_spans, segment, word_units
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared/data/tianchi"
-
 # A hand segmentation, so the test does not depend on jieba's dictionary.
 WORDS = {"我喜欢你": ["我", "喜欢", "你"], "今天天气很好": ["今天", "天气", "很", "好"],
          "很喜欢": ["很", "喜欢"]}
@@ -47,15 +45,15 @@ def tokenizer(request):
     return request.getfixturevalue(f"{request.param}_tokenizer")
 
 
-def sentences(n=2000):
-    if DATA.is_dir():
-        from clue_mtl.data.folder import load_split
+# Sentences of short words, and some of Latin, digits and punctuation, where XLM-R writes the bare
+# word-start piece (the blank the masker must never choose)
+BASE = ["我喜欢你", "今天天气很好", "上课时学生手机响个不停", "老师一怒之下把手机摔了", "大家怎么看待这种事",
+        "iPhone 12发布了，售价5999元！", "《新闻》：NBA总决赛G7今晚开打", "你知道吗? 我们 明天 去北京"]
 
-        texts = list(load_split(DATA, "tnews", "train")["text_a"][:n])
-        if len(texts) == n:
-            return texts
-    base = ["我喜欢你", "今天天气很好", "上课时学生手机响个不停", "老师一怒之下把手机摔了", "大家怎么看待这种事"]
-    return [base[i % len(base)] + base[(i * 7) % len(base)] for i in range(n)]
+
+def sentences(n=2000):
+    """n sentences, each two of `BASE` joined (64 different pairs)."""
+    return [BASE[i % len(BASE)] + BASE[(i // len(BASE)) % len(BASE)] for i in range(n)]
 
 
 def test_word_units_merge_words_that_share_a_token():

@@ -172,7 +172,8 @@ def test_xlmr_with_trimmed_vocabulary(pretrain_config, tmp_path):
     assert rows == len(pretrainer.tokenizer) < 5_000  # from 250,002
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert pretrainer.model.head_name == "lm_head"
-    assert all(map(torch.isfinite, map(torch.tensor, held_out_losses(pretrainer.run_dir))))
+    first, *_, last = held_out_losses(pretrainer.run_dir)  # before the first step and after the last
+    assert last < first
     assert_loads_as_encoder(pretrainer.run_dir / "encoder", model)
 
 
@@ -235,7 +236,9 @@ def test_pretraining_m3e_small(pretrain_config, m3e_small):
     assert all(torch.equal(value, original[key]) for key, value in model.base_model.state_dict().items())
     bias = model.get_output_embeddings().bias
     tokenizer = pretrainer.tokenizer
-    assert tokenizer.convert_ids_to_tokens(int(bias.argmax())) in ("的", ",", "，", "。")
+    # the corpus's commonest character: a label marker the three generated tasks share (in every
+    # third OCNLI text, every seventh OCEMOTION one...), not one of the 300 drawn at random
+    assert tokenizer.convert_ids_to_tokens(int(bias.argmax())) in ("哦", "嗯", "哈")
     assert bias[tokenizer.mask_token_id] == bias.min()   # specials never counted
     pretrainer.train()
     losses = held_out_losses(pretrainer.run_dir)

@@ -2,7 +2,6 @@ import io
 import json
 import struct
 import zipfile
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -15,8 +14,6 @@ from clue_mtl.tasks import TASK_NAMES, TASKS
 from test_evaluate import (EXPECTED, EXPECTED_MEAN, OCEMOTION_GOLD, OCEMOTION_PRED, OCNLI_GOLD,
                            OCNLI_PRED, TNEWS_GOLD, TNEWS_PRED)
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared/data/tianchi"
-EXAMPLE_ZIP = DATA / "examples/test_a_submission_scored_0.5834.zip"
 MEMBERS = [TASKS[name].submission_member for name in TASK_NAMES]
 
 
@@ -325,9 +322,8 @@ def test_read_caps_the_bytes_it_decompresses(tmp_path, monkeypatch):
     assert opened == ["ocnli_predict.json"]
 
 
-@pytest.mark.skipif(not EXAMPLE_ZIP.is_file(), reason="../shared data not present")
-def test_the_real_example_submission_parses():
-    result = read_submission(EXAMPLE_ZIP)
+def test_the_real_example_submission_parses(real_data_dir):
+    result = read_submission(real_data_dir / "examples/test_a_submission_scored_0.5834.zip")
     assert list(result) == list(TASK_NAMES)
     for name, frame in result.items():
         assert len(frame) == 1500

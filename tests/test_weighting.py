@@ -388,8 +388,9 @@ LEARNED = {"uncertainty", "gradnorm", "dwa", "dtp", "famo", "mgda"}  # weights t
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains_through_the_trainer_and_resumes_exactly(tiny_config, tmp_path, method):
-    """The real training step (`Trainer`), bf16: finite losses and weights in every record, learned
-    weights that move, and a run interrupted at step 2 that ends where the straight one does."""
+    """The real training step (`Trainer`), bf16: every task's loss and weight in every record,
+    learned weights that move and others that stay, and a run interrupted at step 2 that ends
+    where the straight one does."""
     config = tiny_config(f"weighting.method={method}", "train.steps=4", "train.eval_every=4",
                          "train.mixed_precision=bf16", *([PARAMS[method]] if method in PARAMS else []))
     straight = Trainer(config, tmp_path / "straight", show_progress=False)
@@ -400,10 +401,9 @@ def test_every_method_trains_through_the_trainer_and_resumes_exactly(tiny_config
 
     records = [m for m in RunFolder(tmp_path / "straight").metrics() if m["kind"] == "train"]
     assert [m["step"] for m in records] == [1, 2, 3, 4]
-    assert all(math.isfinite(v) for m in records for v in [*m["loss"].values(), *m["weights"].values()])
-    assert all(set(m["weights"]) == {"ocnli", "ocemotion", "tnews"} for m in records)
-    if method in LEARNED:
-        assert records[-1]["weights"] != records[0]["weights"]
+    assert all(set(m["loss"]) == set(m["weights"]) == {"ocnli", "ocemotion", "tnews"} for m in records)
+    assert all(m["loss"][t] > 0 and m["weights"][t] >= 0 for m in records for t in m["loss"])  # MGDA's may be 0
+    assert (records[-1]["weights"] != records[0]["weights"]) == (method in LEARNED)
     for name, tensor in straight.unwrapped.state_dict().items():
         assert torch.equal(tensor, resumed.unwrapped.state_dict()[name]), name
     straight_log, resumed_log = (RunFolder(tmp_path / run).metrics(timings=False) for run in ("straight", "resumed"))
@@ -456,15 +456,16 @@ def test_the_gram_matrix_is_accumulated_in_float64():
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_steps_once_per_optimiser_step_under_accumulation(tiny_config, tmp_path, method):
-    """Two micro-batches per step through the real trainer: finite weights, and histories, counts
-    and moving averages advanced once per optimiser step, not per micro-batch."""
+    """Two micro-batches per step through the real trainer: histories, counts and moving averages
+    advanced once per optimiser step, not per micro-batch."""
     trainer = Trainer(tiny_config(f"weighting.method={method}", "train.steps=3", "train.eval_every=3",
                                   "train.grad_accumulation=2", *([PARAMS[method]] if method in PARAMS else [])),
                       tmp_path, show_progress=False)
     trainer.train()
     records = [m for m in RunFolder(tmp_path).metrics() if m["kind"] == "train"]
     assert [m["step"] for m in records] == [1, 2, 3]
-    assert all(math.isfinite(w) for m in records for w in m["weights"].values())
+    assert all(w >= 0 for m in records for w in m["weights"].values())
+    assert (records[-1]["weights"] != records[0]["weights"]) == (method in LEARNED)
     weighting = trainer.weighting
     counters = {"dwa": lambda: weighting.recorded.item(), "gradnorm": lambda: weighting.initial_count.item()}
     if method in counters:
