@@ -34,8 +34,12 @@ run: data
 baseline: data
 	$(BIN)/clue-mtl baseline
 
+# two pytest workers, one torch thread each (tests/conftest.py): tiny models gain nothing from a
+# second thread, and two workers keep both cores busy
+TEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 clean-cache:
 	rm -rf artifacts/cache
