@@ -36,11 +36,12 @@ def test_a_curve_reads_points_goes_on_after_a_stop_and_reports(tmp_path):
         assert len(point["decisions"]["tnews"]["alone"]) == len(point["decisions"]["tnews"]["biased"]) > 0
 
     best = {"biased_blend_cross_fitted": {"mean": 0.61}, "alone": {"e5": {"mean": 0.5}}, "wall_minutes": 99.0}
-    (tmp_path / "cpu_best.json").write_text(json.dumps({"command": "python -m benchmarks.cpu_best", "figures": best}))
+    (tmp_path / "cpu_best.json").write_text(json.dumps({"command": "python -m benchmarks.cpu_best", "figures": {
+        **best, "stage_minutes": {"lanes": 90.0, "baseline": 1.0, "blend": 4.0, "zips": 4.0}}}))
     report = run_script("report", "--results", str(tmp_path))
     assert report.returncode == 0, report.stderr[-3000:]
     figures = json.loads((tmp_path / "cpu_budget.json").read_text())["figures"]
-    assert figures["cpu_best"] == {**best, "command": "python -m benchmarks.cpu_best"}   # the recipe beside its curves
+    assert figures["cpu_best"] == {**best, "command": "python -m benchmarks.cpu_best", "lane_minutes": 90.0}
     assert figures["baseline"] == points[0]["baseline"]["mean"]
     assert [p["step"] for p in figures["curves"]["default-s42"]["points"]] == [p["step"] for p in points]
     assert (tmp_path / "cpu_budget.png").stat().st_size > 0
@@ -98,12 +99,9 @@ def test_a_confirmation_trains_its_own_schedule_and_is_compared_with_the_default
     budget = json.loads((tmp_path / "runs" / "frozen8-own0.03-s42" / "budget.json").read_text())
     (point,) = record["points"]
     assert point["step"] == budget["total_steps"]   # trained to the end of the total its clock fixed
-    best = {"biased_blend_cross_fitted": {"mean": 0.61}, "alone": {"e5": {"mean": 0.5}}, "wall_minutes": 99.0}
-    (tmp_path / "cpu_best.json").write_text(json.dumps({"command": "python -m benchmarks.cpu_best", "figures": best}))
     report = run_script("report", "--results", str(tmp_path))
     assert report.returncode == 0, report.stderr[-3000:]
     figures = json.loads((tmp_path / "cpu_budget.json").read_text())["figures"]
-    assert figures["cpu_best"] == {**best, "command": "python -m benchmarks.cpu_best"}   # the recipe beside its curves
     assert set(figures["against_default"]["frozen8-own0.03-s42"]) == {"0.03"}
 
 
