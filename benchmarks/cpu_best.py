@@ -13,12 +13,13 @@ resumed from its last checkpoint. Then, with both cores: the baseline on the sam
 and macro-F1 class biases, scored cross-fitted on the whole dev split) and a zip per test split,
 read back as the leaderboard reads it.
 
-Wall time. The lanes' minutes are read from their run folders: from the first lane's claim of its
-folder (its `config.yaml` written) to the last lane's last metrics record (its final evaluation),
-so lanes started by hand and lanes started here are timed alike; a resumed lane's pause counts.
-The baseline, the blend and the zips are timed here, each into `RUN_ROOT/stages.json` as it ends:
-a second run skips a stage whose output and minutes are there, and reports the minutes it took.
-Interpreter start and imports before a lane's claim (seconds) are not counted.
+Wall time. The lanes' minutes are read from their run folders when they finish: from the first
+lane's `config.yaml` (written once its data and model are set up, about 20 s in) to the last
+lane's last metrics record (its final evaluation), so lanes started by hand and lanes started here
+are timed alike; a resumed lane's pause counts. The baseline, the blend and the zips are timed
+here. Each stage's minutes go to `RUN_ROOT/stages.json` as it ends. A second run skips a stage
+whose output and minutes are there and reports the minutes it took, unless a stage before it ran
+again (a retrained lane refits the blend and writes the zips again).
 
 Where the blend's points come from: from the members' dev probabilities the blend stored
 (`dev.safetensors`), the blend is fitted again on each pair of members, and the three-way biased
@@ -51,16 +52,25 @@ def member_config(name: str, args):
 
 
 def finished(config, run_dir: Path) -> bool:
-    """The run folder holds this config's run trained to its last step, with its best model."""
-    metrics = run_dir / "metrics.jsonl"
-    if not (run_dir / "best").is_dir() or not metrics.exists():
+    """The run folder holds this config's run trained to its last step and evaluated there (a lane
+    killed during its final evaluation is not finished), with its best model."""
+    from clue_mtl.runs.folder import RunFolder
+
+    if not (run_dir / "best").is_dir() or not (run_dir / "metrics.jsonl").exists():
         return False
-    steps = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.strip()]
-    return max(steps, default=0) >= config.train.steps
+    evaluated = [record["step"] for record in RunFolder(run_dir).metrics() if record.get("kind") == "eval"]
+    return max(evaluated, default=0) >= config.train.steps
 
 
-def train_lanes(configs: dict, run_root: Path, args) -> None:
-    """Every unfinished member trained (or resumed) in its own single-thread lane, all at once."""
+def started_over_or_resumed(run_dir: Path) -> list[str]:
+    """`--resume` where the lane left a checkpoint, else `--overwrite` (a lane killed before its
+    first checkpoint starts again)."""
+    return ["--resume"] if any(run_dir.glob("checkpoint-*")) else ["--overwrite"]
+
+
+def train_lanes(configs: dict, run_root: Path, args) -> bool:
+    """Every unfinished member trained (or resumed) in its own single-thread lane, all at once;
+    whether any lane trained."""
     lanes = {}
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, config in configs.items():
@@ -71,19 +81,21 @@ def train_lanes(configs: dict, run_root: Path, args) -> None:
         command = [sys.executable, "-m", "clue_mtl", "train", "--config", str(ROOT / MEMBERS[name]),
                    "--run-dir", str(run_dir), "--set", "train.num_threads=1",
                    *[f"--set={override}" for override in [*smoke_job_overrides(), *args.set]],
-                   *(["--resume"] if (run_dir / "config.yaml").exists() else [])]
+                   *started_over_or_resumed(run_dir)]
         log = run_root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         print(f"{name}: training in a lane (log {log})", flush=True)
-        lanes[name] = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log.open("w"),
-                                       stderr=subprocess.STDOUT)
+        with log.open("a") as output:   # appended: a resumed lane keeps the log of the attempt before
+            lanes[name] = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT)
     failed = [name for name, lane in lanes.items() if lane.wait() != 0]
     if failed:
-        raise SystemExit(f"error: lane {', '.join(failed)} failed; see {run_root / 'logs'}")
+        print(f"error: lane {', '.join(failed)} failed; see {run_root / 'logs'}", file=sys.stderr)
+        raise SystemExit(2)
+    return bool(lanes)
 
 
 def lane_minutes(run_dirs: list[Path]) -> float:
-    """From the first lane's claim (its config.yaml) to the last lane's last metrics record."""
+    """From the first lane's config.yaml to the last lane's last metrics record."""
     started = min((run_dir / "config.yaml").stat().st_mtime for run_dir in run_dirs)
     ended = max((run_dir / "metrics.jsonl").stat().st_mtime for run_dir in run_dirs)
     return (ended - started) / 60
@@ -95,10 +107,12 @@ class Stages:
     def __init__(self, run_root: Path):
         self.path = run_root / "stages.json"
         self.minutes: dict[str, float] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.redone = False   # a stage ran in this call: every later one runs again on its new output
 
     def run(self, stage: str, done: bool, work) -> None:
-        """`work()` unless `done` (its output is there) and its minutes are recorded."""
-        if done and stage in self.minutes:
+        """`work()` unless `done` (its output is there), its minutes are recorded and no stage
+        before it ran again."""
+        if done and stage in self.minutes and not self.redone:
             print(f"{stage}: done already ({self.minutes[stage]:.1f} min when it ran)", flush=True)
             return
         started = time.perf_counter()
@@ -106,6 +120,7 @@ class Stages:
         self.record(stage, (time.perf_counter() - started) / 60)
 
     def record(self, stage: str, minutes: float) -> None:
+        self.redone = True
         self.minutes[stage] = minutes
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_whole(self.path, json.dumps(self.minutes, indent=1) + "\n")
@@ -148,6 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-root", help="where the members, baseline, blend and zips go (default runs/cpu-best)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override for both members")
     args = parse_arguments(parser, argv)
+    from clue_mtl.errors import BlendError, ConfigError, DataError, RunFolderError, SubmissionError
+
+    try:
+        return run_recipe(args)
+    except (BlendError, ConfigError, DataError, RunFolderError, SubmissionError, json.JSONDecodeError) as error:
+        print(f"error: {error}", file=sys.stderr)   # one line: a broken input is no traceback
+        return 2
+
+
+def run_recipe(args) -> int:
+    """The lanes, the baseline, the blend, the zips and the report (see the module)."""
     from clue_mtl.predict.baseline import fitted_baseline
     from clue_mtl.predict.blend import Blend, build_blend, predict_blend_submission
     from clue_mtl.predict.submission import read_submission
@@ -156,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     configs = {name: member_config(name, args) for name in MEMBERS}
     data = next(iter(configs.values())).data
     stages = Stages(run_root)
-    train_lanes(configs, run_root, args)
     run_dirs = [run_root / name for name in configs]
-    stages.record("lanes", lane_minutes(run_dirs))
+    if train_lanes(configs, run_root, args) or "lanes" not in stages.minutes:
+        stages.record("lanes", lane_minutes(run_dirs))
     baseline, blend_dir = run_root / "baseline", run_root / "blend"
     zips = {split: run_root / f"cpu-best-test-{split}.zip" for split in SPLITS}
     stages.run("baseline", (baseline / "baseline.json").exists(), lambda: fitted_baseline(data, baseline))
@@ -195,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("| **biased blend (cross-fitted)** | " + " | ".join(f"{biased[task]:.4f}" for task in blend.tasks)
                  + f" | **{biased['mean']:.4f}** |")
     lines += ["", f"Zip rows read back: test A {rows['a']:,}, test B {rows['b']:,}.", "",
-              "Where the blend's points come from (refitted on the stored dev probabilities; the three-way biased "
-              "blend minus each, paired bootstrap, 95%):", "", "| without | its biased blend | all three minus it |",
+              "Where the blend's points come from (pairs refitted on the stored dev probabilities; the three-way "
+              "biased blend minus each, paired bootstrap, 95%):", "", "| instead of all three | its score | all three minus it |",
               "|---|---|---|"]
     for name, entry in figures["pairs_and_members"].items():
         difference = entry["all_three_minus_this"]

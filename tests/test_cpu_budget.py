@@ -123,3 +123,13 @@ def test_the_three_hour_recipe_trains_two_lanes_blends_them_with_the_baseline_an
     again = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "e5: trained already" in again.stdout and "m3e: trained already" in again.stdout
+    assert all(f"{stage}: done already" in again.stdout for stage in ("baseline", "blend", "zips"))
+    second = json.loads((tmp_path / "cpu_best.json").read_text())["figures"]
+    assert second["stage_minutes"] == figures["stage_minutes"]   # the minutes of the stages when they ran
+    assert set(second["pairs_and_members"]) == {"e5 + m3e", "e5 + baseline", "m3e + baseline", "e5 alone",
+                                                "m3e alone", "baseline alone"}
+
+    (runs / "blend" / "blend.json").unlink()   # a stage done again: every later one is done again on its output
+    third = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "baseline: done already" in third.stdout and "zips: done already" not in third.stdout

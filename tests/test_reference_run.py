@@ -96,6 +96,8 @@ def _straight_and_resumed(config, root: Path) -> tuple[dict, dict]:
 
 def _check_or_write(reference: Path, case: str, settings: tuple, straight: dict, resumed: dict) -> None:
     if os.environ.get("CLUE_MTL_WRITE_REFERENCE") == "1":
+        # every case reads, changes and writes one file: two xdist workers would lose cases
+        assert not os.environ.get("PYTEST_XDIST_WORKER"), "write the reference runs in one process: add -p no:xdist"
         stored = json.loads(reference.read_text()) if reference.exists() else {}
         stored[case] = {"settings": settings, **straight}
         reference.write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
