@@ -77,6 +77,12 @@ def write_whole(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def refuse(message: str):
+    """End the script on an input it cannot use: `error: MESSAGE` on one line, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """`parser`'s arguments with `--smoke` added: a tiny encoder and generated data in place of
     e5-small and the competition files, for the suite. A smoke run writes only where

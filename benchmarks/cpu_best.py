@@ -38,7 +38,16 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import ROOT, machine, parse_arguments, smoke_job_overrides, work_root, write_results, write_whole
+from benchmarks.common import (
+    ROOT,
+    machine,
+    parse_arguments,
+    refuse,
+    smoke_job_overrides,
+    work_root,
+    write_results,
+    write_whole,
+)
 
 MEMBERS = {"e5": "configs/cpu-best-e5.yaml", "m3e": "configs/cpu-best-m3e.yaml"}
 SPLITS = ("a", "b")
@@ -89,8 +98,7 @@ def train_lanes(configs: dict, run_root: Path, args) -> bool:
             lanes[name] = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT)
     failed = [name for name, lane in lanes.items() if lane.wait() != 0]
     if failed:
-        print(f"error: lane {', '.join(failed)} failed; see {run_root / 'logs'}", file=sys.stderr)
-        raise SystemExit(2)
+        refuse(f"lane {', '.join(failed)} failed; see {run_root / 'logs'}")
     return bool(lanes)
 
 

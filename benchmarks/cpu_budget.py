@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, ROOT, machine, write_results, write_whole
+from benchmarks.common import RESULTS, ROOT, machine, refuse, write_results, write_whole
 
 RUNS = RESULTS / "cpu_budget_runs"
 CONFIG = ROOT / "configs" / "quickstart.yaml"
@@ -103,7 +103,7 @@ class Curve:
         rows = {task: {"gold": encode_labels(self.gold[task]), "baseline": encode_labels(self.baseline[task].argmax(-1))}
                 for task in self.gold}
         if self.record.setdefault("dev_rows", rows) != rows:
-            raise SystemExit(f"error: {self.record_path}: its points were read on other dev rows or another baseline")
+            refuse(f"{self.record_path}: its points were read on other dev rows or another baseline")
 
     def train_until(self, minutes: float) -> None:
         """Segments of training until `minutes` of training seconds are spent; the rate of the
@@ -177,8 +177,8 @@ def cmd_curve(args) -> int:
 def cmd_confirm(args) -> int:
     """One variant at `--minutes` with its own schedule: trained to the end, then read as a point."""
     if len(args.minutes) != 1:
-        raise SystemExit(f"error: confirm trains at one budget; --minutes {','.join(f'{m:g}' for m in args.minutes)} names "
-                         f"{len(args.minutes)}")
+        refuse(f"confirm trains at one budget; --minutes {','.join(f'{m:g}' for m in args.minutes)} names "
+               f"{len(args.minutes)}")
     if args.smoke:
         smoke_inputs(args)
     minutes = args.minutes[0]

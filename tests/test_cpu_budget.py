@@ -133,3 +133,11 @@ def test_the_three_hour_recipe_trains_two_lanes_blends_them_with_the_baseline_an
     third = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "baseline: done already" in third.stdout and "zips: done already" not in third.stdout
+
+
+def test_a_confirmation_at_two_budgets_is_refused_in_one_line(tmp_path):
+    result = run_script("confirm", "--smoke", "--variant", "default", "--minutes", "10,30",
+                        "--run-root", str(tmp_path / "runs"), "--results", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: confirm trains at one budget; --minutes 10,30 names 2"
+    assert not (tmp_path / "runs").exists()   # refused before any input was written
