@@ -30,83 +30,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import (
-    ROOT,
-    machine,
-    parse_arguments,
-    refuse,
-    smoke_job_overrides,
-    work_root,
-    write_results,
-    write_whole,
-)
+from benchmarks.common import machine, parse_arguments, work_root, write_results, write_whole
+from benchmarks.lanes import Lane, lane_minutes, train_lanes
 
 MEMBERS = {"e5": "configs/cpu-best-e5.yaml", "m3e": "configs/cpu-best-m3e.yaml"}
 SPLITS = ("a", "b")
-
-
-def member_config(name: str, args):
-    """A member's config, with the smoke inputs in a smoke run (two tiny steps)."""
-    from clue_mtl.config import load_config
-
-    return load_config(str(ROOT / MEMBERS[name]), [*smoke_job_overrides(), *args.set])
-
-
-def finished(config, run_dir: Path) -> bool:
-    """The run folder holds this config's run trained to its last step and evaluated there (a lane
-    killed during its final evaluation is not finished), with its best model."""
-    from clue_mtl.runs.folder import RunFolder
-
-    if not (run_dir / "best").is_dir() or not (run_dir / "metrics.jsonl").exists():
-        return False
-    evaluated = [record["step"] for record in RunFolder(run_dir).metrics() if record.get("kind") == "eval"]
-    return max(evaluated, default=0) >= config.train.steps
-
-
-def started_over_or_resumed(run_dir: Path) -> list[str]:
-    """`--resume` where the lane left a checkpoint, else `--overwrite` (a lane killed before its
-    first checkpoint starts again)."""
-    return ["--resume"] if any(run_dir.glob("checkpoint-*")) else ["--overwrite"]
-
-
-def train_lanes(configs: dict, run_root: Path, args) -> bool:
-    """Every unfinished member trained (or resumed) in its own single-thread lane, all at once;
-    whether any lane trained."""
-    lanes = {}
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name, config in configs.items():
-        run_dir = run_root / name
-        if finished(config, run_dir):
-            print(f"{name}: trained already ({run_dir})", flush=True)
-            continue
-        command = [sys.executable, "-m", "clue_mtl", "train", "--config", str(ROOT / MEMBERS[name]),
-                   "--run-dir", str(run_dir), "--set", "train.num_threads=1",
-                   *[f"--set={override}" for override in [*smoke_job_overrides(), *args.set]],
-                   *started_over_or_resumed(run_dir)]
-        log = run_root / "logs" / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        print(f"{name}: training in a lane (log {log})", flush=True)
-        with log.open("a") as output:   # appended: a resumed lane keeps the log of the attempt before
-            lanes[name] = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT)
-    failed = [name for name, lane in lanes.items() if lane.wait() != 0]
-    if failed:
-        refuse(f"lane {', '.join(failed)} failed; see {run_root / 'logs'}")
-    return bool(lanes)
-
-
-def lane_minutes(run_dirs: list[Path]) -> float:
-    """From the first lane's config.yaml to the last lane's last metrics record."""
-    started = min((run_dir / "config.yaml").stat().st_mtime for run_dir in run_dirs)
-    ended = max((run_dir / "metrics.jsonl").stat().st_mtime for run_dir in run_dirs)
-    return (ended - started) / 60
 
 
 class Stages:
@@ -187,11 +121,12 @@ def run_recipe(args) -> int:
     from clue_mtl.predict.submission import read_submission
 
     run_root = Path(args.run_root) if args.run_root else work_root() / "runs" / "cpu-best"
-    configs = {name: member_config(name, args) for name in MEMBERS}
+    lanes = [Lane(name, config, args.set) for name, config in MEMBERS.items()]
+    configs = {lane.name: lane.loaded() for lane in lanes}
     data = next(iter(configs.values())).data
     stages = Stages(run_root)
     run_dirs = [run_root / name for name in configs]
-    if train_lanes(configs, run_root, args) or "lanes" not in stages.minutes:
+    if train_lanes(lanes, run_root) or "lanes" not in stages.minutes:
         stages.record("lanes", lane_minutes(run_dirs))
     baseline, blend_dir = run_root / "baseline", run_root / "blend"
     zips = {split: run_root / f"cpu-best-test-{split}.zip" for split in SPLITS}

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,3 +176,19 @@ def test_shallow_encoder(tmp_path):
     assert set(figures["speed"]) == {"12 layers", "bottom 6 layers"} and figures["ratio"] > 0
     assert set(figures["comparisons"]) == {"ensemble-shallow@main-shallow - ensemble-full@main-full",
                                            "ensemble-shallow - ensemble-full (biased blends)"}
+
+
+def test_heads_long_trains_four_lanes_and_compares_heads_with_none_per_seed_and_pooled(tmp_path):
+    first = run_benchmark(tmp_path, "heads_long")
+    assert first.stdout.count("training in a lane") == 4
+    figures = record(tmp_path, "heads_long")
+    assert set(figures["runs"]) == {"heads-s42", "heads-s43", "none-s42", "none-s43"}
+    heads = {name: yaml.safe_load((Path(run["run_dir"]) / "config.yaml").read_text())["model"]["heads"]
+             for name, run in figures["runs"].items()}
+    assert heads["heads-s42"]["tnews"]["type"] == "attention" and heads["none-s43"] == {}
+    assert {key: set(comparison) for key, comparison in figures["heads_minus_none"].items()} == {
+        key: {"s42", "s43", "both seeds"} for key in ("alone", "biased")}
+    assert {name: set(run["trained_beside"]) for name, run in figures["runs"].items()} == {
+        name: set(figures["runs"]) - {name} for name in figures["runs"]}   # the four lanes ran at once
+    again = run_benchmark(tmp_path, "heads_long")   # every run finished: nothing trained again
+    assert again.stdout.count("trained already") == 4 and "training in a lane" not in again.stdout
