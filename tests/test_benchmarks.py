@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow   # every test starts processes: run first (conftest)
 
 
 def run_benchmark(results: Path, name: str, *arguments: str) -> subprocess.CompletedProcess:
@@ -113,7 +114,7 @@ def test_predict_experiments(tmp_path, tiny_bert, generated_data_dir):
         assert variant["rows_per_second"] > 0 and set(variant["dev_macro_f1"]) == {"ocnli", "ocemotion", "tnews"}
 
 
-@pytest.mark.slow   # a tiny XLM-R still carries e5's 250,002-piece tokenizer and embedding: over a minute
+# a tiny XLM-R still carries e5's 250,002-piece tokenizer and embedding: over a minute
 def test_trim_vocab(tmp_path):
     run_benchmark(tmp_path, "trim_vocab", "--steps", "2", "--warmup", "0", "--repeats", "1")
     figures = record(tmp_path, "trim_vocab")
@@ -165,7 +166,7 @@ def test_dev_comparison(tmp_path):
     assert run["weights"]["step"] and run["seconds"] > 0
 
 
-@pytest.mark.slow   # two main jobs and their ensembles first: five processes, minutes here
+# two main jobs and their ensembles first: five processes, minutes here
 def test_shallow_encoder(tmp_path):
     for name, layers in (("full", []), ("shallow", ["--set", "model.num_layers=6"])):
         run_benchmark(tmp_path, "main_job", "run", "--config", "configs/quickstart.yaml", "--name", name, *layers)

@@ -464,6 +464,7 @@ def test_a_reader_waits_for_a_live_save_to_swap_best_in(tmp_path):
         writer.stdout.close()
 
 
+@pytest.mark.slow
 def test_under_two_processes_a_refused_lock_stops_both_ranks(tiny_config, tmp_path):
     """Only the main process takes the lock; its refusal reaches the other rank, which stops too
     instead of waiting at a barrier for ever."""

@@ -19,6 +19,7 @@ def run_script(*arguments: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_a_curve_reads_points_goes_on_after_a_stop_and_reports(tmp_path):
     common = ["--smoke", "--variant", "default", "--run-root", str(tmp_path / "runs"), "--results", str(tmp_path)]
     first = run_script("curve", *common, "--minutes", "0.02")
@@ -61,6 +62,7 @@ def test_decisions_are_stored_one_character_a_row():
     assert cpu_budget.decode_labels("09ae3").tolist() == labels
 
 
+@pytest.mark.slow
 def test_a_frozen_curve_trains_from_its_store(tmp_path):
     result = run_script("curve", "--smoke", "--variant", "frozen8", "--set", "model.frozen_layers=1",
                         "--run-root", str(tmp_path / "runs"), "--results", str(tmp_path), "--minutes", "0.02")
@@ -87,6 +89,7 @@ def test_a_curve_is_compared_with_the_default_of_its_seed_at_each_shared_minute(
     assert at_ten["alone"]["difference"] > 0.5 and at_ten["biased"]["difference"] == 0.0
 
 
+@pytest.mark.slow
 def test_a_confirmation_trains_its_own_schedule_and_is_compared_with_the_default_of_that_budget(tmp_path):
     common = ["--smoke", "--run-root", str(tmp_path / "runs"), "--results", str(tmp_path), "--minutes", "0.03"]
     for variant in ("default", "frozen8"):
@@ -105,6 +108,7 @@ def test_a_confirmation_trains_its_own_schedule_and_is_compared_with_the_default
     assert set(figures["against_default"]["frozen8-own0.03-s42"]) == {"0.03"}
 
 
+@pytest.mark.slow
 def test_the_three_hour_recipe_trains_two_lanes_blends_them_with_the_baseline_and_is_reported(tmp_path):
     environment = {**os.environ, "BENCHMARK_RESULTS": str(tmp_path)}
     command = [sys.executable, "-m", "benchmarks.cpu_best", "--smoke"]

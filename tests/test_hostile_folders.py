@@ -173,6 +173,7 @@ def test_a_fifo_in_the_tokenizer_folder_is_refused_not_skipped(run, tmp_path, ca
     assert f"{run / 'tokenizer' / 'added_tokens.json'}: not a regular file (a FIFO)" in line
 
 
+@pytest.mark.slow
 def test_a_sparse_50_gb_tokenizer_file_is_refused_at_once(run, tmp_path):
     """The tokenizers library reads tokenizer.json in Rust, which aborts the process when an
     allocation fails: a subprocess, with a timeout and at most 16 GB of address space."""

@@ -40,6 +40,7 @@ def python3_kernel(tmp_path, monkeypatch) -> str:
     return "python3"
 
 
+@pytest.mark.slow
 def test_quickstart_runs_a_tiny_run_to_a_valid_zip(data_dir, tiny_bert, tmp_path, python3_kernel):
     from nbclient import NotebookClient
 

@@ -475,6 +475,7 @@ def test_every_method_steps_once_per_optimiser_step_under_accumulation(tiny_conf
             assert buffer.abs().sum().item() == 0, name
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_the_global_batch_for_every_method(tiny_config, tiny_bert, tmp_path):
     """DDP over gloo, 2 x 12 rows a step, against one process taking the same 24 rows: every
     method's losses and weights agree step by step (a sum over processes where a mean belongs, or
