@@ -29,11 +29,6 @@ SHARED_DATA = Path(os.environ.get("CLUE_MTL_SHARED_DATA") or ROOT.parent / "shar
 GENERATED_ROWS, GENERATED_TEST_ROWS = 400, 60
 
 
-def pytest_collection_modifyitems(items):
-    """The tests marked slow first, the rest in their order: under pytest-xdist the suite ends when
-    its last test does, and a long one drawn last keeps one worker busy while the other idles."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
 
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:

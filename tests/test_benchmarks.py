@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow   # every test starts processes: run first (conftest)
+pytestmark = pytest.mark.slow   # every test starts processes
 
 
 def run_benchmark(results: Path, name: str, *arguments: str) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from clue_mtl.model.encoders import load_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow   # every test starts processes: run first (conftest)
+pytestmark = pytest.mark.slow   # every test starts processes
 
 
 def run_script(*arguments: str) -> subprocess.CompletedProcess:
