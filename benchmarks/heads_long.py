@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import machine, parse_arguments, refuse, work_root, write_results
-from benchmarks.lanes import Lane, lane_minutes, seconds_a_step, train_lanes
+from benchmarks.lanes import Lane, lane_minutes, lane_window, seconds_a_step, train_lanes
 
 CONFIG = "configs/cpu-best-e5.yaml"
 HEADS = [f"model.heads.{task}.type=attention" for task in ("ocnli", "ocemotion", "tnews")]
@@ -64,11 +64,8 @@ def evaluated(run_dir: Path, baseline: Path, out: Path) -> dict:
 
 
 def overlapping(run_dir: Path, other: Path) -> bool:
-    """The two runs trained at the same time (from config.yaml written to the last metrics record)."""
-    def window(path: Path) -> tuple[float, float]:
-        return (path / "config.yaml").stat().st_mtime, (path / "metrics.jsonl").stat().st_mtime
-
-    (start, end), (other_start, other_end) = window(run_dir), window(other)
+    """The two runs trained at the same time (`lane_window`)."""
+    (start, end), (other_start, other_end) = lane_window(run_dir), lane_window(other)
     return start < other_end and other_start < end
 
 
@@ -82,8 +79,7 @@ def heads_minus_none(results: dict[str, dict]) -> dict:
     for name, result in results.items():
         if result["split"] != first["split"]:
             refuse(f"{name}: its dev split is not the other runs'")
-    gold = first["gold"]
-    gold = {task: (labels, get_task(task).num_labels) for task, labels in gold.items()}
+    gold = {task: (labels, get_task(task).num_labels) for task, labels in first["gold"].items()}
     comparisons = {}
     for key in ("alone", "biased"):
         pairs = {seed: (results[f"heads-s{seed}"]["decisions"][key], results[f"none-s{seed}"]["decisions"][key])
@@ -93,11 +89,11 @@ def heads_minus_none(results: dict[str, dict]) -> dict:
     return comparisons
 
 
-def report(figures: dict) -> str:
+def report(figures: dict, cpu: str) -> str:
     runs, comparisons = figures["runs"], figures["heads_minus_none"]
     lines = ["# Attention heads against none at the 3-hour recipe's budget (issue 36)", "",
              f"`{CONFIG}`, {figures['steps']:,} steps, with and without `heads: attention` for every task, "
-             f"single-thread lanes on {figures['machine']['cpu']}; whole dev split, each run's best model.", "",
+             f"single-thread lanes on {cpu}; whole dev split, each run's best model.", "",
              "| run | trained beside | s a step (to the first evaluation) | lane minutes | alone "
              "| biased blend (cross-fitted) |", "|---|---|---|---|---|---|"]
     for name, run in runs.items():
@@ -143,9 +139,8 @@ def compare(run_root: Path) -> int:
     for name, run in runs.items():
         run["trained_beside"] = [other for other in runs if other != name and overlapping(run_root / name, run_root / other)]
     steps = {config.train.steps for config in configs.values()}
-    figures = {"config": CONFIG, "steps": steps.pop(), "machine": machine(), "runs": runs,
-               "heads_minus_none": heads_minus_none(results)}
-    write_results("heads_long", figures, report(figures))
+    figures = {"config": CONFIG, "steps": steps.pop(), "runs": runs, "heads_minus_none": heads_minus_none(results)}
+    write_results("heads_long", figures, report(figures, machine()["cpu"]))   # the record holds the machine
     return 0
 
 

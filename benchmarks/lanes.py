@@ -100,12 +100,16 @@ def train_lanes(lanes: list[Lane], run_root: Path) -> bool:
     return bool(running)
 
 
+def lane_window(run_dir: Path) -> tuple[float, float]:
+    """When the lane ran: its config.yaml written (once its data and model are set up, about 20 s
+    in) and its last metrics record (its final evaluation), as file times."""
+    return (run_dir / "config.yaml").stat().st_mtime, (run_dir / "metrics.jsonl").stat().st_mtime
+
+
 def lane_minutes(run_dirs: list[Path]) -> float:
-    """From the first lane's config.yaml (written once its data and model are set up, about 20 s
-    in) to the last lane's last metrics record (its final evaluation)."""
-    started = min((run_dir / "config.yaml").stat().st_mtime for run_dir in run_dirs)
-    ended = max((run_dir / "metrics.jsonl").stat().st_mtime for run_dir in run_dirs)
-    return (ended - started) / 60
+    """From the first lane's start to the last lane's end (`lane_window`)."""
+    windows = [lane_window(run_dir) for run_dir in run_dirs]
+    return (max(end for _, end in windows) - min(start for start, _ in windows)) / 60
 
 
 def seconds_a_step(run_dir: Path) -> float:
