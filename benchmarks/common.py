@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import processes
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("BENCHMARK_RESULTS") or ROOT / "benchmarks" / "results")
 SMOKE = "BENCHMARK_SMOKE"
@@ -132,6 +134,18 @@ def smoke_job_overrides() -> list[str]:
     return [*inputs, "train.steps=2", "train.eval_every=2", "train.warmup_steps=1", f"output_dir={work_root() / 'runs'}"]
 
 
+def smoke_run() -> bool:
+    """Whether this is a smoke run (`--smoke`, here or in the script that started this one)."""
+    return bool(os.environ.get(SMOKE))
+
+
+def run_kit(command: list[str]) -> None:
+    """`python -m clue_mtl ...` (`command`) from the repository root, to its end; a failure raises
+    `subprocess.CalledProcessError`. In a smoke run the process is a fork of this one
+    (`benchmarks.processes`): the same command, without importing torch again."""
+    processes.run(command, fork=smoke_run(), cwd=ROOT)
+
+
 def work_root() -> Path:
     """Where a script's runs, blends and zips go: the repository root, or in a smoke run a folder
     beside the smoke inputs."""
@@ -204,7 +218,7 @@ def train_and_predict(config: str, run_dir: Path, overrides: list[str], frames: 
     for override in overrides:
         command += ["--set", override]
     started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
+    run_kit(command)
     seconds = time.perf_counter() - started
 
     from clue_mtl.predict.inference import LoadedRun

@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import (RESULTS, ROOT, command_line, ensure_trimmed_encoder, parse_arguments, smoke_inputs,
-                               smoke_job_overrides, smoke_overrides, work_root, write_results)
+from benchmarks.common import (RESULTS, ROOT, command_line, ensure_trimmed_encoder, parse_arguments, run_kit,
+                               smoke_inputs, smoke_job_overrides, smoke_overrides, work_root, write_results)
 from clue_mtl.tasks import TASK_NAMES as TASKS
 from clue_mtl.runs.folder import RunFolder
 
@@ -90,7 +89,7 @@ def train_variant(variant: str, seed: int, threads: int) -> dict:
         for override in overrides:
             command += ["--set", override]
         started = time.perf_counter()
-        subprocess.run(command, cwd=ROOT, check=True)
+        run_kit(command)
         timing.write_text(json.dumps({"seconds": time.perf_counter() - started, "threads": threads,
                                       "how": command_line()}))
     scores = final_eval(directory)
@@ -152,7 +151,7 @@ def ensure_inputs(variants: list[str], seeds: list[int], threads: int, results: 
         for teacher in TEACHERS:
             command += ["--run", str(run_dir(teacher, seeds[0]))]
         started = time.perf_counter()
-        subprocess.run(command, cwd=ROOT, check=True)
+        run_kit(command)
         results["_soft_labels_seconds"] = time.perf_counter() - started
 
 

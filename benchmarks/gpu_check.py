@@ -38,6 +38,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+from benchmarks import processes
 from benchmarks.common import RESULTS, ROOT, machine, write_results
 
 CARRY_LIMIT = 64 * 2**20          # what the device tool sends: the tree and the carried paths
@@ -163,12 +164,12 @@ def child_environment() -> dict:
             "HF_HUB_OFFLINE": "1"}
 
 
-def kit(*arguments: str, log: Path) -> subprocess.Popen:
-    """`python -m clue_mtl ARGUMENTS` in its own process, its output into `log`."""
-    env = child_environment()
+def kit(*arguments: str, log: Path, fork: bool = False) -> subprocess.Popen | processes.ForkedModule:
+    """`python -m clue_mtl ARGUMENTS` in its own process, its output into `log`; with `fork`, a fork
+    of this one (`benchmarks.processes`)."""
     with open(log, "w") as output:
-        return subprocess.Popen([sys.executable, "-m", "clue_mtl", *arguments], cwd=ROOT, env=env,
-                                stdout=output, stderr=subprocess.STDOUT)
+        return processes.start(processes.module_command("clue_mtl", *arguments), fork=fork, cwd=ROOT,
+                               env=child_environment(), stdout=output, stderr=subprocess.STDOUT)
 
 
 def finished(process: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -278,18 +279,19 @@ def weighting_comparison(args, stages: Stages, work: Path, overrides: list[str])
     from clue_mtl.runs.folder import RunFolder
 
     runs = {method: work / "runs" / f"weighting-{method}" for method in METHODS}
-    processes = {}
+    children = {}
     for method, run_dir in runs.items():
         arguments = ["train", "--config", args.config, "--overwrite", "--run-dir", str(run_dir),
                      "--set", f"weighting.method={method}", "--set", f"name=weighting-{method}"]
         for override in overrides:
             arguments += ["--set", override]
-        processes[method] = kit(*arguments, log=work / f"weighting-{method}.log")
+        # forked in a smoke run: the baseline and the main job have started the kit as processes already
+        children[method] = kit(*arguments, log=work / f"weighting-{method}.log", fork=args.smoke)
     try:
-        for method, process in processes.items():
+        for method, process in children.items():
             finished(process, work / f"weighting-{method}.log", stages.left() - EVALUATION_RESERVE)
     finally:
-        for process in processes.values():   # one past the deadline: the others stop with it
+        for process in children.values():   # one past the deadline: the others stop with it
             if process.poll() is None:
                 process.kill()
     predicted, scores = {}, {}

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.common import ROOT, refuse, smoke_job_overrides
+from benchmarks import processes
+from benchmarks.common import ROOT, refuse, smoke_job_overrides, smoke_run
 
 LANE_OVERRIDES = ["train.num_threads=1"]   # what every lane's command adds to its config
 
@@ -84,16 +84,17 @@ def train_lanes(lanes: list[Lane], run_root: Path) -> bool:
             continue
         if run_dir.is_symlink():
             refuse(f"{run_dir} links to an unfinished run ({run_dir.resolve()}); finish it there or remove the link")
-        command = [sys.executable, "-m", "clue_mtl", "train", "--config", str(ROOT / lane.config), "--run-dir",
-                   str(run_dir), *[f"--set={override}" for override in
-                                   [*LANE_OVERRIDES, *smoke_job_overrides(), *lane.overrides]],
-                   *started_over_or_resumed(run_dir)]
+        command = processes.module_command(
+            "clue_mtl", "train", "--config", str(ROOT / lane.config), "--run-dir", str(run_dir),
+            *[f"--set={override}" for override in [*LANE_OVERRIDES, *smoke_job_overrides(), *lane.overrides]],
+            *started_over_or_resumed(run_dir))
         log = run_root / "logs" / f"{lane.name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         print(f"{lane.name}: training in a lane (log {log})", flush=True)
         with log.open("a") as output:   # appended: a resumed lane keeps the log of the attempt before
-            running[lane.name] = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output,
-                                                  stderr=subprocess.STDOUT)
+            # a smoke run's lanes are forks: two steps each, where a fresh interpreter would import for seconds
+            running[lane.name] = processes.start(command, fork=smoke_run(), cwd=ROOT, env=environment,
+                                                 stdout=output, stderr=subprocess.STDOUT)
     failed = [name for name, process in running.items() if process.wait() != 0]
     if failed:
         refuse(f"lane {', '.join(failed)} failed; see {run_root / 'logs'}")

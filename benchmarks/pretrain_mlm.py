@@ -12,12 +12,11 @@ benchmarks/results/pretrain_mlm.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, parse_arguments, smoke_inputs, work_root, write_results
+from benchmarks.common import RESULTS, ROOT, parse_arguments, run_kit, smoke_inputs, work_root, write_results
 from clue_mtl.runs.folder import RunFolder
 
 
@@ -34,7 +33,7 @@ def run_pretraining(config: str, overrides: list[str]) -> tuple[Path, float]:
     for override in overrides:
         command += ["--set", override]
     started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
+    run_kit(command)
     return work_root() / loaded.output_dir / loaded.name, time.perf_counter() - started
 
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import (RESULTS, ROOT, parse_arguments, smoke_inputs, smoke_job_overrides, work_root,
-                               write_results)
+from benchmarks.common import (RESULTS, ROOT, parse_arguments, run_kit, smoke_inputs, smoke_job_overrides,
+                               work_root, write_results)
 from clue_mtl.tasks import TASK_NAMES as TASKS
 from clue_mtl.runs.folder import RunFolder
 
@@ -36,7 +35,7 @@ def run_config(config: str) -> tuple[Path, float]:
     for override in overrides:
         command += ["--set", override]
     started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
+    run_kit(command)
     return work_root() / loaded.output_dir / loaded.name, time.perf_counter() - started
 
 

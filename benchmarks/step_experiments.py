@@ -30,6 +30,7 @@ from benchmarks.common import (parse_arguments, run_child, time_training_steps, 
                                write_results)
 from benchmarks.train_throughput import BASE, FUSED, MATH_KERNEL, NO_ATTENTION_DROPOUT, profile
 
+PROFILED_STEPS = 5
 KIT_AFTER = "kit after (no attention dropout, math kernel)"
 FLOAT32_MATH = [*MATH_KERNEL, "train.mixed_precision=no", "train.attention_kernel=math"]  # auto would leave float32 to torch
 VARIANTS = {  # name: (overrides on BASE, patch)
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.profile_flash:
         with contextlib.redirect_stdout(sys.stderr):
-            profiled = profile(5, args.warmup, NO_ATTENTION_DROPOUT)
+            profiled = profile(args.steps, args.warmup, NO_ATTENTION_DROPOUT)
         print(json.dumps(profiled))
         return
     variants = [name for name, (_, patch) in VARIANTS.items() if not (args.smoke and patch == "compile")]
@@ -112,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
                       "samples_per_second_runs": [r["samples_per_second"] for r in results],
                       "padded_tokens_per_step": results[0]["padded_tokens_per_step"]}
                for name, results in runs.items()}
-    flash = run_child(["-m", "benchmarks.step_experiments", "--profile-flash", "--warmup", str(args.warmup)])
+    profiled_steps = min(PROFILED_STEPS, args.steps)   # fewer in a smoke run: parsing a profile takes seconds
+    flash = run_child(["-m", "benchmarks.step_experiments", "--profile-flash", "--warmup", str(args.warmup),
+                       "--steps", str(profiled_steps)])
     reference = figures[KIT_AFTER]["samples_per_second"]
     lines = ["# Training-step changes tried against the kit after (e5-small, 24 rows per step, max length 128, CPU)",
              "", "| variant | samples/s (median) | each run | x kit after |", "|---|---|---|---|"]
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += ["", f"{args.steps} timed steps after {args.warmup} warm-up, median of {args.repeats} runs, each in a "
               "fresh process, variants taking turns. The settings are train_throughput.py's (BASE); "
               "see this script's docstring for what each variant changes.",
-              "", f"Why the math kernel: torch.profiler over 5 steps of attention dropout 0 on torch's kernel, "
+              "", f"Why the math kernel: torch.profiler over {profiled_steps} steps of attention dropout 0 on torch's kernel, "
               f"{flash['step_seconds_profiled']:.2f} s per profiled step; top operators by self time (seconds per "
               "step): " + ", ".join(f"`{name}` {seconds:.3f}" for name, seconds in flash["top_operators"][:6]) + "."]
     write_results("step_experiments", {"variants": figures, "flash_profile": flash}, "\n".join(lines))

@@ -43,18 +43,19 @@ def encoders() -> dict[str, Path]:
 
 
 def measure(variant: str, steps: int, warmup: int) -> dict:
-    from clue_mtl.model.encoders import load_encoder
-
     which, frozen = VARIANTS[variant]
     encoder_dir = encoders()[which]
     overrides = [f"data.data_dir={ROOT / 'data'}", f"model.encoder={encoder_dir}", "data.max_train_rows=3000",
                  "data.max_dev_rows=100", "train.eval_every=1000000", "train.batch_size=24", "data.max_length=96",
                  "train.mixed_precision=bf16", f"model.freeze_word_embeddings={str(frozen).lower()}"]
-    encoder, tokenizer = load_encoder(str(encoder_dir))
-    parameters = sum(p.numel() for p in encoder.parameters())
-    del encoder
-    return {"parameters": parameters, "vocabulary": len(tokenizer),
-            **time_training_steps(overrides, steps, warmup, smoke_encoder=False)}
+    sizes = {}
+
+    def count(trainer) -> None:   # read off the trainer's encoder: no second load of a 250k-piece tokenizer
+        sizes["parameters"] = sum(p.numel() for p in trainer.unwrapped.encoder.parameters())
+        sizes["vocabulary"] = len(trainer.tokenizer)
+
+    timed = time_training_steps(overrides, steps, warmup, prepare=count, smoke_encoder=False)
+    return {**sizes, **timed}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,16 +1,18 @@
 """Every kept benchmark script run for a couple of steps with `--smoke`: a tiny random encoder and
-generated competition files in place of e5-small and the data, its children in one process, and
-its results written under the test's folder (BENCHMARK_RESULTS), never into benchmarks/results.
-cpu_budget.py and gpu_check.py have their own files (test_cpu_budget.py, test_gpu_check.py)."""
+generated competition files in place of e5-small and the data, its benchmark children in one
+process and its kit commands forked (benchmarks/processes.py), and its results written under the
+test's folder (BENCHMARK_RESULTS), never into benchmarks/results. Each script runs as a fork of the
+test process (tests/forked.py). cpu_budget.py and gpu_check.py have their own files
+(test_cpu_budget.py, test_gpu_check.py)."""
 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from forked import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow   # every test starts processes
@@ -19,8 +21,7 @@ pytestmark = pytest.mark.slow   # every test starts processes
 def run_benchmark(results: Path, name: str, *arguments: str) -> subprocess.CompletedProcess:
     """`python -m benchmarks.NAME --smoke ARGUMENTS` with its results in `results`; the finished process."""
     environment = {**os.environ, "BENCHMARK_RESULTS": str(results), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--smoke", *arguments], cwd=ROOT,
-                            env=environment, capture_output=True, text=True, timeout=600)
+    result = run_module(f"benchmarks.{name}", ["--smoke", *arguments], cwd=ROOT, env=environment, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -189,7 +190,8 @@ def test_heads_long_trains_four_lanes_and_compares_heads_with_none_per_seed_and_
     assert heads["heads-s42"]["tnews"]["type"] == "attention" and heads["none-s43"] == {}
     assert {key: set(comparison) for key, comparison in figures["heads_minus_none"].items()} == {
         key: {"s42", "s43", "both seeds"} for key in ("alone", "biased")}
-    assert {name: set(run["trained_beside"]) for name, run in figures["runs"].items()} == {
-        name: set(figures["runs"]) - {name} for name in figures["runs"]}   # the four lanes ran at once
+    # which lanes overlapped depends on how the four processes were scheduled (two steps each here);
+    # overlapping() itself is tested in test_lanes.py
+    assert all(set(run["trained_beside"]) <= set(figures["runs"]) - {name} for name, run in figures["runs"].items())
     again = run_benchmark(tmp_path, "heads_long")   # every run finished: nothing trained again
     assert again.stdout.count("trained already") == 4 and "training in a lane" not in again.stdout

@@ -4,10 +4,10 @@ minutes, a killed curve going on from its last point, and the report (table, fig
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from forked import run_module
 
 from benchmarks import cpu_budget
 
@@ -15,8 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmarks.cpu_budget", *arguments], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    return run_module("benchmarks.cpu_budget", list(arguments), cwd=ROOT, env=dict(os.environ), timeout=600)
 
 
 @pytest.mark.slow
@@ -111,8 +110,10 @@ def test_a_confirmation_trains_its_own_schedule_and_is_compared_with_the_default
 @pytest.mark.slow
 def test_the_three_hour_recipe_trains_two_lanes_blends_them_with_the_baseline_and_is_reported(tmp_path):
     environment = {**os.environ, "BENCHMARK_RESULTS": str(tmp_path)}
-    command = [sys.executable, "-m", "benchmarks.cpu_best", "--smoke"]
-    first = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    def run_recipe() -> subprocess.CompletedProcess:
+        return run_module("benchmarks.cpu_best", ["--smoke"], cwd=ROOT, env=environment, timeout=600)
+
+    first = run_recipe()
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     record = json.loads((tmp_path / "cpu_best.json").read_text())
     figures = record["figures"]
@@ -124,7 +125,7 @@ def test_the_three_hour_recipe_trains_two_lanes_blends_them_with_the_baseline_an
     runs = tmp_path / "smoke-work" / "runs" / "cpu-best"
     assert (runs / "e5" / "best").is_dir() and (runs / "m3e" / "best").is_dir()
 
-    again = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    again = run_recipe()
     assert again.returncode == 0, again.stderr[-3000:]
     assert "e5: trained already" in again.stdout and "m3e: trained already" in again.stdout
     assert all(f"{stage}: done already" in again.stdout for stage in ("baseline", "blend", "zips"))
@@ -134,7 +135,7 @@ def test_the_three_hour_recipe_trains_two_lanes_blends_them_with_the_baseline_an
                                                 "m3e alone", "baseline alone"}
 
     (runs / "blend" / "blend.json").unlink()   # a stage done again: every later one is done again on its output
-    third = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    third = run_recipe()
     assert third.returncode == 0, third.stderr[-3000:]
     assert "baseline: done already" in third.stdout and "zips: done already" not in third.stdout
 

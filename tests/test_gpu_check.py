@@ -3,13 +3,14 @@ job by the clock, the weighting methods side by side, the record), so that no de
 spent finding a bug this machine could have found; and `pack`'s carried folder."""
 
 import json
+import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from forked import run_module
 from safetensors import safe_open
 
 from clue_mtl.model.encoders import load_encoder
@@ -19,8 +20,7 @@ pytestmark = pytest.mark.slow   # every test starts processes
 
 
 def run_script(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", *arguments], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    return run_module("benchmarks.gpu_check", list(arguments), cwd=ROOT, env=dict(os.environ), timeout=900)
 
 
 def test_the_smoke_run_goes_through_every_stage_and_records_them(tmp_path):

@@ -2,10 +2,11 @@
 before any lane starts, and the step time read from a run's metrics."""
 
 import json
+import os
 
 import pytest
 
-from benchmarks.lanes import Lane, finished, seconds_a_step, train_lanes
+from benchmarks.lanes import Lane, finished, lane_minutes, seconds_a_step, train_lanes
 from clue_mtl.config import load_config
 from clue_mtl.config.loading import save_config
 
@@ -49,3 +50,22 @@ def test_an_unfinished_run_behind_a_link_is_never_trained_over(tmp_path, capsys)
         train_lanes([lane], tmp_path / "study")
     assert ended.value.code == 2 and "links to an unfinished run" in capsys.readouterr().err
     assert sorted(path.name for path in elsewhere.iterdir()) == ["config.yaml"]
+
+
+def lane_ran(run_dir, start: float, end: float) -> None:
+    """A lane's folder whose config.yaml was written at `start` and last metrics record at `end`."""
+    write_metrics(run_dir, [{"kind": "eval", "step": 2}])
+    (run_dir / "config.yaml").write_text("name: lane\n")
+    os.utime(run_dir / "config.yaml", (start, start))
+    os.utime(run_dir / "metrics.jsonl", (end, end))
+
+
+def test_lanes_overlap_when_their_windows_do_and_their_minutes_span_them_all(tmp_path):
+    from benchmarks.heads_long import overlapping
+
+    lane_ran(tmp_path / "a", 1000, 1600)
+    lane_ran(tmp_path / "b", 1500, 2200)   # started before a ended
+    lane_ran(tmp_path / "c", 1600, 1700)   # started as a ended: not beside it
+    assert overlapping(tmp_path / "a", tmp_path / "b") and overlapping(tmp_path / "b", tmp_path / "a")
+    assert not overlapping(tmp_path / "a", tmp_path / "c") and overlapping(tmp_path / "b", tmp_path / "c")
+    assert lane_minutes([tmp_path / "a", tmp_path / "b", tmp_path / "c"]) == 20.0
