@@ -1,5 +1,6 @@
-"""Run by the tests under torch.distributed.run: train a few steps per config and record a weight
-checksum (`ddp_worker.py CONFIG [CONFIG ...] OUT_DIR`: runs in OUT_DIR/run, or run0, run1, ...)."""
+"""Run by the tests under torch.distributed.run, or as forks of the test process (tests/forked.py
+`run_ranks`): train a few steps per config and record a weight checksum
+(`ddp_worker.py CONFIG [CONFIG ...] OUT_DIR`: runs in OUT_DIR/run, or run0, run1, ...)."""
 
 import hashlib
 import json
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate.state import AcceleratorState
 
 from clue_mtl.config import load_config
 from clue_mtl.recipes.multitask import Trainer
@@ -21,6 +23,8 @@ def checksum(model: torch.nn.Module) -> str:
 
 
 def main(config_paths: list[str], out_dir: str) -> None:
+    # a fork of a test process (tests/forked.py run_ranks) inherits its single-process Accelerate state
+    AcceleratorState._reset_state(reset_partial_state=True)
     for number, config_path in enumerate(config_paths):
         suffix = "" if len(config_paths) == 1 else str(number)
         trainer = Trainer(load_config(config_path), Path(out_dir) / f"run{suffix}", show_progress=False)

@@ -468,9 +468,10 @@ def test_a_reader_waits_for_a_live_save_to_swap_best_in(tmp_path):
 def test_under_two_processes_a_refused_lock_stops_both_ranks(tiny_config, tmp_path):
     """Only the main process takes the lock; its refusal reaches the other rank, which stops too
     instead of waiting at a barrier for ever."""
-    import os
     import subprocess
     import sys
+
+    from forked import run_ranks
 
     save_config(tiny_config("train.steps=2", "train.eval_every=2"), tmp_path / "config.yaml")
     run = tmp_path / "out" / "run"
@@ -478,10 +479,9 @@ def test_under_two_processes_a_refused_lock_stops_both_ranks(tiny_config, tmp_pa
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29633",
-             str(Path(__file__).with_name("ddp_worker.py")), str(tmp_path / "config.yaml"), str(tmp_path / "out")],
-            capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+        # two forks of this process: no launcher stops rank 1 for it when rank 0 fails
+        result = run_ranks("ddp_worker", [str(tmp_path / "config.yaml"), str(tmp_path / "out")], port=29633,
+                           cwd=tmp_path, timeout=240)
     finally:
         holder.kill()
         holder.communicate()

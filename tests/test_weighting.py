@@ -482,11 +482,9 @@ def test_two_processes_match_one_process_on_the_global_batch_for_every_method(ti
     a statistic averaged per rank where the global one is meant, would not). Dropout is off, so
     the two runs compute the same functions of the same rows."""
     import json
-    import os
     import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
+
+    from forked import run_ranks
 
     from clue_mtl.config import save_config
 
@@ -506,12 +504,12 @@ def test_two_processes_match_one_process_on_the_global_batch_for_every_method(ti
     for method in methods:
         paths.append(tmp_path / f"{method}.yaml")
         save_config(config(method, 12), paths[-1])
-    worker = Path(__file__).with_name("ddp_worker.py")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
-         str(worker), *map(str, paths), str(tmp_path / "ddp")],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    # two forks of this process (test_train.py launches its ranks with torch.distributed.run itself)
+    result = run_ranks("ddp_worker", [*map(str, paths), str(tmp_path / "ddp")], port=29631, cwd=tmp_path,
+                       timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads(path.read_text()) for path in (tmp_path / "ddp").glob("rank*.json")]
+    assert len(ranks) == 2 * len(methods) and {rank["world_size"] for rank in ranks} == {2}
     for number, method in enumerate(methods):
         single = Trainer(config(method, 24), tmp_path / f"single-{method}", show_progress=False)
         single.train()
