@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(*arguments: str) -> subprocess.CompletedProcess:
-    return run_module("benchmarks.cpu_budget", list(arguments), cwd=ROOT, env=dict(os.environ), timeout=600)
+    return run_module("benchmarks.cpu_budget", list(arguments), cwd=ROOT, timeout=600)
 
 
 @pytest.mark.slow
